@@ -1,0 +1,1 @@
+"""Everything before the model sees a batch: dataset builders, preprocessing, grain loaders."""

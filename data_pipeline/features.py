@@ -1,0 +1,27 @@
+"""The example schema shared by every MMG dataset builder (embedded and Ego4D).
+
+One example is one clip: the three time-aligned modalities, which of them are present, the
+label (-1 when unlabeled) and a clip id. Media are plain tensors so that TFDS builds and reads
+ArrayRecord without TensorFlow.
+"""
+import numpy as np
+import tensorflow_datasets as tfds
+
+SPLITS = ('train', 'val', 'test', 'novel', 'unlabeled')
+NUM_BASE_CLASSES = 65
+NUM_NOVEL_CLASSES = 14
+NUM_CLASSES = NUM_BASE_CLASSES + NUM_NOVEL_CLASSES  # labels: base 0..64, novel 65..78
+UNLABELED = -1
+
+
+def features(*, video_shape, audio_shape, imu_shape):
+  """FeaturesDict of one clip; shapes are [T,H,W,3], [T_audio, mel_bins], [L, 6]."""
+  tensor = tfds.features.Tensor
+  return tfds.features.FeaturesDict({
+      'video': tensor(shape=tuple(video_shape), dtype=np.uint8),
+      'audio': tensor(shape=tuple(audio_shape), dtype=np.float32),
+      'imu': tensor(shape=tuple(imu_shape), dtype=np.float32),
+      'present': tensor(shape=(3,), dtype=np.bool_),
+      'label': tensor(shape=(), dtype=np.int64),
+      'clip_id': tfds.features.Text(),
+  })

@@ -1,0 +1,1 @@
+"""mmg-jax: multimodal generalization (MMG-Ego4D) in JAX/Flax."""

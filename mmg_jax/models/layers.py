@@ -1,0 +1,147 @@
+"""Transformer building blocks shared by the encoders and the fusion module.
+
+Every module takes `dtype`, the compute dtype; parameters stay float32 (`param_dtype`
+default). Dropout and drop path draw from the rng stream 'dropout' and are active only when
+`train=True`. Submodule names follow timm's ViT (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, ...), so
+converting a PyTorch checkpoint is a name mapping plus kernel transposes.
+"""
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+# timm's ViT initializes Linear kernels with a truncated normal of std 0.02 and biases with 0.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def layer_norm(eps, dtype, name=None):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU (exact, as in timm/AST) -> dropout -> fc2 -> dropout."""
+  hidden_dim: int
+  out_dim: int | None = None
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    out_dim = self.out_dim or x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes a whole example's residual branch with probability `rate`.
+
+  Kept examples are scaled by 1 / (1 - rate) so the expectation is unchanged.
+  """
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(kept, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection and an optional key mask.
+
+  x: [B, N, D]; key_mask: [B, N] bool, False keys get no attention weight. A query whose keys
+  are all masked attends to nothing: its attention output is zero (then `proj`'s bias), never
+  NaN. The qkv kernel's output axis is laid out [3, heads, head_dim] as in timm.
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  attn_dropout: float = 0.0
+  proj_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask=None, *, train=False):
+    batch, num_tokens, dim = x.shape
+    if dim % self.num_heads:
+      raise ValueError(f'width {dim} is not divisible by num_heads={self.num_heads}; '
+                       'pick a width that is a multiple of the head count')
+    head_dim = dim // self.num_heads
+    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=dense_init,
+                   name='qkv')(x)
+    qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
+    if key_mask is not None:
+      valid = key_mask[:, None, None, :]
+      logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if key_mask is not None:
+      weights = jnp.where(valid, weights, 0.0)  # fully masked rows: zeros, not uniform
+    weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights.astype(self.dtype))
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, num_tokens, dim)
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+    return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(Mlp(LN(x))).
+
+  `train` is positional (argnum 3 counting `self`) so callers can wrap the block with
+  `nn.remat(Block, static_argnums=(3,))`.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  drop_path: float = 0.0
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask=None, train=False):
+    dim = x.shape[-1]
+    y = layer_norm(self.norm_eps, self.dtype, 'norm1')(x)
+    y = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout, self.dtype,
+                  name='attn')(y, key_mask, train=train)
+    x = x + DropPath(self.drop_path)(y, train=train)
+    y = layer_norm(self.norm_eps, self.dtype, 'norm2')(x)
+    y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
+            name='mlp')(y, train=train)
+    return x + DropPath(self.drop_path)(y, train=train)
+
+
+class PatchEmbed(nn.Module):
+  """Patches (1-D, 2-D or 3-D) embedded by one strided convolution, named 'proj' as in timm.
+
+  x: [B, *spatial, C] -> [B, *grid, features]; callers flatten the grid in their reference
+  order. `padding` is a per-axis sequence of (low, high) pairs or a string as in `nn.Conv`.
+  """
+  features: int
+  patch_size: Sequence[int]
+  strides: Sequence[int] | None = None
+  padding: Any = 'VALID'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(self.features, tuple(self.patch_size),
+                   strides=tuple(self.strides or self.patch_size), padding=self.padding,
+                   dtype=self.dtype, name='proj')(x)
+
+
+def stochastic_depth_rates(max_rate, depth):
+  """Drop-path rate per block, rising linearly from 0 to `max_rate` (timm's schedule)."""
+  if depth == 1:
+    return [0.0]
+  return [max_rate * i / (depth - 1) for i in range(depth)]

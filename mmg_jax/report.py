@@ -1,0 +1,165 @@
+"""Results as the paper's tables: Markdown (`results.md`), JSON (`results.json`) and the console.
+
+A result row is a dict with the keys of `results.json` (see `write`): `setting`, `train`, `test`
+(modality names; in few-shot rows `train` holds the support and `test` the query modalities),
+`metric` ('5w5s_acc' | 'top1'), `mean`, `ci95` (or None), `n`, plus extra keys (`pipeline`,
+`paper`, and the ablation's `fusion`, `alignment`, `proto_loss`). Means and intervals are in
+percent, as the paper prints them. This module also holds the paper's numbers (MISSION.md), which
+the experiment configs turn into evaluation rows and the tables print beside ours.
+"""
+import json
+import os
+
+from mmg_jax import modalities
+
+_NAMES = {short: name for name, short in modalities.SHORT.items()}
+
+
+def _subset(short):
+  """'VAI' -> ('video', 'audio', 'imu')."""
+  return modalities.check(_NAMES[c] for c in short)
+
+
+def _table(rows):
+  return tuple({'setting': setting, 'train': _subset(train), 'test': _subset(test),
+                'paper': paper} for setting, train, test, paper in rows)
+
+
+# Few-shot: 5-way 5-shot accuracy on the novel classes, support -> query modalities.
+FEWSHOT = _table([
+    ('regular', 'VAI', 'VAI', 63.00),
+    ('missing', 'VAI', 'VA', 61.76),
+    ('missing', 'VAI', 'AI', 50.77),
+    ('missing', 'VAI', 'VI', 62.79),
+    ('missing', 'VAI', 'V', 62.68),
+    ('missing', 'VAI', 'A', 43.65),
+    ('missing', 'VAI', 'I', 47.48),
+    ('zero-shot', 'A', 'V', 46.90),
+    ('zero-shot', 'I', 'V', 42.07),
+    ('zero-shot', 'AI', 'V', 50.80),
+    ('zero-shot', 'V', 'A', 44.01),
+    ('zero-shot', 'V', 'I', 46.56),
+    ('zero-shot', 'V', 'AI', 49.37),
+])
+
+# Many-shot: top-1 on the test split, train -> test modalities.
+MANYSHOT = _table([
+    ('regular', 'VAI', 'VAI', 55.66),
+    ('missing', 'VAI', 'VA', 55.47),
+    ('missing', 'VAI', 'AI', 37.07),
+    ('missing', 'VAI', 'VI', 54.57),
+    ('zero-shot', 'A', 'V', 30.98),
+    ('zero-shot', 'I', 'V', 20.00),
+    ('zero-shot', 'AI', 'V', 25.03),
+    ('zero-shot', 'V', 'A', 43.43),
+    ('zero-shot', 'V', 'I', 35.67),
+    ('zero-shot', 'V', 'AI', 41.02),
+])
+
+# Ablation: one cell per (setting, variant); None where the paper prints '-'. The few-shot
+# zero-shot cell trains on A I (support) and tests on V (query), as the many-shot one.
+ABLATION_SETTINGS = (
+    {'setting': 'regular', 'train': _subset('VAI'), 'test': _subset('VAI')},
+    {'setting': 'missing', 'train': _subset('VAI'), 'test': _subset('AI')},
+    {'setting': 'zero-shot', 'train': _subset('AI'), 'test': _subset('V')},
+)
+ABLATION_VARIANTS = (
+    {'fusion': 'attention', 'alignment': True, 'proto_loss': True},
+    {'fusion': 'attention', 'alignment': False, 'proto_loss': True},
+    {'fusion': 'mlp', 'alignment': True, 'proto_loss': True},
+    {'fusion': 'attention', 'alignment': True, 'proto_loss': False},
+)
+# paper[setting][variant] = (top1, 5w5s_acc), settings and variants in the orders above.
+ABLATION_PAPER = (
+    ((55.66, 63.00), (52.18, 61.16), (52.79, 58.67), (None, 62.37)),
+    ((37.07, 50.77), (21.32, 40.87), (32.89, 49.00), (None, 50.03)),
+    ((25.03, 51.40), (2.37, 33.93), (24.54, 51.08), (None, 50.80)),
+)
+METRICS = ('top1', '5w5s_acc')
+KINDS = ('few-shot', 'many-shot', 'ablation')
+
+
+def _value(x):
+  return '-' if x is None else f'{x:.2f}'
+
+
+def _ours(row):
+  if row is None:
+    return '-'
+  ci = '' if row['ci95'] is None else f' ± {row["ci95"]:.2f}'
+  return f'{row["mean"]:.2f}{ci}'
+
+
+def _markdown_table(header, lines):
+  rule = ['---'] * len(header)
+  return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in [header, rule, *lines])
+
+
+def matrix_table(kind, rows):
+  """The few-shot or many-shot table in the paper's layout, ours beside the paper's number."""
+  train, test, metric = (('support', 'query', '5-way 5-shot acc') if kind == 'few-shot' else
+                         ('train', 'test', 'top-1'))
+  header = ['setting', train, test, f'{metric} (ours, 95% CI)', f'{metric} (paper)', 'n']
+  lines = [[row['setting'], modalities.short_name(row['train']),
+            modalities.short_name(row['test']), _ours(row), _value(row.get('paper')),
+            str(row['n'])] for row in rows]
+  return _markdown_table(header, lines)
+
+
+def _cell_key(row):
+  return (row['setting'], row['fusion'], row['alignment'], row['proto_loss'])
+
+
+def ablation_table(rows):
+  """The ablation table: one line per (setting, variant), top-1 and 5w5s, ours and paper's."""
+  by_key = {(*_cell_key(row), row['metric']): row for row in rows}
+  header = ['setting', 'fusion', 'contrastive alignment', 'proto loss', 'top-1 (ours)',
+            'top-1 (paper)', '5w5s (ours)', '5w5s (paper)']
+  lines = []
+  for setting, paper_row in zip(ABLATION_SETTINGS, ABLATION_PAPER, strict=True):
+    name = setting['setting']
+    if name != 'regular':
+      name += (f' (test {modalities.short_name(setting["test"])})' if name == 'missing' else
+               f' ({modalities.short_name(setting["train"])} -> '
+               f'{modalities.short_name(setting["test"])})')
+    for variant, paper in zip(ABLATION_VARIANTS, paper_row, strict=True):
+      key = (setting['setting'], variant['fusion'], variant['alignment'], variant['proto_loss'])
+      ours = [_ours(by_key.get((*key, metric))) for metric in METRICS]
+      lines.append([name, variant['fusion'], 'yes' if variant['alignment'] else 'no',
+                    'yes' if variant['proto_loss'] else 'no', ours[0], _value(paper[0]), ours[1],
+                    _value(paper[1])])
+  return _markdown_table(header, lines)
+
+
+def markdown(kind, rows):
+  """results.md: a title, the table, and how to read it."""
+  if kind not in KINDS:
+    raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
+  table = ablation_table(rows) if kind == 'ablation' else matrix_table(kind, rows)
+  note = ('Ours: mean over the evaluation (few-shot: episodes; many-shot: test clips) in %, '
+          '± the 95% confidence interval; paper: MMG-Ego4D (CVPR 2023) on MMG-Ego4D. Modalities: '
+          'V video, A audio, I IMU.')
+  return f'# MMG {kind} results\n\n{table}\n\n{note}\n'
+
+
+def to_json(kind, rows):
+  """The results.json document: {'kind', 'rows'} with modality subsets as lists of names."""
+  if kind not in KINDS:
+    raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
+  return {'kind': kind, 'rows': [{**row, 'train': list(row['train']), 'test': list(row['test'])}
+                                 for row in rows]}
+
+
+def write(kind, rows, workdir, *, process_index):
+  """Prints the table and writes workdir/results.md and workdir/results.json (process 0 only)."""
+  text = markdown(kind, rows)
+  if process_index != 0:
+    return text
+  print(text, flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(to_json(kind, rows), f, indent=2)
+    f.write('\n')
+  return text

@@ -87,3 +87,118 @@ def fusion_config(size):
       'dropout': {'tiny': 0.0, 'small': 0.1, 'paper': 0.1}[size],
       'drop_path': {'tiny': 0.0, 'small': 0.0, 'paper': 0.1}[size],
   })
+
+
+# Stages and evaluation (mmg_jax/pipeline.py, mmg_jax/evaluate.py). Step budgets: 'tiny' runs
+# in seconds for tests; 'small' keeps each of configs/fewshot.py and configs/manyshot.py under
+# 15 minutes on 2 CPU cores, measured; 'paper' is a pod-scale schedule.
+_STAGE_STEPS = {
+    'unimodal_ce': {'tiny': 2, 'small': 300, 'paper': 20_000},
+    'align': {'tiny': 2, 'small': 300, 'paper': 50_000},
+    'supervised': {'tiny': 2, 'small': 300, 'paper': 20_000},
+    'meta': {'tiny': 2, 'small': 200, 'paper': 10_000},
+}
+_BATCH_SIZE = {'tiny': 8, 'small': 32, 'paper': 256}
+
+
+def optimizer_config(learning_rate, num_steps):
+  """AdamW with linear warmup over the first 10% of the steps, then cosine decay."""
+  return ml_collections.ConfigDict({
+      'name': 'adamw',
+      'learning_rate': learning_rate,
+      'warmup_steps': num_steps // 10,
+      'schedule': 'cosine',
+      'weight_decay': 0.05,
+      'grad_clip_norm': 1.0,
+      'accumulate_steps': 1,
+  })
+
+
+def _stage(size, name, kind, *, split, modalities, learning_rate, **fields):
+  num_steps = _STAGE_STEPS[kind][size]
+  return ml_collections.ConfigDict({
+      'name': name,  # the checkpoint directory, workdir/<pipeline>/<name>/
+      'kind': kind,
+      'split': split,
+      'modalities': tuple(modalities),  # the only modalities this stage's model sees
+      'num_steps': num_steps,
+      'batch_size': _BATCH_SIZE[size],  # global
+      'optimizer': optimizer_config(learning_rate, num_steps),
+      'log_every': max(1, num_steps // 10),
+      'checkpoint_every': max(1, num_steps // 4),
+      **fields,
+  })
+
+
+def unimodal_stage(size, modalities=('video', 'audio', 'imu')):
+  """Unimodal supervised pre-training: sum over modalities of L_CE of each encoder's own head."""
+  return _stage(size, 'unimodal', 'unimodal_ce', split='train', modalities=modalities,
+                learning_rate=1e-3)
+
+
+def align_stage(size):
+  """Multimodal unsupervised pre-training: L_align (temperature tau) on the unlabeled clips."""
+  return _stage(size, 'align', 'align', split='unlabeled',
+                modalities=('video', 'audio', 'imu'), learning_rate=1e-3, temperature=0.1)
+
+
+def supervised_stage(size, modalities=('video', 'audio', 'imu'), align_weight=1.0):
+  """Multimodal supervised training: L_CE on the fused logits + align_weight * L_align.
+
+  align_weight 0 is L_CE alone (the many-shot zero-shot stage, and the 'no alignment' ablation).
+  """
+  return _stage(size, 'multimodal', 'supervised', split='train', modalities=modalities,
+                learning_rate=5e-4, ce_weight=1.0, align_weight=align_weight, temperature=0.1)
+
+
+def meta_stage(size, subsets):
+  """Multimodal meta-training on base-class episodes: L_proto (+ ce_weight * L_CE).
+
+  Each episode draws a support subset and a different query subset of modalities among
+  `subsets` (cross-modal prototypes, mmg_jax/episodes.py). Episodes are 5-way 5-shot like the
+  evaluation's, with fewer queries on CPU sizes to fit the budget; a batch holds
+  episodes_per_batch * 5 * (5 + q_query) clips (a multiple of 8, the test suite's devices).
+  """
+  return _stage(size, 'meta', 'meta', split='train', modalities=('video', 'audio', 'imu'),
+                learning_rate=2e-4, n_way=5, k_shot=5,
+                q_query={'tiny': 3, 'small': 3, 'paper': 15}[size],
+                episodes_per_batch={'tiny': 1, 'small': 2, 'paper': 8}[size],
+                support_subsets=tuple(subsets), query_subsets=tuple(subsets), proto_weight=1.0,
+                ce_weight=0.0)
+
+
+def pipeline(*stages, model_updates=None):
+  """A training pipeline: stages run in order, each from the previous one's params.
+
+  model_updates: changes to config.model for this pipeline only, e.g. {'fusion': {'kind':
+  'mlp'}} for the ablation's MLP fusion.
+  """
+  return ml_collections.ConfigDict({'model_updates': ml_collections.ConfigDict(
+      model_updates or {}), 'stages': tuple(stages)})
+
+
+def eval_config(size, kind, rows):
+  """Evaluation of a results table (mmg_jax/evaluate.py); `rows` from `table_rows`.
+
+  Few-shot: N-way K-shot Q-query episodes on the novel split, the same `num_episodes` episodes
+  (drawn with `seed`) for every row. Many-shot: top-1 over every clip of the test split.
+  """
+  return ml_collections.ConfigDict({
+      'kind': kind,  # 'few-shot' | 'many-shot' | 'ablation': the results table's layout
+      'batch_size': {'tiny': 16, 'small': 64, 'paper': 256}[size],  # global
+      'manyshot_split': 'test',
+      'fewshot_split': 'novel',
+      'fewshot': {'n_way': 5, 'k_shot': 5, 'q_query': 15,
+                  'num_episodes': {'tiny': 20, 'small': 600, 'paper': 600}[size], 'seed': 0},
+      'rows': tuple(rows),
+  })
+
+
+def eval_row(row, metric, pipeline, **extra):
+  """One evaluation row: a paper table row (mmg_jax/report.py), its metric and its pipeline."""
+  return ml_collections.ConfigDict({**row, 'metric': metric, 'pipeline': pipeline, **extra})
+
+
+def table_rows(table, metric, pipeline_of):
+  """The evaluation rows of a paper table; pipeline_of(row) names the pipeline of each row."""
+  return [eval_row(row, metric, pipeline_of(row)) for row in table]

@@ -1,0 +1,68 @@
+"""Ablation: fusion (attention | MLP), contrastive alignment (on | off), proto loss (on | off).
+
+  python -m mmg_jax.main --config=configs/ablation.py --workdir=runs/ablation
+  python -m mmg_jax.main --config=configs/ablation.py:tiny --workdir=/tmp/ablation  # seconds
+
+Reports the paper's 12 cells: settings regular (V A I -> V A I), missing (V A I -> A I) and
+zero-shot (A I -> V), each under four variants, with many-shot top-1 and few-shot 5w5s accuracy
+(no top-1 for 'proto loss off': many-shot training has no proto loss). Pipelines:
+- regular / missing, top-1: unimodal L_CE then multimodal L_CE (+ L_align unless 'no align');
+- few-shot: the same, then meta-training with L_proto ('proto off' stops before it);
+- zero-shot top-1: L_align on the unlabeled split (none for 'no align'), then L_CE on A I.
+'MLP' pipelines use the MLP fusion over concatenated features instead of attention. Pipelines
+that begin with the same stages share them (pipeline.py), so e.g. 'full' and 'full_meta' train
+their first two stages once.
+"""
+from configs import common
+from mmg_jax import modalities, report
+
+_MLP = {'fusion': {'kind': 'mlp'}}
+
+
+def _pipelines(size):
+  unimodal = common.unimodal_stage(size)
+  multimodal = common.supervised_stage(size)
+  multimodal_noalign = common.supervised_stage(size, align_weight=0.0)
+  meta = common.meta_stage(size, modalities.ALL_SUBSETS)
+  zeroshot = common.supervised_stage(size, modalities=('audio', 'imu'), align_weight=0.0)
+  align = common.align_stage(size)
+  return {
+      'full': common.pipeline(unimodal, multimodal),
+      'full_meta': common.pipeline(unimodal, multimodal, meta),
+      'noalign': common.pipeline(unimodal, multimodal_noalign),
+      'noalign_meta': common.pipeline(unimodal, multimodal_noalign, meta),
+      'mlp': common.pipeline(unimodal, multimodal, model_updates=_MLP),
+      'mlp_meta': common.pipeline(unimodal, multimodal, meta, model_updates=_MLP),
+      'zeroshot_AI': common.pipeline(align, zeroshot),
+      'zeroshot_AI_noalign': common.pipeline(zeroshot),
+      'mlp_zeroshot_AI': common.pipeline(align, zeroshot, model_updates=_MLP),
+  }
+
+
+# (fusion, alignment, proto_loss) -> the pipelines of its cells: (top-1 regular and missing,
+# top-1 zero-shot, few-shot 5w5s); None where the paper prints '-'.
+_CELL_PIPELINES = {
+    ('attention', True, True): ('full', 'zeroshot_AI', 'full_meta'),
+    ('attention', False, True): ('noalign', 'zeroshot_AI_noalign', 'noalign_meta'),
+    ('mlp', True, True): ('mlp', 'mlp_zeroshot_AI', 'mlp_meta'),
+    ('attention', True, False): (None, None, 'full'),
+}
+
+
+def get_config(arg=None):
+  config = common.base(arg)
+  size = config.size
+  config.pipelines = _pipelines(size)
+  rows = []
+  for setting, paper_row in zip(report.ABLATION_SETTINGS, report.ABLATION_PAPER, strict=True):
+    for variant, (paper_top1, paper_fewshot) in zip(report.ABLATION_VARIANTS, paper_row,
+                                                    strict=True):
+      manyshot, zeroshot, fewshot = _CELL_PIPELINES[
+          variant['fusion'], variant['alignment'], variant['proto_loss']]
+      top1 = zeroshot if setting['setting'] == 'zero-shot' else manyshot
+      if top1:
+        rows.append(common.eval_row({**setting, 'paper': paper_top1}, 'top1', top1, **variant))
+      rows.append(common.eval_row({**setting, 'paper': paper_fewshot}, '5w5s_acc', fewshot,
+                                  **variant))
+  config.eval = common.eval_config(size, 'ablation', rows)
+  return config

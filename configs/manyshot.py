@@ -1,0 +1,38 @@
+"""Many-shot MMG: the paper's many-shot table (10 rows), top-1 on the test split.
+
+  python -m mmg_jax.main --config=configs/manyshot.py --workdir=runs/manyshot
+  python -m mmg_jax.main --config=configs/manyshot.py:tiny --workdir=/tmp/manyshot  # seconds
+
+Rows with different training modalities need different pipelines (the many-shot lines of the
+paper's stage table):
+- `train_VAI` (regular and missing-modality rows): unimodal L_CE pre-training of each encoder,
+  then multimodal L_CE + L_align on video, audio and IMU; evaluated on each test subset.
+- `zeroshot_train_<A|I|AI|V>` (zero-shot rows, one per training subset): L_align pre-training on
+  the unlabeled split with every modality, then L_CE on the train modalities only; evaluated on
+  the disjoint test modalities. Test-modality data enters only through the unlabeled alignment
+  stage: pipeline.validate refuses any labeled stage that could see it. The alignment stage is
+  the same in the four pipelines, so it runs once (in zeroshot_train_A/align/).
+"""
+from configs import common
+from mmg_jax import modalities, report
+
+
+def _pipeline_of(row):
+  if row['setting'] == 'zero-shot':
+    return 'zeroshot_train_' + modalities.short_name(row['train']).replace(' ', '')
+  return 'train_VAI'
+
+
+def get_config(arg=None):
+  config = common.base(arg)
+  size = config.size
+  config.pipelines = {'train_VAI': common.pipeline(common.unimodal_stage(size),
+                                                   common.supervised_stage(size))}
+  for row in report.MANYSHOT:
+    if row['setting'] == 'zero-shot':
+      config.pipelines[_pipeline_of(row)] = common.pipeline(
+          common.align_stage(size),
+          common.supervised_stage(size, modalities=row['train'], align_weight=0.0))
+  config.eval = common.eval_config(
+      size, 'many-shot', common.table_rows(report.MANYSHOT, 'top1', _pipeline_of))
+  return config

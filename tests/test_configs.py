@@ -1,0 +1,112 @@
+"""Experiment configs: every file loads with every size, has the paper's rows, takes overrides."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import ablation, common, fewshot, manyshot
+from mmg_jax import modalities
+
+CONFIGS = {'fewshot': fewshot, 'manyshot': manyshot, 'ablation': ablation}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_KEYS = {'name', 'kind', 'split', 'modalities', 'num_steps', 'batch_size', 'optimizer',
+              'log_every', 'checkpoint_every'}
+OPTIMIZER_KEYS = {'name', 'learning_rate', 'warmup_steps', 'schedule', 'weight_decay',
+                  'grad_clip_norm', 'accumulate_steps'}
+
+
+def _configs():
+  return [(name, arg) for name in CONFIGS for arg in (None, *common.SIZES)]
+
+
+@pytest.mark.parametrize('name,arg', _configs())
+def test_config_structure(name, arg):
+  config = CONFIGS[name].get_config(arg)
+  assert config.size == (arg or 'small')
+  assert config.eval.kind == {'fewshot': 'few-shot', 'manyshot': 'many-shot',
+                              'ablation': 'ablation'}[name]
+  assert len(config.eval.rows) == {'fewshot': 13, 'manyshot': 10, 'ablation': 21}[name]
+  for row in config.eval.rows:
+    assert row.pipeline in config.pipelines
+    assert row.metric in ('top1', '5w5s_acc')
+    assert row.setting in ('regular', 'missing', 'zero-shot')
+    modalities.check(row.train), modalities.check(row.test)
+  for pipeline in config.pipelines.values():
+    assert pipeline.stages
+    for stage in pipeline.stages:
+      assert STAGE_KEYS <= set(stage.keys())
+      assert set(stage.optimizer.keys()) == OPTIMIZER_KEYS
+      assert stage.optimizer.warmup_steps < stage.num_steps
+      modalities.check(stage.modalities)
+      batch = (stage.episodes_per_batch * stage.n_way * (stage.k_shot + stage.q_query)
+               if stage.kind == 'meta' else stage.batch_size)
+      assert batch % 8 == 0, f'{stage.name}: global batch {batch} does not split over 8 devices'
+  assert config.eval.batch_size % 8 == 0
+  assert config.eval.fewshot.num_episodes >= (600 if config.size != 'tiny' else 1)
+
+
+def test_fewshot_is_one_pipeline_of_the_three_fewshot_stages():
+  config = fewshot.get_config()
+  assert list(config.pipelines) == ['train_VAI']
+  stages = config.pipelines.train_VAI.stages
+  assert [s.kind for s in stages] == ['unimodal_ce', 'supervised', 'meta']
+  assert stages[1].align_weight > 0 and stages[2].proto_weight > 0
+  fewshot_eval = config.eval.fewshot
+  assert (fewshot_eval.n_way, fewshot_eval.k_shot, fewshot_eval.q_query) == (5, 5, 15)
+
+
+def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
+  config = manyshot.get_config()
+  assert sorted(config.pipelines) == ['train_VAI', 'zeroshot_train_A', 'zeroshot_train_AI',
+                                      'zeroshot_train_I', 'zeroshot_train_V']
+  for row in config.eval.rows:
+    stages = config.pipelines[row.pipeline].stages
+    if row.setting == 'zero-shot':
+      assert [(s.kind, s.split) for s in stages] == [('align', 'unlabeled'),
+                                                     ('supervised', 'train')]
+      assert tuple(stages[1].modalities) == tuple(row.train) and stages[1].align_weight == 0
+    else:
+      assert [s.kind for s in stages] == ['unimodal_ce', 'supervised']
+      assert stages[1].align_weight > 0
+
+
+def test_ablation_variants_change_what_they_name():
+  config = ablation.get_config()
+  pipelines = config.pipelines
+  assert pipelines.mlp.model_updates.fusion.kind == 'mlp'
+  assert not pipelines.full.model_updates
+  assert pipelines.noalign.stages[1].align_weight == 0 < pipelines.full.stages[1].align_weight
+  assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['supervised']
+  no_proto = [r for r in config.eval.rows if not r.proto_loss]
+  assert {r.metric for r in no_proto} == {'5w5s_acc'}
+  assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages] for r in no_proto)
+  with_proto = [r for r in config.eval.rows if r.proto_loss and r.metric == '5w5s_acc']
+  assert all(pipelines[r.pipeline].stages[-1].kind == 'meta' for r in with_proto)
+
+
+_PRINT_CONFIG = """
+from absl import app
+from ml_collections import config_flags
+_CONFIG = config_flags.DEFINE_config_file('config')
+def main(_):
+  config = _CONFIG.value
+  print(config.size, config.pipelines.train_VAI.stages[2].num_steps,
+        config.eval.fewshot.num_episodes, config.model.fusion.kind)
+app.run(main)
+"""
+
+
+def test_command_line_overrides_reach_stages_and_eval():
+  """The overrides of `python -m mmg_jax.main --config=...`, parsed by config_flags."""
+  result = subprocess.run(
+      [sys.executable, '-c', _PRINT_CONFIG, '--config=configs/fewshot.py:tiny',
+       '--config.pipelines.train_VAI.stages[2].num_steps=7',
+       '--config.eval.fewshot.num_episodes=33', '--config.model.fusion.kind=mlp'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  assert result.stdout.split() == ['tiny', '7', '33', 'mlp']
+
+
+def test_unknown_size_is_refused():
+  with pytest.raises(ValueError, match='is not one of'):
+    fewshot.get_config('huge')

@@ -28,10 +28,7 @@ def sample_episodes(rng, labels, *, num_episodes, n_way, k_shot, q_query):
     function may be called under `jax.jit` with `labels` closed over and `rng` traced.
   Returns (support_idx [E, N, K], query_idx [E, N, Q]) int32.
   """
-  for name, value in [('num_episodes', num_episodes), ('n_way', n_way), ('k_shot', k_shot),
-                      ('q_query', q_query)]:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f'{name} must be a positive int, got {value!r}.')
+  _check_positive(num_episodes=num_episodes, n_way=n_way, k_shot=k_shot, q_query=q_query)
   members, counts = _class_table(labels, n_way=n_way, k_shot=k_shot, q_query=q_query)
   episode_idx = _draw_episodes(rng, members, counts, num_episodes=num_episodes, n_way=n_way,
                                per_class=k_shot + q_query)
@@ -55,7 +52,7 @@ def _class_table(labels, *, n_way, k_shot, q_query):
   too_small = classes[counts < per_class]
   if too_small.size:
     smallest = too_small[np.argmin(counts[counts < per_class])]
-    others = f' (too small as well: {too_small.tolist()})' if too_small.size > 1 else ''
+    others = f' (all too small: {too_small.tolist()})' if too_small.size > 1 else ''
     raise ValueError(f'class {smallest} has {counts[classes == smallest][0]} examples but '
                      f'{k_shot}-shot {q_query}-query episodes need {per_class}{others}; lower '
                      'k_shot/q_query or use a split with more examples.')
@@ -106,6 +103,7 @@ def sample_episode_modalities(rng, *, num_episodes, n_way, k_shot, q_query, supp
   support_subsets, query_subsets: sequences of modality-name tuples (see `mmg_jax.modalities`).
   Returns present [E * N * (K+Q), 3] bool, columns in `modalities.MODALITIES` order.
   """
+  _check_positive(num_episodes=num_episodes, n_way=n_way, k_shot=k_shot, q_query=q_query)
   pairs = _subset_pairs(support_subsets, query_subsets)
   support_masks = jnp.asarray(np.stack([modalities.mask(s) for s, _ in pairs]))
   query_masks = jnp.asarray(np.stack([modalities.mask(q) for _, q in pairs]))
@@ -127,3 +125,10 @@ def _subset_pairs(support_subsets, query_subsets):
                      f'subset {queries}; give at least one query subset that differs from a '
                      'support subset.')
   return pairs
+
+
+def _check_positive(**sizes):
+  """Episode sizes are static Python ints >= 1."""
+  for name, value in sizes.items():
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f'{name} must be a positive int, got {value!r}.')

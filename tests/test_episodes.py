@@ -112,7 +112,7 @@ def test_accepts_jax_labels_and_legacy_uint32_keys():
 def test_too_small_class_is_named():
   labels = shuffled_labels({65: 20, 70: 3, 71: 19})
   with pytest.raises(ValueError, match=r'class 70 has 3 examples but 5-shot 15-query episodes '
-                     r'need 20 \(too small as well: \[70, 71\]\); lower k_shot/q_query'):
+                     r'need 20 \(all too small: \[70, 71\]\); lower k_shot/q_query'):
     episodes.sample_episodes(jax.random.key(0), labels, num_episodes=1, n_way=2, k_shot=5,
                              q_query=15)
 
@@ -129,6 +129,11 @@ def test_too_few_classes_is_an_error():
 def test_bad_labels_are_errors(labels, match):
   with pytest.raises(ValueError, match=match):
     sample(labels)
+
+
+def test_no_labeled_example_is_an_error():
+  with pytest.raises(ValueError, match='labels hold 0'):
+    sample(np.full(10, -1))
 
 
 def test_traced_labels_are_an_error():
@@ -189,6 +194,12 @@ def test_modalities_deterministic_and_jittable():
                          query_subsets=[('video',), ('imu',)])
   np.testing.assert_array_equal(fn(jax.random.key(1)), jax.jit(fn)(jax.random.key(1)))
   assert not np.array_equal(fn(jax.random.key(1)), fn(jax.random.key(2)))
+
+
+@pytest.mark.parametrize('field', ['num_episodes', 'n_way', 'k_shot', 'q_query'])
+def test_modalities_non_positive_sizes_are_errors(field):
+  with pytest.raises(ValueError, match=field):
+    sample_modalities(**{field: 0})
 
 
 def test_no_cross_modal_pair_is_an_error():

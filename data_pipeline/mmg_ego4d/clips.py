@@ -1,0 +1,229 @@
+"""One clip -> one example, in parallel worker processes.
+
+Work is split into chunks of clips of one video, so that a worker opens each file once per
+chunk. A clip's modality with no data is kept absent (zeros, `present` False) with a note; a
+clip whose file is unreadable becomes a quarantine entry instead of an example. A worker that
+crashes (FFmpeg on a damaged file) takes only its own chunk's clips to quarantine.
+"""
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import multiprocessing
+import os
+import pathlib
+
+import av
+import numpy as np
+
+from data_pipeline import preprocess
+from data_pipeline.mmg_ego4d import decode
+
+CLIPS_PER_CHUNK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """Clips of one video and where their media are; imu_path None when the video has no IMU."""
+  video_path: str
+  imu_path: str | None
+  audio_expected: bool
+  clips: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """What became of one clip: an example, or a quarantine entry (modality, reason).
+
+  notes: modality -> why it is absent or flagged (e.g. IMU long gaps).
+  """
+  clip: object
+  example: dict | None = None
+  quarantine: tuple | None = None
+  notes: dict = dataclasses.field(default_factory=dict)
+
+
+def make_chunks(clips, manual_dir, videos, *, clips_per_chunk=CLIPS_PER_CHUNK):
+  """Chunks of at most `clips_per_chunk` clips of one video, in video then start order.
+
+  videos: video_uid -> manifest.VideoInfo. IMU is expected unless the metadata says has_imu
+  false; a missing CSV then makes IMU absent, not the clip corrupt.
+  """
+  root = pathlib.Path(manual_dir)
+  by_video = {}
+  for clip in clips:
+    by_video.setdefault(clip.video_uid, []).append(clip)
+  chunks = []
+  for video_uid, video_clips in sorted(by_video.items()):
+    info = videos.get(video_uid)
+    has_imu = info is None or info.has_imu is not False
+    imu_path = root / 'imu' / f'{video_uid}.csv'
+    video_clips.sort(key=lambda clip: (clip.start_s, clip.clip_uid))
+    for start in range(0, len(video_clips), clips_per_chunk):
+      chunks.append(Chunk(
+          video_path=str(root / 'videos' / f'{video_uid}.mp4'),
+          imu_path=str(imu_path) if has_imu else None,
+          audio_expected=info is None or info.has_audio is not False,
+          clips=tuple(video_clips[start:start + clips_per_chunk])))
+  return chunks
+
+
+def window_start(clip, spec):
+  """Start of the spec.clip_seconds window centered on the clip, shared by every modality."""
+  return (clip.start_s + clip.end_s) / 2 - spec.clip_seconds / 2
+
+
+@functools.lru_cache(maxsize=2)
+def _cleaned_imu(path):
+  return preprocess.clean_imu(*decode.read_imu_csv(path))
+
+
+def _imu_window(chunk, clip, spec):
+  """(grid, covered) of the clip's window, or (None, reason) when IMU is absent."""
+  if chunk.imu_path is None:
+    return None, 'metadata says has_imu false'
+  if not os.path.exists(chunk.imu_path):
+    return None, 'no IMU file'
+  timestamps_ms, values = _cleaned_imu(chunk.imu_path)
+  return preprocess.resample_imu(timestamps_ms, values, start_s=window_start(clip, spec),
+                                 num_samples=spec.imu_shape[0], rate_hz=spec.imu_rate_hz)
+
+
+@contextlib.contextmanager
+def _reading(modality):
+  """Turns any failure to read `modality` into CorruptMedia, so the clip is quarantined."""
+  try:
+    yield
+  except decode.CorruptMedia:
+    raise
+  except (av.FFmpegError, ValueError, OSError, EOFError) as e:
+    raise decode.CorruptMedia(modality, f'{type(e).__name__}: {e}') from e
+
+
+def _example(container, chunk, clip, spec, imu_mean, imu_std):
+  """The example of one clip and the notes on its absent or flagged modalities."""
+  start = window_start(clip, spec)
+  notes = {}
+  times = preprocess.frame_times((clip.start_s + clip.end_s) / 2, num_frames=spec.num_frames,
+                                 frame_stride=spec.frame_stride)
+  with _reading('video'):
+    frames = decode.read_frames(container, times, short_side=spec.resize_short_side,
+                                window_start=start)
+  if frames is None:
+    notes['video'] = 'no video frames in the window'
+    video = np.zeros(spec.video_shape, np.uint8)
+  else:
+    video = preprocess.center_crop(frames, spec.crop_size)
+
+  waveform = None
+  if chunk.audio_expected:
+    with _reading('audio'):
+      waveform = decode.read_audio(container, start_s=start, num_samples=spec.num_audio_samples)
+    if waveform is None:
+      notes['audio'] = 'no audio track or no audio in the window'
+    elif not np.any(waveform):
+      notes['audio'], waveform = 'silent window (redacted audio)', None
+  else:
+    notes['audio'] = 'metadata says no audio'
+  audio = (np.zeros(spec.audio_shape, np.float32) if waveform is None
+           else preprocess.audio_features(waveform, spec))
+
+  with _reading('imu'):
+    grid, covered = _imu_window(chunk, clip, spec)
+  imu = np.zeros(spec.imu_shape, np.float32)
+  imu_present = False
+  if grid is None:
+    notes['imu'] = covered
+  elif covered.mean() < preprocess.IMU_MIN_COVERAGE:
+    notes['imu'] = f'only {covered.mean():.0%} of the window recorded'
+  else:
+    imu, imu_present = preprocess.standardize_imu(grid, covered, imu_mean, imu_std), True
+    if not covered.all():
+      notes['imu_gaps'] = f'{1 - covered.mean():.1%} of the window in long gaps, filled with 0'
+
+  present = np.array([frames is not None, waveform is not None, imu_present])
+  example = {'video': video, 'audio': audio, 'imu': imu, 'present': present,
+             'label': np.int64(clip.label), 'clip_id': clip.clip_uid}
+  return example, notes
+
+
+def _quarantine_all(chunk, modality, reason):
+  return [Outcome(clip=clip, quarantine=(modality, reason)) for clip in chunk.clips]
+
+
+def build_chunk(chunk, spec, imu_mean, imu_std):
+  """Outcomes of every clip of `chunk` (runs in a worker process)."""
+  if not os.path.exists(chunk.video_path):
+    return _quarantine_all(chunk, 'video', f'{chunk.video_path} not found')
+  try:
+    container = decode.open_media(chunk.video_path)
+  except decode.CorruptMedia as e:
+    return _quarantine_all(chunk, e.modality, str(e))
+  outcomes = []
+  with container:
+    for clip in chunk.clips:
+      try:
+        example, notes = _example(container, chunk, clip, spec, imu_mean, imu_std)
+        outcomes.append(Outcome(clip=clip, example=example, notes=notes))
+      except decode.CorruptMedia as e:
+        outcomes.append(Outcome(clip=clip, quarantine=(e.modality, str(e))))
+  return outcomes
+
+
+def crashed(chunk, error):
+  """Outcomes of a chunk whose worker process died even when run alone."""
+  return _quarantine_all(chunk, 'video', f'decoding crashed its worker process ({error})')
+
+
+def imu_moments(chunk, spec):
+  """Pooled (count, sum, sum of squares) of the IMU windows of `chunk`; unreadable files skip."""
+  count, total, squares = 0, np.zeros(len(preprocess.IMU_CHANNELS)), np.zeros(
+      len(preprocess.IMU_CHANNELS))
+  for clip in chunk.clips:
+    try:
+      grid, covered = _imu_window(chunk, clip, spec)
+    except (decode.CorruptMedia, OSError):
+      break
+    if grid is None or covered.mean() < preprocess.IMU_MIN_COVERAGE:
+      continue
+    n, s, ss = preprocess.imu_moments(grid, covered)
+    count, total, squares = count + n, total + s, squares + ss
+  return count, total, squares
+
+
+def run(fn, chunks, *args, num_workers=0):
+  """Yields fn(chunk, *args) for every chunk, in completion order.
+
+  num_workers=0 runs in this process; else a spawn pool with at most 2 chunks per worker in
+  flight. If a worker dies, every chunk it may have held is rerun alone in a fresh process;
+  one that kills its process again is yielded as the exception.
+  """
+  if num_workers == 0:
+    for chunk in chunks:
+      yield chunk, fn(chunk, *args)
+    return
+  pending = list(reversed(chunks))
+  suspects = []
+  context = multiprocessing.get_context('spawn')
+  while pending or suspects:
+    if suspects:
+      chunk = suspects.pop()
+      with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+          yield chunk, pool.submit(fn, chunk, *args).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+          yield chunk, e
+      continue
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+      running = {}
+      try:
+        while pending or running:
+          while pending and len(running) < 2 * num_workers:
+            chunk = pending.pop()
+            running[pool.submit(fn, chunk, *args)] = chunk
+          done, _ = concurrent.futures.wait(running, return_when='FIRST_COMPLETED')
+          for future in done:
+            result = future.result()  # Raises BrokenProcessPool if a worker died.
+            yield running.pop(future), result
+      except concurrent.futures.process.BrokenProcessPool:
+        suspects = list(running.values())

@@ -52,8 +52,30 @@ def model_config(size):
 
 
 def video_config(size):
-  """MViT-B encoder (mmg_jax/models/video_mvit.py)."""
-  return ml_collections.ConfigDict({'size': size})
+  """MViT encoder (mmg_jax/models/video_mvit.py); 'paper' is MViT-B 16x4 (torchvision mvit_v1_b).
+
+  A new stage starts at each block of `stage_starts`: its query and skip path are pooled by
+  `pool_q_stride`, it has twice the heads, and the block before it doubles the width. Keys and
+  values are pooled from `pool_kv_stride` on, divided by every query stride so they keep their
+  grid. 'small' (0.37 M params) is the CPU demo on [8,32,32,3] clips, 'tiny' the tests' model on
+  [4,16,16,3].
+  """
+  return ml_collections.ConfigDict({
+      'size': size,
+      'patch_kernel': (3, 7, 7),
+      'patch_stride': (2, 4, 4),
+      'patch_padding': (1, 3, 3),
+      'embed_dim': {'tiny': 16, 'small': 32, 'paper': 96}[size],  # width of the first stage
+      'num_heads': 1,  # heads of the first stage
+      'depth': {'tiny': 2, 'small': 4, 'paper': 16}[size],
+      'stage_starts': {'tiny': (1,), 'small': (1, 3), 'paper': (1, 3, 14)}[size],
+      'pool_kernel': (3, 3, 3),
+      'pool_q_stride': (1, 2, 2),
+      'pool_kv_stride': {'tiny': (1, 2, 2), 'small': (1, 4, 4), 'paper': (1, 8, 8)}[size],
+      'mlp_ratio': 4.0,
+      'drop_path': {'tiny': 0.1, 'small': 0.1, 'paper': 0.2}[size],  # last block; linear from 0
+      'remat': False,  # rematerialize each block in the backward pass (saves activations)
+  })
 
 
 def audio_config(size):

@@ -1,0 +1,207 @@
+"""MViT video encoder: multiscale vision transformer with pooling attention (MViT v1).
+
+At config size 'paper' this is MViT-B 16x4 exactly as torchvision's `mvit_v1_b` (the
+pytorchvideo/SlowFast MVIT_B_16x4 network): a Conv3d patch embedding, a cls token with separable
+spatial + temporal position embeddings, 16 blocks in 4 stages (96/192/384/768 wide on token
+grids 8x56x56 / 8x28x28 / 8x14x14 / 8x7x7 for [16,224,224] clips), and a final LayerNorm. The
+reference classifier is left out: the full model has its own heads.
+
+Parameter names follow torchvision's, so loading its weights is a name mapping (`i` = block):
+  torchvision                              this module                          transform
+  conv_proj.{weight,bias}                  conv_proj/proj/{kernel,bias}         w.permute(2,3,4,1,0)
+  pos_encoding.{class_token,spatial_pos,   pos_encoding/(same names)            none
+    temporal_pos,class_pos}
+  blocks.i.norm{1,2}.{weight,bias}         blocks_i/norm{1,2}/{scale,bias}      none
+  blocks.i.attn.qkv.{weight,bias}          blocks_i/attn/qkv/{kernel,bias}      w.T
+  blocks.i.attn.project.0.{weight,bias}    blocks_i/attn/project/{kernel,bias}  w.T
+  blocks.i.attn.pool_{q,k,v}.pool.weight   blocks_i/attn/pool_{q,k,v}/conv/kernel
+                                                                                w.permute(2,3,4,1,0)
+  blocks.i.attn.pool_{q,k,v}.norm_act.0.*  blocks_i/attn/pool_{q,k,v}/norm/*   weight -> scale
+  blocks.i.mlp.{0,3}.{weight,bias}         blocks_i/mlp/{fc1,fc2}/{kernel,bias} w.T
+  blocks.i.project.{weight,bias}           blocks_i/project/{kernel,bias}       w.T
+  norm.{weight,bias}                       norm/{scale,bias}                    none
+Torch video is [B,3,T,H,W]; ours is [B,T,H,W,3] and tokens are flattened in the same (t, h, w)
+order, so outputs match without any permutation.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmg_jax.models import layers
+
+LN_EPSILON = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSetting:
+  """One multiscale block: heads, widths, and pooling strides (stride_q None: no query pool)."""
+  num_heads: int
+  dim_in: int
+  dim_out: int
+  stride_q: tuple[int, int, int] | None
+  stride_kv: tuple[int, int, int]
+
+
+def block_settings(config):
+  """Expands the stage description of `config` (see configs/common.video_config) per block."""
+  stage_starts = tuple(config.stage_starts)
+  if not all(0 < s < config.depth for s in stage_starts):
+    raise ValueError(f'video stage_starts {stage_starts} must be block indices in '
+                     f'[1, depth={config.depth}); lower them or raise depth.')
+  dim, num_heads, stride_kv = config.embed_dim, config.num_heads, tuple(config.pool_kv_stride)
+  settings = []
+  for i in range(config.depth):
+    stride_q = None
+    if i in stage_starts:
+      num_heads *= 2
+      stride_q = tuple(config.pool_q_stride)
+      stride_kv = tuple(max(kv // q, 1) for kv, q in zip(stride_kv, stride_q, strict=True))
+    dim_out = 2 * dim if i + 1 in stage_starts else dim
+    settings.append(BlockSetting(num_heads, dim, dim_out, stride_q, stride_kv))
+    dim = dim_out
+  return settings
+
+
+def pooled_grid(grid, kernel, stride):
+  """Token grid after a pooling of `kernel`/`stride` with the reference's padding kernel // 2."""
+  return tuple((n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(grid, kernel, stride,
+                                                                   strict=True))
+
+
+def _padding(kernel):
+  return [(k // 2, k // 2) for k in kernel]
+
+
+class PositionalEncoding(nn.Module):
+  """Prepends the cls token and adds separable position embeddings.
+
+  A patch at (t, h, w) gets temporal_pos[t] + spatial_pos[h * W + w]; the cls token gets
+  class_pos. Sized from the input grid at init, so any clip size works.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, h, w, d = x.shape
+    init = nn.initializers.truncated_normal(0.02)
+    class_token = self.param('class_token', init, (d,))
+    spatial_pos = self.param('spatial_pos', init, (h * w, d))
+    temporal_pos = self.param('temporal_pos', init, (t, d))
+    class_pos = self.param('class_pos', init, (d,))
+    pos = (temporal_pos[:, None] + spatial_pos[None]).reshape(t * h * w, d)
+    patches = x.reshape(b, t * h * w, d) + pos.astype(x.dtype)
+    cls = jnp.broadcast_to((class_token + class_pos).astype(x.dtype), (b, 1, d))
+    return jnp.concatenate([cls, patches], axis=1)
+
+
+class AttentionPool(nn.Module):
+  """Pools per-head tokens [B, heads, 1+N, C] over their grid: depthwise Conv3d, then LayerNorm.
+
+  The cls token bypasses the convolution but is normalized with the pooled tokens.
+  """
+  kernel: tuple[int, int, int]
+  stride: tuple[int, int, int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, grid):
+    b, h, _, c = x.shape
+    cls, patches = x[:, :, :1], x[:, :, 1:].reshape(b * h, *grid, c)
+    patches = nn.Conv(c, self.kernel, strides=self.stride, padding=_padding(self.kernel),
+                      feature_group_count=c, use_bias=False, dtype=self.dtype,
+                      name='conv')(patches)
+    x = jnp.concatenate([cls, patches.reshape(b, h, -1, c)], axis=2)
+    return layers.layer_norm(LN_EPSILON, self.dtype, 'norm')(x)
+
+
+class MultiscaleAttention(nn.Module):
+  """Multi-head self-attention whose queries, keys and values are pooled on the token grid."""
+  num_heads: int
+  grid: tuple[int, int, int]
+  kernel: tuple[int, int, int]
+  stride_q: tuple[int, int, int] | None
+  stride_kv: tuple[int, int, int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=layers.dense_init, name='qkv')(x)
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    k = AttentionPool(self.kernel, self.stride_kv, self.dtype, name='pool_k')(k, self.grid)
+    v = AttentionPool(self.kernel, self.stride_kv, self.dtype, name='pool_v')(v, self.grid)
+    if self.stride_q is not None:
+      q = AttentionPool(self.kernel, self.stride_q, self.dtype, name='pool_q')(q, self.grid)
+    logits = jnp.einsum('bhqc,bhkc->bhqk', q * head_dim**-0.5, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    x = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, -1, d)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=layers.dense_init, name='project')(x)
+
+
+class MultiscaleBlock(nn.Module):
+  """Pre-norm block: pooled skip + DropPath(pooling attention), then MLP with a widening skip.
+
+  When the width changes, the MLP's skip path is a linear `project` of the normalized input, as
+  in the reference. `train` is positional (argnum 2 counting `self`) for `nn.remat`.
+  """
+  setting: BlockSetting
+  grid: tuple[int, int, int]  # token grid of the input
+  kernel: tuple[int, int, int]
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    s = self.setting
+    y = layers.layer_norm(LN_EPSILON, self.dtype, 'norm1')(x)
+    y = MultiscaleAttention(s.num_heads, self.grid, self.kernel, s.stride_q, s.stride_kv,
+                            self.dtype, name='attn')(y)
+    if s.stride_q is not None:
+      x = _skip_pool(x, self.grid, s.stride_q)
+    x = x + layers.DropPath(self.drop_path)(y, train=train)
+    y = layers.layer_norm(LN_EPSILON, self.dtype, 'norm2')(x)
+    if s.dim_out != s.dim_in:
+      x = nn.Dense(s.dim_out, dtype=self.dtype, kernel_init=layers.dense_init, name='project')(y)
+    y = layers.Mlp(int(s.dim_in * self.mlp_ratio), s.dim_out, dtype=self.dtype, name='mlp')(y)
+    return x + layers.DropPath(self.drop_path)(y, train=train)
+
+
+def _skip_pool(x, grid, stride):
+  """Max-pools the patch tokens of x [B, 1+N, D] (kernel stride + 1 where strided); cls passes."""
+  b, _, d = x.shape
+  kernel = tuple(s + 1 if s > 1 else s for s in stride)
+  patches = x[:, 1:].reshape(b, *grid, d)
+  patches = nn.max_pool(patches, kernel, strides=stride, padding=_padding(kernel))
+  return jnp.concatenate([x[:, :1], patches.reshape(b, -1, d)], axis=1)
+
+
+class VideoMViT(nn.Module):
+  """MViT over normalized video x [B, T, H, W, 3] -> (cls feature [B, D], patch tokens [B, N, D]).
+
+  Both outputs come after the final LayerNorm; the cls feature is what the reference classifier
+  reads. Drop path draws from the 'dropout' rng stream when `train`.
+  """
+  config: Any  # configs/common.video_config(size)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    config = self.config
+    x = layers.PatchEmbed(config.embed_dim, config.patch_kernel, config.patch_stride,
+                          [(p, p) for p in config.patch_padding], self.dtype,
+                          name='conv_proj')(x.astype(self.dtype))
+    grid = x.shape[1:4]
+    x = PositionalEncoding(name='pos_encoding')(x)
+    block_cls = nn.remat(MultiscaleBlock, static_argnums=(2,)) if config.remat else MultiscaleBlock
+    rates = layers.stochastic_depth_rates(config.drop_path, config.depth)
+    for i, (setting, rate) in enumerate(zip(block_settings(config), rates, strict=True)):
+      x = block_cls(setting, grid, tuple(config.pool_kernel), config.mlp_ratio, rate, self.dtype,
+                    name=f'blocks_{i}')(x, train)
+      if setting.stride_q is not None:
+        grid = pooled_grid(grid, config.pool_kernel, setting.stride_q)
+    x = layers.layer_norm(LN_EPSILON, self.dtype, 'norm')(x)
+    return x[:, 0], x[:, 1:]

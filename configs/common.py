@@ -79,13 +79,62 @@ def video_config(size):
 
 
 def audio_config(size):
-  """AST encoder (mmg_jax/models/audio_ast.py)."""
-  return ml_collections.ConfigDict({'size': size})
+  """AST encoder (mmg_jax/models/audio_ast.py); 'paper' is AST (ViT-B, 16x16 patches, stride 10).
+
+  `input_shape` [T_a, mel bins] is the one place the model's audio input size is set.
+  `patch_size`/`patch_strides` are (freq, time). Position embeddings are stored for
+  `pos_embed_frames` frames and cropped/interpolated to the input's length at call time.
+
+  Paper T_a. Parameters do not depend on T_a (only on `pos_embed_frames`), FLOPs do. With AST's
+  AudioSet checkpoint layout (pos-embed for 1024 frames: a 12 x 101 grid) the encoder has 86.19 M
+  params (paper 87.03 M, -1.0%; no head: the 527-class mlp_head would add 0.41 M). The paper's
+  42.08 G multiply-adds fall between two patch counts: T_a in [376, 385] gives 12 x 37 patches,
+  41.63 G (-1.1%); [386, 395] gives 12 x 38, 42.86 G (+1.9%); a 5 s clip (498-500 frames, 12 x 49)
+  would be 56.64 G (+35%), and AST's own 1024 frames 130.5 G. No frame count matches both
+  numbers exactly (no integer patch count gives 42.08 G), so 'paper' takes T_a = 384 (3.84 s of
+  10 ms frames; AST's loader crops or zero-pads the fbank to this target length) and keeps the
+  checkpoint's 1024-frame pos-embed, both numbers within 2%. 'small' (0.16 M params) is the CPU
+  demo on [128, 32], 'tiny' the tests' model on [48, 16]; both keep AST's overlapping patches.
+  """
+  return ml_collections.ConfigDict({
+      'size': size,
+      'input_shape': {'tiny': (48, 16), 'small': (128, 32), 'paper': (384, 128)}[size],
+      'pos_embed_frames': {'tiny': 48, 'small': 128, 'paper': 1024}[size],
+      'patch_size': {'tiny': (8, 8), 'small': (8, 8), 'paper': (16, 16)}[size],
+      'patch_strides': {'tiny': (4, 4), 'small': (6, 6), 'paper': (10, 10)}[size],
+      'width': {'tiny': 32, 'small': 64, 'paper': 768}[size],
+      'depth': {'tiny': 2, 'small': 3, 'paper': 12}[size],
+      'num_heads': {'tiny': 2, 'small': 4, 'paper': 12}[size],
+      'mlp_ratio': 4.0,
+      'norm_eps': 1e-6,  # timm/AST; HF's ASTConfig uses 1e-12
+      'dropout': 0.0,
+      'drop_path': 0.1,  # last block; linear from 0 (AST's reference training uses none)
+      'remat': False,  # rematerialize each block in the backward pass (saves activations)
+  })
 
 
 def imu_config(size):
-  """IMU transformer (mmg_jax/models/imu_transformer.py)."""
-  return ml_collections.ConfigDict({'size': size})
+  """IMU transformer (mmg_jax/models/imu_transformer.py) over [L, 6] at 200 Hz ('paper').
+
+  `input_shape` [L, 6] is the one place the model's IMU input size is set. 'paper': 5 s at
+  200 Hz cut into 100 patches of 10 samples (50 ms), a cls token, learned position embeddings,
+  5 pre-norm blocks of width 512 (8 heads, MLP 2048): 15.85 M params (paper 15.55 M, +1.9%) and
+  1.644 G multiply-adds (paper 1.65 G, -0.4%). 'small' (0.16 M) is the CPU demo on [400, 6],
+  'tiny' the tests' model on [100, 6].
+  """
+  return ml_collections.ConfigDict({
+      'size': size,
+      'input_shape': {'tiny': (100, 6), 'small': (400, 6), 'paper': (1000, 6)}[size],
+      'patch_size': 10,
+      'width': {'tiny': 32, 'small': 64, 'paper': 512}[size],
+      'depth': {'tiny': 2, 'small': 3, 'paper': 5}[size],
+      'num_heads': {'tiny': 2, 'small': 4, 'paper': 8}[size],
+      'mlp_ratio': 4.0,
+      'norm_eps': 1e-6,
+      'dropout': 0.0,
+      'drop_path': 0.1,  # last block; linear from 0
+      'remat': False,  # rematerialize each block in the backward pass (saves activations)
+  })
 
 
 def fusion_config(size):

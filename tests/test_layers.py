@@ -1,5 +1,6 @@
-"""Shared transformer blocks against NumPy references."""
+"""Shared transformer blocks against NumPy references (also used by the encoder tests)."""
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +11,22 @@ from flax import linen as nn
 from mmg_jax.models import layers
 
 
-def _np_layer_norm(x, scale, bias, eps):
+def np_layer_norm(x, scale, bias, eps):
   mean = x.mean(-1, keepdims=True)
   var = x.var(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
-def _np_gelu(x):
-  return 0.5 * x * (1.0 + np.vectorize(__import__('math').erf)(x / np.sqrt(2.0)))
+def np_gelu(x):
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / np.sqrt(2.0)))
 
 
-def _np_softmax(x):
+def np_softmax(x):
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
 
 
-def _np_attention(p, x, num_heads, key_mask=None):
+def np_attention(p, x, num_heads, key_mask=None):
   """timm's ViT attention: fused qkv laid out [3, heads, head_dim], scaled dot product."""
   batch, num_tokens, dim = x.shape
   head_dim = dim // num_heads
@@ -34,73 +35,82 @@ def _np_attention(p, x, num_heads, key_mask=None):
   q, k, v = qkv  # [B, H, N, hd]
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
   if key_mask is None:
-    weights = _np_softmax(logits)
+    weights = np_softmax(logits)
   else:
     weights = np.zeros_like(logits)
     for b in range(batch):
       keep = key_mask[b]
       if keep.any():
-        weights[b][..., keep] = _np_softmax(logits[b][..., keep])
+        weights[b][..., keep] = np_softmax(logits[b][..., keep])
   out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, num_tokens, dim)
   return out @ p['proj']['kernel'] + p['proj']['bias']
 
 
-def _normal(shape, seed=0, scale=1.0):
+def normal(shape, seed=0, scale=1.0):
   return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
 
 
-def _random_params(module, *args, seed=0):
+def np_block(p, x, num_heads, eps=1e-6):
+  """Pre-norm ViT block (timm's Block) in NumPy; `p` is a Block's params."""
+  h = x + np_attention(p['attn'], np_layer_norm(x, **p['norm1'], eps=eps), num_heads)
+  y = np_gelu(np_layer_norm(h, **p['norm2'], eps=eps) @ p['mlp']['fc1']['kernel']
+              + p['mlp']['fc1']['bias'])
+  return h + y @ p['mlp']['fc2']['kernel'] + p['mlp']['fc2']['bias']
+
+
+def random_params(module, *args, seed=0, **kwargs):
   """Params shaped as `module.init` makes them, every leaf (biases, norm scales) random."""
-  shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)['params']
+  init = functools.partial(module.init, **kwargs)
+  shapes = jax.eval_shape(lambda *a: init(jax.random.key(0), *a), *args)['params']
   leaves, tree = jax.tree.flatten(shapes)
-  return jax.tree.unflatten(tree, [_normal(leaf.shape, seed + i, 0.5)
+  return jax.tree.unflatten(tree, [normal(leaf.shape, seed + i, 0.5)
                                    for i, leaf in enumerate(leaves)])
 
 
-def _np(tree):
+def np_tree(tree):
   return jax.tree.map(np.asarray, tree)
 
 
 def test_mlp_matches_numpy():
-  x = _normal((2, 3, 8))
+  x = normal((2, 3, 8))
   mlp = layers.Mlp(hidden_dim=16, out_dim=5)
-  params = _random_params(mlp, x)
-  p = _np(params)
-  expected = _np_gelu(np.asarray(x) @ p['fc1']['kernel'] + p['fc1']['bias'])
+  params = random_params(mlp, x)
+  p = np_tree(params)
+  expected = np_gelu(np.asarray(x) @ p['fc1']['kernel'] + p['fc1']['bias'])
   expected = expected @ p['fc2']['kernel'] + p['fc2']['bias']
   out = jax.jit(mlp.apply)({'params': params}, x)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_matches_numpy():
-  x = _normal((2, 5, 12))
+  x = normal((2, 5, 12))
   attn = layers.Attention(num_heads=3)
-  params = _random_params(attn, x)
+  params = random_params(attn, x)
   out = jax.jit(attn.apply)({'params': params}, x)
-  np.testing.assert_allclose(out, _np_attention(_np(params), np.asarray(x), 3),
+  np.testing.assert_allclose(out, np_attention(np_tree(params), np.asarray(x), 3),
                              rtol=1e-5, atol=1e-5)
 
 
 def test_attention_key_mask_matches_numpy_and_ignores_masked_values():
   """Masked keys get no weight: changing their values changes nothing."""
-  x = _normal((3, 6, 8))
+  x = normal((3, 6, 8))
   key_mask = np.array([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], bool)
   attn = layers.Attention(num_heads=2)
-  params = _random_params(attn, x)
+  params = random_params(attn, x)
   out = jax.jit(attn.apply)({'params': params}, x, key_mask)
-  np.testing.assert_allclose(out, _np_attention(_np(params), np.asarray(x), 2, key_mask),
+  np.testing.assert_allclose(out, np_attention(np_tree(params), np.asarray(x), 2, key_mask),
                              rtol=1e-5, atol=1e-5)
-  noise = _normal(x.shape, 5, 100.0)
+  noise = normal(x.shape, 5, 100.0)
   x_changed = np.where(key_mask[..., None], x, noise)
   out_changed = jax.jit(attn.apply)({'params': params}, x_changed, key_mask)
   np.testing.assert_allclose(out_changed[key_mask], out[key_mask], rtol=1e-5, atol=1e-5)
 
 
 def test_attention_fully_masked_row_is_finite_and_has_finite_gradient():
-  x = _normal((2, 4, 8))
+  x = normal((2, 4, 8))
   key_mask = np.array([[0, 0, 0, 0], [1, 1, 0, 0]], bool)
   attn = layers.Attention(num_heads=2)
-  params = _random_params(attn, x)
+  params = random_params(attn, x)
   out = jax.jit(attn.apply)({'params': params}, x, key_mask)
   # No key to attend to: the output is proj's bias alone.
   np.testing.assert_allclose(out[0], np.broadcast_to(params['proj']['bias'], (4, 8)), atol=1e-6)
@@ -109,23 +119,18 @@ def test_attention_fully_masked_row_is_finite_and_has_finite_gradient():
 
 
 def test_block_matches_numpy():
-  x = _normal((2, 5, 8))
+  x = normal((2, 5, 8))
   block = layers.Block(num_heads=2, mlp_ratio=2.0, norm_eps=1e-6)
-  params = _random_params(block, x)
-  p = _np(params)
-  xn = np.asarray(x)
-  h = xn + _np_attention(p['attn'], _np_layer_norm(xn, **p['norm1'], eps=1e-6), 2)
-  y = _np_gelu(_np_layer_norm(h, **p['norm2'], eps=1e-6) @ p['mlp']['fc1']['kernel']
-               + p['mlp']['fc1']['bias'])
-  expected = h + y @ p['mlp']['fc2']['kernel'] + p['mlp']['fc2']['bias']
+  params = random_params(block, x)
+  expected = np_block(np_tree(params), x, 2)
   out = jax.jit(block.apply)({'params': params}, x)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_block_under_remat_matches_plain_block():
-  x = _normal((2, 5, 8))
+  x = normal((2, 5, 8))
   block = layers.Block(num_heads=2)
-  params = _random_params(block, x)
+  params = random_params(block, x)
   remat_block = nn.remat(layers.Block, static_argnums=(3,))(num_heads=2)
 
   def grad(module):
@@ -147,7 +152,7 @@ def test_drop_path_drops_whole_examples_and_rescales():
 
 
 def test_block_bfloat16_compute_keeps_float32_params():
-  x = _normal((2, 5, 8)).astype(jnp.bfloat16)
+  x = normal((2, 5, 8)).astype(jnp.bfloat16)
   block = layers.Block(num_heads=2, dtype=jnp.bfloat16)
   variables = jax.jit(block.init)(jax.random.key(0), x)
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
@@ -159,9 +164,9 @@ def test_block_bfloat16_compute_keeps_float32_params():
     ((12, 9, 3), (4, 3), (2, 3), (5, 3)),
 ])
 def test_patch_embed_is_a_strided_convolution(spatial, patch, strides, grid):
-  x = _normal((2, *spatial))
+  x = normal((2, *spatial))
   embed = layers.PatchEmbed(features=7, patch_size=patch, strides=strides)
-  params = _random_params(embed, x)
+  params = random_params(embed, x)
   out = jax.jit(embed.apply)({'params': params}, x)
   assert out.shape == (2, *grid, 7)
   strides = strides or patch

@@ -1,8 +1,10 @@
 """Parameter and multiply-add counts against hand computations."""
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import linen as nn
 
+from configs import common
 from mmg_jax.models import layers
 from mmg_jax.tools import model_stats
 
@@ -64,3 +66,30 @@ def test_cond_counts_its_most_expensive_branch():
 def test_xla_flops_counts_a_matmul_as_two_flops_per_multiply_add():
   a, b = jax.ShapeDtypeStruct((3, 4), f32), jax.ShapeDtypeStruct((4, 5), f32)
   assert model_stats.xla_flops(jnp.dot, a, b) == 2 * 3 * 4 * 5
+
+
+def test_used_params_skip_what_the_function_never_reads():
+  params = {'a': jax.ShapeDtypeStruct((3, 4), f32), 'b': jax.ShapeDtypeStruct((5,), f32),
+            'c': jax.ShapeDtypeStruct((2, 2), f32)}
+  fn = lambda p, x: x @ p['a'] + p['c'].sum()  # noqa: E731
+  assert model_stats.count_used_params(fn, params, jax.ShapeDtypeStruct((1, 3), f32)) == 12 + 4
+
+
+@pytest.mark.parametrize('modality', ['audio', 'imu'])
+def test_paper_encoders_match_the_paper_table(modality):
+  """Measured params and multiply-adds within the tolerance of the paper's table (eval_shape)."""
+  stats = model_stats.encoder_stats(common.model_config('paper'), modality, xla=False)
+  params_m, gflops = model_stats.PAPER[modality]
+  tolerance = model_stats.PAPER_TOLERANCE[modality]
+  assert abs(stats['params_m'] / params_m - 1) < tolerance, stats
+  assert abs(stats['gflops'] / gflops - 1) < tolerance, stats
+
+
+def test_paper_encoder_macs_match_the_vit_formula():
+  """AST at 384 frames: 12 x 37 patches + 2 tokens through 12 ViT-B blocks, and the conv."""
+  stats = model_stats.encoder_stats(common.model_config('paper'), 'audio', xla=False)
+  tokens, dim, patches = 12 * 37 + 2, 768, 12 * 37
+  block = tokens * 12 * dim * dim + 2 * tokens * tokens * dim
+  assert stats['gflops'] * 1e9 == pytest.approx(12 * block + patches * 256 * dim, rel=1e-12)
+  assert stats['params_m'] * 1e6 == 12 * (12 * dim * dim + 13 * dim) + 256 * dim + dim + (
+      (12 * 101 + 2) * dim + 2 * dim + 2 * dim)

@@ -238,16 +238,16 @@ def resample_imu(timestamps_ms, values, *, start_s, num_samples, rate_hz,
   covered when it lies outside the recording or between samples more than `max_gap_s` apart
   (its value is then 0).
   """
-  grid_ms = (start_s + np.arange(num_samples) / rate_hz) * 1000.0
+  grid_ms = start_s * 1000.0 + np.arange(num_samples) * (1000.0 / rate_hz)
   if len(timestamps_ms) == 0:
     return np.zeros((num_samples, values.shape[1])), np.zeros(num_samples, bool)
   last = len(timestamps_ms) - 1
   after = np.searchsorted(timestamps_ms, grid_ms)  # First sample at or after each grid point.
   later = timestamps_ms[np.minimum(after, last)]
   earlier = timestamps_ms[np.maximum(after - 1, 0)]
-  exact = (after <= last) & (later == grid_ms)
+  on_sample = np.minimum(np.abs(later - grid_ms), np.abs(earlier - grid_ms)) < 1e-6
   between = (after > 0) & (after <= last) & (later - earlier <= max_gap_s * 1000.0)
-  covered = exact | between
+  covered = on_sample | between
   resampled = np.stack([np.interp(grid_ms, timestamps_ms, channel) for channel in values.T], -1)
   return np.where(covered[:, None], resampled, 0.0), covered
 

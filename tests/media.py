@@ -39,9 +39,13 @@ def tone(t):
 
 
 def write_video(path, *, seconds=3.0, fps=30, width=64, height=48, band=8, codec='libx264',
-                audio_rate=None, audio_layout='mono', audio_codec='aac'):
-  """mp4 of `seconds` with frame_color frames (side bands `band` px wide) and optional tone."""
-  with av.open(str(path), 'w', format='mp4') as container:
+                audio_rate=None, audio_layout='mono', audio_codec='aac', faststart=False):
+  """mp4 of `seconds` with frame_color frames (side bands `band` px wide) and optional tone.
+
+  faststart puts the index first, so that a truncated copy still opens (and fails later).
+  """
+  options = {'movflags': 'faststart'} if faststart else {}
+  with av.open(str(path), 'w', format='mp4', options=options) as container:
     video = container.add_stream(codec, rate=fps)
     video.width, video.height, video.pix_fmt = width, height, 'yuv420p'
     audio = None

@@ -37,8 +37,7 @@ def main(argv):
     return
   started = time.perf_counter()
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value),
-      file_format='array_record')
+      download_config=tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value))
   seconds = time.perf_counter() - started
   splits = builder.info.metadata['build_report']['splits']
   num_clips = sum(counts['written'] + counts['quarantined'] for counts in splits.values())

@@ -2,8 +2,10 @@
 
 Configs: `paper` (default; video [16,224,224,3], audio [498,128], imu [1000,6]) and `small`
 (video [8,32,32,3], audio [128,32], imu [400,6]); see preprocess.CLIP_SPECS. Examples follow
-data_pipeline/features.py. Build with `python -m data_pipeline.mmg_ego4d.build`, or
-`PYTHONPATH=. tfds build data_pipeline/mmg_ego4d --manual_dir=D --file_format=array_record`.
+data_pipeline/features.py, written as ArrayRecord. Build with
+`python -m data_pipeline.mmg_ego4d.build --manual_dir=D` (the `tfds build` CLI needs TensorFlow),
+or through `tfds.data_source(..., download_and_prepare_kwargs={'download_config':
+tfds.download.DownloadConfig(manual_dir=D)})` after importing this module, which registers it.
 """
 import os
 
@@ -54,6 +56,7 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
     self.num_workers = os.cpu_count() if num_workers is None else num_workers
     self._any_class_counts = any_class_counts
     self._report = None
+    kwargs.setdefault('file_format', 'array_record')  # TFRecord would need TensorFlow.
     super().__init__(**kwargs)
 
   def _info(self):
@@ -73,9 +76,10 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
     chunks = {split: clips.make_chunks(split_clips, dl_manager.manual_dir, data.videos)
               for split, split_clips in data.clips.items() if split_clips}
     count, total, squares = 0, 0.0, 0.0
-    for _, (n, s, ss) in clips.run(clips.imu_moments, chunks.get('train', []), spec,
-                                   num_workers=self.num_workers):
-      count, total, squares = count + n, total + s, squares + ss
+    for _, moments in clips.run(clips.imu_moments, chunks.get('train', []), spec,
+                                num_workers=self.num_workers):
+      if not isinstance(moments, BaseException):  # A crashed chunk is quarantined later.
+        count, total, squares = count + moments[0], total + moments[1], squares + moments[2]
     imu_mean, imu_std = preprocess.imu_mean_std(count, total, squares)
     self._report = report.BuildReport(
         config=self.builder_config.name, imu_mean=imu_mean, imu_std=imu_std,

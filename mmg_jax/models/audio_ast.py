@@ -28,7 +28,10 @@ below drop the prefixes `embeddings.` (first three rows) and `encoder.layer.i.` 
   blocks_i/attn/proj       blocks.i.attn.proj            attention.output.dense
   blocks_i/mlp/fc1, fc2    blocks.i.mlp.fc1, fc2         intermediate.dense, output.dense
   norm                     norm                          layernorm (top level)
-The LayerNorm epsilon is `norm_eps` (timm/AST: 1e-6; HF's config: 1e-12).
+Those HF names are the published checkpoints' (transformers 4); transformers >= 5 names the
+block ones `layers.i.attention.{q,k,v,o}_proj` and `layers.i.mlp.fc{1,2}`
+(tests/test_audio_ast.py maps them and checks outputs against ASTModel). The LayerNorm epsilon
+is `norm_eps` (timm/AST: 1e-6; HF's config: 1e-12).
 """
 from typing import Any
 

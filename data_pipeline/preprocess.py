@@ -5,7 +5,8 @@ VIDEO_STD (uint8 batches are 4x cheaper to move). Audio reaches it as AST-normal
 IMU reaches it resampled to a uniform grid and standardized per channel.
 
 The functions here work on arrays; reading files (PyAV, CSV) lives in `mmg_ego4d/decode.py`.
-Every modality of a clip is read over the same window: CLIP_SECONDS centered on the clip.
+Every modality of a clip is read over a window centered on the clip: CLIP_SECONDS for IMU, the
+span of the sampled frames for video and of the fbank frames for audio.
 """
 import dataclasses
 
@@ -29,6 +30,11 @@ AUDIO_FRAME_LENGTH_MS = 25.0
 AUDIO_FRAME_SHIFT_MS = 10.0
 AST_MEAN = -4.2677393
 AST_STD = 4.5689974
+# Frames the paper's AST sees: configs/common.py audio_config('paper').input_shape sets it (384,
+# chosen there to match the paper's FLOPs; a whole 5 s clip would be 498 frames); tests check
+# that the two agree. The audio window is the 3.855 s those frames span, centered on the clip,
+# where AST's loader would crop the fbank to its target length.
+AUDIO_NUM_FRAMES = 384
 
 # The rest of AST's filterbank call, torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True,
 # sample_frequency=16000, use_energy=False, window_type='hanning', num_mel_bins=128, dither=0.0,
@@ -61,21 +67,25 @@ class ClipSpec:
 
   Video: `num_frames` frames `frame_stride` source frames apart at VIDEO_FPS, centered in the
   clip, picked by timestamp (nearest frame), short side resized then center-cropped.
-  Audio: Kaldi fbank of the 16 kHz mono window; its frame count follows from the window.
-  IMU: `imu_rate_hz` grid over the window.
+  Audio: `audio_num_frames` Kaldi fbank frames of the 16 kHz mono audio they span, centered.
+  IMU: `imu_rate_hz` grid over the `clip_seconds` window centered on the clip.
   """
   clip_seconds: float
   num_frames: int
   frame_stride: int
   resize_short_side: int
   crop_size: int
+  audio_num_frames: int
   num_mel_bins: int
   audio_frame_shift_ms: float
   imu_rate_hz: int
 
   @property
   def num_audio_samples(self):
-    return round(self.clip_seconds * AUDIO_SAMPLE_RATE)
+    """Samples that give exactly `audio_num_frames` snip-edges frames."""
+    length = _samples(AUDIO_FRAME_LENGTH_MS, AUDIO_SAMPLE_RATE)
+    shift = _samples(self.audio_frame_shift_ms, AUDIO_SAMPLE_RATE)
+    return (self.audio_num_frames - 1) * shift + length
 
   @property
   def video_shape(self):
@@ -83,8 +93,7 @@ class ClipSpec:
 
   @property
   def audio_shape(self):
-    frames = num_fbank_frames(self.num_audio_samples, frame_shift_ms=self.audio_frame_shift_ms)
-    return (frames, self.num_mel_bins)
+    return (self.audio_num_frames, self.num_mel_bins)
 
   @property
   def imu_shape(self):
@@ -92,15 +101,16 @@ class ClipSpec:
 
 
 CLIP_SPECS = {
-    # The paper's inputs: MViT-B 16x4 at 224, AST's 128-bin fbank at 10 ms (498 frames), IMU 200 Hz.
+    # The paper's inputs: MViT-B 16x4 at 224, AST's 128-bin fbank at 10 ms, IMU 5 s at 200 Hz.
     'paper': ClipSpec(clip_seconds=CLIP_SECONDS, num_frames=VIDEO_NUM_FRAMES,
                       frame_stride=VIDEO_FRAME_STRIDE, resize_short_side=VIDEO_RESIZE_SHORT_SIDE,
-                      crop_size=VIDEO_CROP_SIZE, num_mel_bins=AUDIO_NUM_MEL_BINS,
-                      audio_frame_shift_ms=AUDIO_FRAME_SHIFT_MS, imu_rate_hz=IMU_RATE_HZ),
-    # The contract's `small` shapes over the same 5 s: 8 frames over the same 2.1 s span, 37 -> 32
-    # (the paper's 256/224 ratio), 32 mel bins every 39 ms (128 frames), IMU at 80 Hz (400).
+                      crop_size=VIDEO_CROP_SIZE, audio_num_frames=AUDIO_NUM_FRAMES,
+                      num_mel_bins=AUDIO_NUM_MEL_BINS, audio_frame_shift_ms=AUDIO_FRAME_SHIFT_MS,
+                      imu_rate_hz=IMU_RATE_HZ),
+    # The contract's `small` shapes: 8 frames over the same 2.1 s span, 37 -> 32 (the paper's
+    # 256/224 ratio), 128 frames of 32 mel bins every 39 ms (4.98 s), IMU 5 s at 80 Hz (400).
     'small': ClipSpec(clip_seconds=CLIP_SECONDS, num_frames=8, frame_stride=8,
-                      resize_short_side=37, crop_size=32, num_mel_bins=32,
+                      resize_short_side=37, crop_size=32, audio_num_frames=128, num_mel_bins=32,
                       audio_frame_shift_ms=39.0, imu_rate_hz=80),
 }
 

@@ -252,12 +252,12 @@ def test_unlabeled_may_share_videos_and_shared_participants_are_reported(tmp_pat
 
 
 def test_a_crashing_worker_only_loses_its_own_chunk():
-  chunks = [_chunk(name) for name in ('a', 'b', 'crash', 'c', 'd')]
+  chunks = [_chunk(name) for name in ('a', 'crash', 'b')]
   results = dict((chunk.video_path, result) for chunk, result in
-                 clips.run(crashing_task.die_on_crash, chunks, num_workers=2))
-  assert sorted(results) == ['a', 'b', 'c', 'crash', 'd']
+                 clips.run(crashing_task.die_on_crash, chunks, num_workers=1))
+  assert sorted(results) == ['a', 'b', 'crash']
   assert isinstance(results.pop('crash'), BaseException)
-  assert results == {name: name for name in 'abcd'}
+  assert results == {'a': 'a', 'b': 'b'}
 
 
 def test_worker_processes_build_the_same_examples(manual_dir):
@@ -337,14 +337,15 @@ def test_build_command_writes_arrayrecord_splits_and_reports(manual_dir, tmp_pat
   assert a1['video'].shape == SMALL.video_shape and a1['video'].dtype == np.uint8
   times = preprocess.frame_times(2.0, num_frames=8, frame_stride=8)
   assert [media.frame_index(frame) for frame in a1['video']] == [round(t * 30) for t in times]
-  t = -0.5 + np.arange(SMALL.num_audio_samples) / 16000
+  audio_start = 2.0 - SMALL.num_audio_samples / 16000 / 2  # Centered on the clip.
+  t = audio_start + np.arange(SMALL.num_audio_samples) / 16000
   want_audio = preprocess.audio_features(np.where((t >= 0) & (t < 4), media.tone(t), 0.0), SMALL)
   assert a1['audio'].shape == SMALL.audio_shape
   # Mid-second frames peak in the 32-bin mel filter whose center is nearest that second's tone.
   mel = 1127 * np.log(1 + np.array([20.0, 8000.0, *media.TONES_HZ]) / 700)
   centers = mel[0] + np.arange(1, 33) * (mel[1] - mel[0]) / 33
   nearest = [int(np.argmin(np.abs(centers - m))) for m in mel[2:]]
-  mid_second_frames = [round(((k + 1) * 16000 - 200) / 624) for k in range(4)]
+  mid_second_frames = [round(((k + 0.5 - audio_start) * 16000 - 200) / 624) for k in range(4)]
   assert a1['audio'].argmax(1)[mid_second_frames].tolist() == nearest
   assert np.mean(a1['audio'].argmax(1) == want_audio.argmax(1)) > 0.9
 

@@ -84,8 +84,22 @@ def test_fbank_frame_count_is_kaldi_snip_edges():
   assert preprocess.num_fbank_frames(80000, frame_shift_ms=39.0) == 128
   assert preprocess.num_fbank_frames(399) == 0
   assert preprocess.kaldi_fbank(np.ones(1000)).shape == (4, 128)
-  assert preprocess.CLIP_SPECS['paper'].audio_shape == (498, 128)
-  assert preprocess.CLIP_SPECS['small'].audio_shape == (128, 32)
+  for spec in preprocess.CLIP_SPECS.values():
+    frames = preprocess.num_fbank_frames(spec.num_audio_samples,
+                                         frame_shift_ms=spec.audio_frame_shift_ms)
+    assert frames == spec.audio_num_frames
+  assert preprocess.CLIP_SPECS['paper'].num_audio_samples == 383 * 160 + 400
+
+
+@pytest.mark.parametrize('size', ['small', 'paper'])
+def test_clip_specs_give_the_model_configs_input_shapes(size):
+  """The builder's examples fit the encoders: configs/common.py sets their input shapes."""
+  from configs import common
+
+  spec = preprocess.CLIP_SPECS[size]
+  assert spec.audio_shape == tuple(common.audio_config(size).input_shape)
+  assert spec.imu_shape == tuple(common.imu_config(size).input_shape)
+  assert spec.video_shape == {'small': (8, 32, 32, 3), 'paper': (16, 224, 224, 3)}[size]
 
 
 def test_constant_signal_hits_the_log_floor():

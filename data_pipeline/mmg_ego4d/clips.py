@@ -68,9 +68,9 @@ def make_chunks(clips, manual_dir, videos, *, clips_per_chunk=CLIPS_PER_CHUNK):
   return chunks
 
 
-def window_start(clip, spec):
-  """Start of the spec.clip_seconds window centered on the clip, shared by every modality."""
-  return (clip.start_s + clip.end_s) / 2 - spec.clip_seconds / 2
+def window_start(clip, seconds):
+  """Start of the `seconds` long window centered on the clip."""
+  return (clip.start_s + clip.end_s) / 2 - seconds / 2
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,7 +85,8 @@ def _imu_window(chunk, clip, spec):
   if not os.path.exists(chunk.imu_path):
     return None, 'no IMU file'
   timestamps_ms, values = _cleaned_imu(chunk.imu_path)
-  return preprocess.resample_imu(timestamps_ms, values, start_s=window_start(clip, spec),
+  return preprocess.resample_imu(timestamps_ms, values,
+                                 start_s=window_start(clip, spec.clip_seconds),
                                  num_samples=spec.imu_shape[0], rate_hz=spec.imu_rate_hz)
 
 
@@ -102,13 +103,12 @@ def _reading(modality):
 
 def _example(container, chunk, clip, spec, imu_mean, imu_std):
   """The example of one clip and the notes on its absent or flagged modalities."""
-  start = window_start(clip, spec)
   notes = {}
   times = preprocess.frame_times((clip.start_s + clip.end_s) / 2, num_frames=spec.num_frames,
                                  frame_stride=spec.frame_stride)
   with _reading('video'):
     frames = decode.read_frames(container, times, short_side=spec.resize_short_side,
-                                window_start=start)
+                                window_start=window_start(clip, spec.clip_seconds))
   if frames is None:
     notes['video'] = 'no video frames in the window'
     video = np.zeros(spec.video_shape, np.uint8)
@@ -118,6 +118,7 @@ def _example(container, chunk, clip, spec, imu_mean, imu_std):
   waveform = None
   if chunk.audio_expected:
     with _reading('audio'):
+      start = window_start(clip, spec.num_audio_samples / preprocess.AUDIO_SAMPLE_RATE)
       waveform = decode.read_audio(container, start_s=start, num_samples=spec.num_audio_samples)
     if waveform is None:
       notes['audio'] = 'no audio track or no audio in the window'

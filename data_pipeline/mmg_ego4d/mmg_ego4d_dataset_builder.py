@@ -1,6 +1,6 @@
 """TFDS builder `mmg_ego4d`: MMG-Ego4D examples from raw Ego4D files in manual_dir.
 
-Configs: `paper` (default; video [16,224,224,3], audio [498,128], imu [1000,6]) and `small`
+Configs: `paper` (default; video [16,224,224,3], audio [384,128], imu [1000,6]) and `small`
 (video [8,32,32,3], audio [128,32], imu [400,6]); see preprocess.CLIP_SPECS. Examples follow
 data_pipeline/features.py, written as ArrayRecord. Build with
 `python -m data_pipeline.mmg_ego4d.build --manual_dir=D` (the `tfds build` CLI needs TensorFlow),

@@ -1,0 +1,294 @@
+"""One training stage: the optimizer, a pure train step, and the resumable loop around it.
+
+`run_stage` is what pipeline.py calls for every stage. The loop owns everything impure:
+host -> device batches, checkpoints, logs, preemption. Resuming is exact: the state and each
+process's data iterator are checkpointed, and the step's random key is derived from the stage
+seed and the step number, so a run killed at any step and restarted ends with the same bits as
+one that never stopped.
+
+Memory knobs for paper-size models: `config.model.dtype = 'bfloat16'` computes in bf16 while
+params and optimizer state stay float32; each encoder's `remat` option recomputes activations
+in the backward pass; `optimizer.accumulate_steps = k` cuts each global batch into k
+micro-batches inside the step (see `gradients`).
+"""
+import functools
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+import tensorboardX
+from flax import struct
+
+from mmg_jax import checkpoint, sharding
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
+
+
+def learning_rate_schedule(config, num_steps):
+  """Linear warmup from 0 to `learning_rate`, then cosine decay to 0 or constant."""
+  warmup_steps = config.warmup_steps
+  if not 0 <= warmup_steps < num_steps:
+    raise ValueError(f'optimizer.warmup_steps={warmup_steps} must be in [0, num_steps='
+                     f'{num_steps}); lower the warmup or train longer.')
+  warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
+  if config.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(config.learning_rate, num_steps - warmup_steps)
+  elif config.schedule == 'constant':
+    after = optax.constant_schedule(config.learning_rate)
+  else:
+    raise ValueError(f"optimizer.schedule={config.schedule!r}: use 'cosine' or 'constant'.")
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def make_optimizer(config, num_steps):
+  """AdamW on `learning_rate_schedule`, weight decay on matrices only (not biases, norms),
+  after clipping the global gradient norm to `grad_clip_norm` (0 or None: no clipping)."""
+  if config.name != 'adamw':
+    raise ValueError(f"optimizer.name={config.name!r}: only 'adamw' is implemented.")
+  adamw = optax.adamw(learning_rate_schedule(config, num_steps),
+                      weight_decay=config.weight_decay,
+                      mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params))
+  if not config.grad_clip_norm:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+
+
+def gradients(loss_fn, params, batch, rng, *, accumulate_steps, mesh):
+  """Mean gradients and metrics (with 'loss') of `loss_fn` over a global batch.
+
+  With accumulate_steps = k > 1 the batch is cut into k contiguous micro-batches (rows
+  [i*B/k, (i+1)*B/k), spread again over all devices), scanned one at a time so activations
+  live for one micro-batch only; gradients and metrics are averaged. The optimizer steps once
+  per global batch, so schedules and step counts do not depend on k. Batch-level losses (the
+  contrastive negatives, episodes) then see one micro-batch: keep groups such as episodes
+  whole within a micro-batch.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro_step(micro_batch, micro_rng):
+    (loss, metrics), grads = grad_fn(params, micro_batch, micro_rng)
+    return grads, metrics | {'loss': loss}
+
+  if accumulate_steps == 1:
+    return micro_step(batch, rng)
+
+  micro_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+  micro_batches = jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(
+          x.reshape(accumulate_steps, -1, *x.shape[1:]), micro_sharding), batch)
+
+  def accumulate(total, xs):
+    micro_batch, index = xs
+    out = micro_step(micro_batch, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, total, out), None
+
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(micro_step, first, rng))
+  total, _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(accumulate_steps)))
+  return jax.tree.map(lambda x: x / accumulate_steps, total)
+
+
+def train_step(state, batch, rng, *, loss_fn, optimizer, schedule, accumulate_steps, mesh):
+  """One optimizer step on a global batch; pure, jitted by `run_stage` with shardings.
+
+  `rng` is the stage key; the step uses fold_in(rng, state.step), so a resumed run draws the
+  same keys as an uninterrupted one. Returns the new state and scalar metrics.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  grads, metrics = gradients(loss_fn, state.params, batch, step_rng,
+                             accumulate_steps=accumulate_steps, mesh=mesh)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = metrics | {'lr': schedule(state.step), 'grad_norm': optax.tree.norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def init_state(params, optimizer):
+  """Step 0; params are copied so that donating the state never frees the caller's params."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                    opt_state=optimizer.init(params))
+
+
+class StageLog:
+  """metrics.jsonl, TensorBoard events and a console progress line; only process 0 writes."""
+
+  def __init__(self, stage_dir, name, *, start_step, num_steps):
+    self.name, self.num_steps = name, num_steps
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    os.makedirs(stage_dir, exist_ok=True)
+    self.jsonl_path = os.path.join(stage_dir, 'metrics.jsonl')
+    self._drop_records_after(start_step)
+    self.tensorboard = tensorboardX.SummaryWriter(stage_dir)
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def _drop_records_after(self, step):
+    """A resumed stage logs again the steps after its checkpoint; keep one record per step."""
+    if not os.path.exists(self.jsonl_path):
+      return
+    with open(self.jsonl_path) as f:
+      records = [line for line in f if json.loads(line)['step'] <= step]
+    with open(self.jsonl_path, 'w') as f:
+      f.writelines(records)
+
+  def message(self, text):
+    _message(self.name, text)
+
+  def write(self, step, metrics, *, global_batch_size):
+    """Logs the mean of `metrics` (python floats) over the steps since the last call."""
+    if not self.active:
+      return
+    now = time.perf_counter()
+    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    record = {'step': step, **metrics, 'examples_per_sec': steps_per_sec * global_batch_size}
+    with open(self.jsonl_path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for key, value in record.items():
+      if key != 'step':
+        self.tensorboard.add_scalar(key, value, step)
+    self.tensorboard.flush()
+    eta = int((self.num_steps - step) / max(steps_per_sec, 1e-9))
+    parts = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items())
+    self.message(f'step {step}/{self.num_steps} ({100 * step // self.num_steps}%) | {parts} | '
+                 f'{steps_per_sec:.2f} steps/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:'
+                 f'{eta % 60:02d}')
+
+  def close(self):
+    if self.active:
+      self.tensorboard.close()
+
+
+def _message(name, text):
+  """A console line from process 0."""
+  if jax.process_index() == 0:
+    print(f'[{name}] {text}', flush=True)
+
+
+class SigtermFlag:
+  """Records a SIGTERM (preemption notice) instead of dying, so the loop can save first.
+
+  Installed only in a single process's main thread: with jax.distributed, the preemption
+  service catches SIGTERM and `Checkpointer.reached_preemption` agrees on the step.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc_info):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _mean_metrics(history):
+  """List of per-step metric dicts (device scalars) -> dict of python floats."""
+  history = jax.device_get(history)
+  return {k: float(sum(m[k] for m in history) / len(history)) for k in history[0]}
+
+
+def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, num_steps,
+              mesh, seed, log_every=50, checkpoint_every=1000, keep=2):
+  """Trains one stage to num_steps; resumable; returns the final params (replicated).
+
+  loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics): pure, applies `model`
+    (which the loop only names in its logs), written over the global batch.
+  init_params: the previous stage's params or a fresh init (numpy or jax arrays).
+  loader: grain DataLoader (or IterDataset) of host-local numpy batch dicts; its iterator
+    position is checkpointed with the state.
+  optimizer: ConfigDict for `make_optimizer`, plus accumulate_steps.
+  Checkpoints go to workdir/<name>/checkpoints every `checkpoint_every` steps, at the end, and
+  on SIGTERM (then `Preempted` is raised); the last `keep` are kept. A stage whose final
+  checkpoint exists is not trained again: its params are restored and returned. Logs:
+  workdir/<name>/metrics.jsonl, TensorBoard events in workdir/<name>, a console line every
+  `log_every` steps.
+  """
+  if num_steps < 1:
+    raise ValueError(f'stage {name!r}: num_steps={num_steps} must be at least 1.')
+  stage_dir = os.path.join(workdir, name)
+  tx = make_optimizer(optimizer, num_steps)
+  replicated = sharding.replicated(mesh)
+  params = sharding.replicate(init_params, mesh)
+  state_init = jax.jit(functools.partial(init_state, optimizer=tx), out_shardings=replicated)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(state_init, params))
+
+  with checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=keep) as ckpt:
+    start_step = ckpt.latest_step() or 0
+    if start_step > num_steps:
+      raise ValueError(f'stage {name!r} has a checkpoint at step {start_step}, past num_steps='
+                       f'{num_steps}: use a fresh --workdir for a shorter run.')
+    if start_step == num_steps:
+      _message(name, f'finished earlier ({num_steps} steps); restoring its params.')
+      return ckpt.restore(start_step, abstract_state).params
+
+    log = StageLog(stage_dir, name, start_step=start_step, num_steps=num_steps)
+    data_iterator = iter(loader)
+    if start_step:
+      log.message(f'resuming from the checkpoint at step {start_step}/{num_steps}.')
+      state = ckpt.restore(start_step, abstract_state, data_iterator)
+    else:
+      log.message(f'training {type(model).__name__} for {num_steps} steps.')
+      state = state_init(params)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, loss_fn=loss_fn, optimizer=tx,
+                          schedule=learning_rate_schedule(optimizer, num_steps),
+                          accumulate_steps=optimizer.accumulate_steps, mesh=mesh),
+        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated), donate_argnums=0)
+    stage_rng = sharding.replicate(jax.random.PRNGKey(seed), mesh)
+    history = []
+    with SigtermFlag() as sigterm:
+      for step in range(start_step + 1, num_steps + 1):
+        batch = sharding.shard_batch(next(data_iterator), mesh)
+        if step == start_step + 1:
+          global_batch_size = next(iter(batch.values())).shape[0]
+          sharding.check_batch_size(global_batch_size, mesh,
+                                    accumulate_steps=optimizer.accumulate_steps)
+        state, metrics = step_fn(state, batch, stage_rng)
+        if history:
+          # At most two steps in flight: bounds host memory, and deeper dispatch queues of
+          # collective programs can deadlock the CPU runtime (jaxlib 0.10, several devices).
+          jax.block_until_ready(history[-1])
+        history.append(metrics)
+        if step % log_every == 0 or step == num_steps:
+          log.write(step, _mean_metrics(history), global_batch_size=global_batch_size)
+          history = []
+        preempted = sigterm.received or ckpt.reached_preemption(step)
+        if step % checkpoint_every == 0 or step == num_steps or preempted:
+          ckpt.save(step, state, data_iterator)
+        if preempted:
+          ckpt.wait()
+          log.close()
+          raise Preempted(f'stage {name!r} stopped by a preemption notice at step {step}; the '
+                          f'checkpoint is saved: rerun the same command to resume.')
+    log.close()
+  return state.params

@@ -1,0 +1,165 @@
+"""train.run_stage on a toy MLP: device-count invariance, accumulation, logs, skip, errors."""
+import contextlib
+import functools
+import io
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from mmg_jax import sharding, train
+from tests import toy_task
+
+
+def _metrics(workdir, name='toy'):
+  with open(os.path.join(workdir, name, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_trees_close(a, b, **tolerance):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tolerance)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A finished 4-step toy stage on 8 devices, its console output, and its caller's params."""
+  workdir = str(tmp_path_factory.mktemp('toy'))
+  mesh = sharding.make_mesh()
+  model = toy_task.ToyMLP()
+  init = sharding.replicate(toy_task.init_params(model), mesh)
+  init_copy = jax.tree.map(np.asarray, init)
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    params = train.run_stage(
+        'toy', workdir=workdir, model=model, loss_fn=toy_task.make_loss_fn(model),
+        init_params=init, loader=toy_task.make_loader(8),
+        optimizer=toy_task.optimizer_config(), num_steps=4, mesh=mesh, seed=0, log_every=2,
+        checkpoint_every=2)
+  return {'workdir': workdir, 'params': params, 'console': console.getvalue(), 'init': init,
+          'init_copy': init_copy}
+
+
+def test_one_device_and_eight_devices_train_alike(finished_run, tmp_path):
+  """Same loader, same seed: a mesh of 1 or 8 devices gives the same losses and params."""
+  params_1 = toy_task.run(str(tmp_path), sharding.make_mesh(jax.devices()[:1]), num_steps=4,
+                          log_every=2)
+  losses_1 = [r['loss'] for r in _metrics(tmp_path)]
+  losses_8 = [r['loss'] for r in _metrics(finished_run['workdir'])]
+  assert len(losses_1) == 2
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  _assert_trees_close(finished_run['params'], params_1, rtol=1e-5, atol=1e-6)
+  assert finished_run['params']['Dense_0']['kernel'].sharding.is_fully_replicated
+
+
+def _step_on(accumulate_steps, state, batch, mesh, tx, config):
+  step = jax.jit(functools.partial(
+      train.train_step, loss_fn=toy_task.make_loss_fn(toy_task.ToyMLP(dropout=0.0)),
+      optimizer=tx, schedule=train.learning_rate_schedule(config, 10),
+      accumulate_steps=accumulate_steps, mesh=mesh))
+  return step(state, batch, jax.random.PRNGKey(0))
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  """A mean loss over 2 micro-batches of 8 has the gradient and metrics of one batch of 16."""
+  mesh = sharding.make_mesh()
+  config = toy_task.optimizer_config()
+  tx = train.make_optimizer(config, 10)
+  params = sharding.replicate(toy_task.init_params(toy_task.ToyMLP()), mesh)
+  batch = sharding.shard_batch(next(iter(toy_task.make_loader(16))), mesh)
+  full = _step_on(1, train.init_state(params, tx), batch, mesh, tx, config)
+  accumulated = _step_on(2, train.init_state(params, tx), batch, mesh, tx, config)
+  _assert_trees_close(accumulated, full, rtol=1e-5, atol=1e-7)
+
+
+def test_learning_rate_schedule_warms_up_linearly_then_decays_by_cosine():
+  config = toy_task.optimizer_config(learning_rate=0.1, warmup_steps=4)
+  schedule = train.learning_rate_schedule(config, 20)
+  expected = [0.1 * s / 4 for s in range(4)]
+  expected += [0.05 * (1 + np.cos(np.pi * (s - 4) / 16)) for s in range(4, 21)]
+  np.testing.assert_allclose([float(schedule(s)) for s in range(21)], expected, atol=1e-7)
+  config.schedule = 'constant'
+  schedule = train.learning_rate_schedule(config, 20)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4, 19)], [0, 0.05, 0.1, 0.1])
+
+
+def test_weight_decay_shrinks_matrices_only():
+  """With zero gradients AdamW moves params only by decay: kernels shrink, biases stay."""
+  config = toy_task.optimizer_config(learning_rate=0.1, warmup_steps=0, schedule='constant',
+                                     weight_decay=0.5, grad_clip_norm=0.0)
+  optimizer = train.make_optimizer(config, 10)
+  params = {'kernel': np.ones((2, 2), np.float32), 'bias': np.ones(2, np.float32)}
+  updates, _ = jax.jit(optimizer.update)(jax.tree.map(np.zeros_like, params),
+                                         optimizer.init(params), params)
+  np.testing.assert_allclose(updates['kernel'], -0.1 * 0.5 * params['kernel'])
+  np.testing.assert_array_equal(updates['bias'], 0.0)
+
+
+def _read_events(path):
+  """Scalar (tag, step, value) records of a TensorBoard event file."""
+  scalars = []
+  with open(path, 'rb') as f:
+    while header := f.read(12):
+      (length,) = struct.unpack('<Q', header[:8])
+      event = event_pb2.Event.FromString(f.read(length))
+      f.read(4)
+      scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return scalars
+
+
+def test_logs_hold_every_metric_per_log_step(finished_run):
+  stage_dir = os.path.join(finished_run['workdir'], 'toy')
+  records = _metrics(finished_run['workdir'])
+  assert [r['step'] for r in records] == [2, 4]
+  keys = {'step', 'loss', 'accuracy', 'lr', 'grad_norm', 'examples_per_sec'}
+  assert all(set(r) == keys for r in records)
+  assert all(0 <= r['accuracy'] <= 1 and r['examples_per_sec'] > 0 for r in records)
+  [events] = [f for f in os.listdir(stage_dir) if f.startswith('events.out.tfevents')]
+  scalars = _read_events(os.path.join(stage_dir, events))
+  assert {(tag, step) for tag, step, _ in scalars} == {
+      (k, r['step']) for r in records for k in keys - {'step'}}
+  logged = {(tag, step): value for tag, step, value in scalars}
+  for r in records:
+    assert logged['loss', r['step']] == pytest.approx(r['loss'], rel=1e-6)
+  assert '[toy] step 4/4 (100%)' in finished_run['console']
+  assert 'ETA 0:00:00' in finished_run['console']
+
+
+class _NeverRead:
+  def __iter__(self):
+    raise AssertionError('a finished stage must not read data')
+
+
+def test_a_finished_stage_is_skipped_and_returns_its_params(finished_run):
+  records = _metrics(finished_run['workdir'])
+  model = toy_task.ToyMLP()
+  again = train.run_stage(
+      'toy', workdir=finished_run['workdir'], model=model, loss_fn=toy_task.make_loss_fn(model),
+      init_params=toy_task.init_params(model, seed=1), loader=_NeverRead(),
+      optimizer=toy_task.optimizer_config(), num_steps=4, mesh=sharding.make_mesh(), seed=0)
+  _assert_trees_close(again, finished_run['params'], rtol=0, atol=0)
+  assert _metrics(finished_run['workdir']) == records
+
+
+def test_the_callers_params_survive_the_donated_train_state(finished_run):
+  _assert_trees_close(finished_run['init'], finished_run['init_copy'], rtol=0, atol=0)
+
+
+def test_zero_steps_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match='num_steps=0 must be at least 1'):
+    toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=0)
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match='8 devices x 3 accumulation steps = 24'):
+    toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=2, global_batch_size=16,
+                 optimizer=toy_task.optimizer_config(accumulate_steps=3))
+
+
+def test_a_checkpoint_of_another_model_asks_for_a_fresh_workdir(finished_run):
+  with pytest.raises(ValueError, match='use a fresh --workdir'):
+    toy_task.run(finished_run['workdir'], sharding.make_mesh(), num_steps=4, hidden=8)

@@ -37,13 +37,17 @@ def read_frames(container, times, *, short_side, window_start):
   """Frames [T, h, w, 3] uint8 nearest to `times` (sorted, seconds), short side resized.
 
   Ties go to the earlier frame; targets past the last frame take the last frame. Returns None
-  when there is no video stream or the video ends before `window_start`.
+  when there is no video stream or the video ends before `window_start`. Decoding starts at the
+  keyframe before `times[0] - 1 s`; up to that time only reference frames are decoded (about
+  half the work of a long GOP), which the decoder's few frames of delay cannot carry into the
+  targets' neighbourhood.
   """
   if not container.streams.video:
     return None
   stream = container.streams.video[0]
   seek_s = max(0.0, float(times[0]) - 1.0)
   picked, previous, last, cache = [], None, None, [None, None]
+  codec = stream.codec_context
 
   def rgb(frame):
     if cache[0] is not frame:
@@ -54,9 +58,12 @@ def read_frames(container, times, *, short_side, window_start):
 
   try:
     container.seek(int(seek_s / stream.time_base), stream=stream, backward=True)
+    codec.skip_frame = 'NONREF'
     for frame in container.decode(stream):
       if frame.time is None:
         continue
+      if frame.time >= seek_s:
+        codec.skip_frame = 'DEFAULT'
       last = frame
       while len(picked) < len(times) and frame.time >= times[len(picked)]:
         target = times[len(picked)]
@@ -67,6 +74,8 @@ def read_frames(container, times, *, short_side, window_start):
       previous = frame
   except av.FFmpegError as e:
     raise CorruptMedia('video', f'video decoding failed after {seek_s:.2f} s: {e}') from e
+  finally:
+    codec.skip_frame = 'DEFAULT'
   decoded_until = None if last is None else last.time
   _check_not_truncated('video', decoded_until, _duration(container, stream), float(times[-1]))
   if last is None or last.time < window_start:

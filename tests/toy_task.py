@@ -47,6 +47,9 @@ class GatedSource:
   def __len__(self):
     return len(self.records)
 
+  def __repr__(self):  # grain checks that a restored iterator reads the same source
+    return f'GatedSource({len(self.records)} toy examples)'
+
   def __getitem__(self, index):
     self.num_reads += 1
     if self.gate_fifo and self.num_reads == self.gate_read:

@@ -1,0 +1,60 @@
+"""Trains the toy stage in its own process, for the resume and multi-process tests.
+
+  python -m tests.toy_training_worker --workdir=DIR --output=params.npz [--gate_fifo=F ...]
+
+Exit status 3 means the stage stopped on a preemption notice after saving a checkpoint.
+"""
+import argparse
+import sys
+
+# tensorboardX imports torch when it is installed: seconds of start-up this worker never needs.
+sys.modules.setdefault('torch', None)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from mmg_jax import sharding, train  # noqa: E402
+from tests import toy_task  # noqa: E402
+
+PREEMPTED_EXIT_CODE = 3
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--output', help='.npz file for the final params (process 0)')
+  parser.add_argument('--num_steps', type=int, default=12)
+  parser.add_argument('--checkpoint_every', type=int, default=4)
+  parser.add_argument('--log_every', type=int, default=1)
+  parser.add_argument('--dropout', type=float, default=0.1)
+  parser.add_argument('--gate_fifo', help='FIFO that the gated read waits on')
+  parser.add_argument('--gate_read', type=int, help='which data read (1-based) waits')
+  parser.add_argument('--coordinator_address')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  return parser.parse_args(argv)
+
+
+def main(argv):
+  args = parse_args(argv)
+  if args.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               initialization_timeout=60)
+  source = toy_task.GatedSource(toy_task.examples(), args.gate_fifo, args.gate_read)
+  try:
+    params = toy_task.run(args.workdir, sharding.make_mesh(), num_steps=args.num_steps,
+                          dropout=args.dropout, source=source, log_every=args.log_every,
+                          checkpoint_every=args.checkpoint_every)
+  except train.Preempted as e:
+    print(e, flush=True)
+    return PREEMPTED_EXIT_CODE
+  params = sharding.gather(params)  # a collective: every process takes part
+  if args.output and jax.process_index() == 0:
+    np.savez(args.output, **traverse_util.flatten_dict(params, sep='/'))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -34,10 +34,10 @@ def _build_one(chunk, spec=SMALL, mean=0.0, std=1.0):
 # Video
 
 
-@pytest.mark.parametrize('fps', [30, 25])
-def test_frames_are_the_nearest_to_the_target_times(tmp_path, fps):
+@pytest.mark.parametrize('fps,codec', [(30, 'libx264'), (25, 'libx264'), (30, 'libvpx-vp9')])
+def test_frames_are_the_nearest_to_the_target_times(tmp_path, fps, codec):
   """Frame i shows colour i: the decoded frames are the nearest to 16x4-style target times."""
-  media.write_video(tmp_path / 'v.mp4', seconds=4, fps=fps)
+  media.write_video(tmp_path / 'v.mp4', seconds=4, fps=fps, codec=codec)
   times = preprocess.frame_times(2.01, num_frames=8, frame_stride=4)
   with decode.open_media(tmp_path / 'v.mp4') as container:
     frames = decode.read_frames(container, times, short_side=48, window_start=-0.49)

@@ -166,7 +166,7 @@ def load(manual_dir, *, any_class_counts=False):
 
 
 def _read_csv(path, required):
-  with open(path, newline='', encoding='utf-8') as f:
+  with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: spreadsheets write a BOM.
     reader = csv.DictReader(f, skipinitialspace=True)
     header = [name.strip() for name in reader.fieldnames or []]
     missing = [name for name in required if name not in header]

@@ -9,6 +9,7 @@ must call `save` and `restore` at the same steps.
 import os
 
 import grain.checkpoint
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -20,7 +21,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {'state': ocp.StandardCheckpointHandler(),
+                'data': grain.checkpoint.CheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
+                                          options=options)
 
   def latest_step(self):
     """The last fully written step, or None."""
@@ -34,18 +38,21 @@ class Checkpointer:
   def restore(self, step, abstract_state, data_iterator=None):
     """Returns the state saved at `step`, laid out like `abstract_state` (a tree of
     jax.ShapeDtypeStruct with shardings); moves `data_iterator`, if given, to its position."""
+    saved = _leaf_shapes(self._manager.item_metadata(step)['state'].tree)
+    wanted = _leaf_shapes(abstract_state)
+    if saved != wanted:
+      differences = [f'{path}: checkpoint {saved.get(path)}, config {wanted.get(path)}'
+                     for path in sorted(saved.keys() | wanted.keys(),
+                                        key=lambda p: (not p.startswith('params'), p))
+                     if saved.get(path) != wanted.get(path)]
+      raise ValueError(
+          f'the checkpoint {self.directory}/{step} was written by a different model or '
+          f'optimizer ({"; ".join(differences[:3])}): use a fresh --workdir, or delete '
+          f'{self.directory} to retrain this stage.')
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except ValueError as e:
-      reason = str(e).split('. ')[0]  # orbax's first sentence names the mismatch
-      raise ValueError(
-          f'the checkpoint {self.directory}/{step} does not fit this config ({reason}). It '
-          f'was written by a different model or optimizer: use a fresh --workdir, or delete '
-          f'{self.directory} to retrain this stage.') from e
-    return restored['state']
+    return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def reached_preemption(self, step):
     """True at the step all processes agreed to save at after a preemption notice (needs
@@ -64,3 +71,14 @@ class Checkpointer:
 
   def __exit__(self, *exc_info):
     self.close()
+
+
+def _leaf_shapes(tree):
+  """{'params/Dense_0/kernel': shape} of a state tree or of orbax's metadata of one."""
+  def name(key):
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    raise TypeError(f'unexpected tree key {key!r}')
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -59,17 +59,16 @@ class GatedSource:
 
 
 def make_loader(global_batch_size, *, seed=0, source=None):
-  """Shuffled, repeated, batched; this process's shard (host batch = global / processes)."""
+  """Shuffled, repeated, batched; this process's rows of every global batch.
+
+  Process p reads examples p, p + P, p + 2P, ... of one global stream, so the global batches
+  (a permutation of the same examples at every step) do not depend on the process count P.
+  """
   source = GatedSource(examples()) if source is None else source
-  shard = grain.sharding.ShardOptions(shard_index=jax.process_index(),
-                                      shard_count=jax.process_count(), drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True,
-                                        num_epochs=None, seed=seed)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, worker_count=0,
-      operations=[grain.transforms.Batch(sharding.local_batch_size(global_batch_size),
-                                         drop_remainder=True)],
-      read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=1))
+  process_rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[
+      jax.process_index()::jax.process_count()]
+  return process_rows.batch(sharding.local_batch_size(global_batch_size)).to_iter_dataset(
+      grain.ReadOptions(num_threads=0))
 
 
 def make_loss_fn(model):

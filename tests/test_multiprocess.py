@@ -24,6 +24,28 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _run_two_processes(args, devices_per_process):
+  """Runs `python -m <args> --process_id=i` for i = 0, 1; returns their stdouts."""
+  env = os.environ | {
+      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
+  distributed = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
+  processes = [
+      subprocess.Popen([sys.executable, '-m', *args, *distributed, f'--process_id={i}'],
+                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+      for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT_SECONDS) for p in processes]
+  except subprocess.TimeoutExpired:
+    pytest.fail(f'{args[0]} on 2 processes timed out')
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, stderr) in zip(processes, outputs, strict=True):
+    assert p.returncode == 0, stderr[-3000:]
+  return [stdout for stdout, _ in outputs]
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, 'toy', 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -35,26 +57,11 @@ def test_two_processes_train_like_one(tmp_path):
   Dropout is off: the rows of a global batch come in another order with two processes, and
   dropout masks follow row positions.
   """
-  address = f'127.0.0.1:{_free_port()}'
-  env = os.environ | {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  processes = [
-      subprocess.Popen(
-          [sys.executable, '-m', 'tests.toy_training_worker', f'--workdir={tmp_path / "two"}',
-           f'--output={tmp_path / "two.npz"}', f'--num_steps={NUM_STEPS}', '--dropout=0',
-           '--checkpoint_every=3', f'--coordinator_address={address}', '--num_processes=2',
-           f'--process_id={i}'],
-          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_SECONDS) for p in processes]
-  except subprocess.TimeoutExpired:
-    pytest.fail('the 2-process run timed out')
-  finally:
-    for p in processes:
-      p.kill()
-  for p, (_, stderr) in zip(processes, outputs, strict=True):
-    assert p.returncode == 0, stderr[-3000:]
-  assert '[toy] step' in outputs[0][0] and '[toy]' not in outputs[1][0]  # process 0 logs
+  stdouts = _run_two_processes(
+      ['tests.toy_training_worker', f'--workdir={tmp_path / "two"}',
+       f'--output={tmp_path / "two.npz"}', f'--num_steps={NUM_STEPS}', '--dropout=0',
+       '--checkpoint_every=3'], devices_per_process=4)
+  assert '[toy] step' in stdouts[0] and '[toy]' not in stdouts[1]  # process 0 logs
 
   params = toy_task.run(str(tmp_path / 'one'), sharding.make_mesh(), num_steps=NUM_STEPS,
                         dropout=0.0, log_every=1, checkpoint_every=3)
@@ -71,3 +78,15 @@ def test_two_processes_train_like_one(tmp_path):
   data_dir = tmp_path / 'two' / 'toy' / 'checkpoints' / str(NUM_STEPS) / 'data'
   assert sorted(os.listdir(data_dir)) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def test_main_starts_jax_distributed_from_its_flags(tmp_path):
+  """Two `mmg_jax.main` processes (stand-in pipeline, tests/main_probe.py) see 2 x 2 devices."""
+  config_file = tmp_path / 'experiment.py'
+  config_file.write_text('import ml_collections\n\n\ndef get_config(arg=None):\n'
+                         '  return ml_collections.ConfigDict()\n')
+  stdouts = _run_two_processes(['tests.main_probe', f'--config={config_file}'],
+                               devices_per_process=2)
+  for i, stdout in enumerate(stdouts):
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert (report['process_index'], report['process_count'], report['device_count']) == (i, 2, 4)

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,6 +15,8 @@ from tensorboardX.proto import event_pb2
 
 from mmg_jax import sharding, train
 from tests import toy_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _metrics(workdir, name='toy'):
@@ -163,3 +167,29 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_an_error(tmp_path):
 def test_a_checkpoint_of_another_model_asks_for_a_fresh_workdir(finished_run):
   with pytest.raises(ValueError, match='use a fresh --workdir'):
     toy_task.run(finished_run['workdir'], sharding.make_mesh(), num_steps=4, hidden=8)
+
+
+def _run_main_probe(tmp_path, *flags):
+  """mmg_jax.main with a stand-in pipeline (tests/main_probe.py); returns the process."""
+  config_file = tmp_path / 'experiment.py'
+  config_file.write_text('import ml_collections\n\n\ndef get_config(arg=None):\n'
+                         "  return ml_collections.ConfigDict({'size': arg or 'small', "
+                         "'seed': 0})\n")
+  return subprocess.run(
+      [sys.executable, '-m', 'tests.main_probe', f'--config={config_file}:tiny', *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_main_hands_the_overridden_config_and_default_workdir_to_the_pipeline(tmp_path):
+  process = _run_main_probe(tmp_path, '--config.seed=3')
+  assert process.returncode == 0, process.stderr[-3000:]
+  report = json.loads(process.stdout.strip().splitlines()[-1])
+  assert report['config'] == {'size': 'tiny', 'seed': 3}
+  assert report['workdir'] == os.path.join('runs', 'experiment_tiny')
+  assert report['process_count'] == 1
+
+
+def test_main_names_the_missing_distributed_flags(tmp_path):
+  process = _run_main_probe(tmp_path, '--num_processes=2')
+  assert process.returncode != 0
+  assert "missing: ['coordinator_address', 'process_id']" in process.stderr

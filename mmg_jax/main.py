@@ -1,0 +1,85 @@
+"""Runs an experiment config (its training stages, then its evaluation) on every device.
+
+  python -m mmg_jax.main --config=configs/fewshot.py:tiny --workdir=/tmp/fewshot
+  python -m mmg_jax.main --config=configs/fewshot.py --config.seed=1   # any field overrides
+
+Re-running the same command resumes an interrupted stage and skips finished ones. On several
+processes (one per host), every process runs this same command:
+  - TPU pod slices, SLURM, Open MPI: add --distributed=on (SLURM and Open MPI launches with
+    more than one task are detected without it); jax.distributed finds its peers itself.
+  - elsewhere: --coordinator_address=HOST:PORT (process 0's) --num_processes=N --process_id=I.
+Each process reads its own shard of the data; only process 0 writes logs and reports.
+"""
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'experiment config file and size, e.g. configs/fewshot.py:tiny')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'checkpoints, logs and results; default runs/<config name>[_<size>]')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'initialize jax.distributed: on, off, or auto (when the flags below are given or a '
+    'multi-task SLURM / Open MPI launch is detected)')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, "HOST:PORT where process 0 serves the coordination service")
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-based")
+flags.mark_flag_as_required('config')
+
+
+def default_workdir(config_filename):
+  """'configs/fewshot.py:tiny' -> 'runs/fewshot_tiny'."""
+  path, _, arg = config_filename.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', f'{name}_{arg}' if arg else name)
+
+
+def launched_as_several_processes(environ):
+  """True under a SLURM or Open MPI launch of several tasks (jax.distributed reads them)."""
+  return any(int(environ.get(name, '1')) > 1
+             for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
+def distributed_arguments(mode, coordinator_address, num_processes, process_id, environ):
+  """The keyword arguments of jax.distributed.initialize, or None to stay single-process."""
+  explicit = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
+              'process_id': process_id}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and len(given) < len(explicit):
+    raise app.UsageError('--coordinator_address, --num_processes and --process_id go '
+                         f'together; missing: {sorted(explicit.keys() - given.keys())}')
+  if mode == 'off':
+    if given:
+      raise app.UsageError('--distributed=off contradicts --coordinator_address; drop one.')
+    return None
+  if mode == 'on' or given or launched_as_several_processes(environ):
+    return given
+  return None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  arguments = distributed_arguments(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
+                                    _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
+  if arguments is not None:
+    jax.distributed.initialize(**arguments)
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS['config']))
+  # Imported once the flags are known good: the pipeline pulls in every model and loader.
+  from mmg_jax import pipeline, train
+  if jax.process_index() == 0:
+    print(f'{jax.process_count()} process(es), {jax.device_count()} devices; workdir '
+          f'{workdir}', flush=True)
+  try:
+    pipeline.run(_CONFIG.value, workdir)
+  except train.Preempted as e:
+    raise SystemExit(str(e)) from e
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -29,10 +29,12 @@ def base(arg=None):
 
 
 def dataset_config(size):
+  """What data_pipeline/loaders.py reads: a registered TFDS builder, built on first use."""
   return ml_collections.ConfigDict({
       'name': {'tiny': 'mmg_synthetic/tiny', 'small': 'mmg_synthetic/small',
                'paper': 'mmg_ego4d'}[size],
       'data_dir': None,  # None: the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+      'manual_dir': None,  # Raw Ego4D files for mmg_ego4d (its README); unused by mmg_synthetic.
       'num_workers': 0,  # grain worker processes; 0 reads in the main process.
   })
 

@@ -1,0 +1,198 @@
+"""grain loaders over the tiny embedded dataset: coverage, sharding, shuffling, state, episodes."""
+import itertools
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from data_pipeline import loaders
+from mmg_jax import episodes
+
+# One episode shape for every test: sample_episodes compiles once per shape.
+EPISODES = dict(n_way=5, k_shot=2, q_query=3, episodes_per_batch=2)
+KEYS = ('video', 'audio', 'imu', 'present', 'label', 'mask')
+DTYPES = {'video': np.uint8, 'audio': np.float32, 'imu': np.float32, 'present': np.bool_,
+          'label': np.int32, 'mask': np.bool_}
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  config = ml_collections.ConfigDict({'name': 'mmg_synthetic/tiny', 'num_workers': 0,
+                                      'data_dir': str(tmp_path_factory.mktemp('tfds'))})
+  loaders.data_source(config, 'train')  # Builds once for the module.
+  return config
+
+
+def read_all(dataset, split):
+  source = loaders.data_source(dataset, split)
+  examples = source.__getitems__(range(len(source)))
+  return {key: np.stack([e[key] for e in examples]) for key in ('video', 'label')}
+
+
+def check_batch(batch, size):
+  assert set(batch) == set(KEYS)
+  for key, dtype in DTYPES.items():
+    assert batch[key].dtype == dtype, key
+    assert batch[key].shape[0] == size, key
+  assert batch['video'].shape[1:] == (4, 16, 16, 3)
+  assert batch['audio'].shape[1:] == (48, 16)
+  assert batch['imu'].shape[1:] == (100, 6)
+  assert batch['present'].shape[1:] == (3,)
+
+
+def test_eval_batches_cover_the_split_once_in_order_with_a_padded_last_batch(dataset):
+  expected = read_all(dataset, 'val')  # 65 examples: batches of 64 and 1 + 63 padding.
+  batches = list(loaders.eval_batches(dataset, 'val', global_batch_size=64, process_count=1,
+                                      process_index=0))
+  assert len(batches) == 2
+  for batch in batches:
+    check_batch(batch, 64)
+  mask = np.concatenate([b['mask'] for b in batches])
+  np.testing.assert_array_equal(mask, np.arange(128) < 65)
+  video = np.concatenate([b['video'] for b in batches])[mask]
+  label = np.concatenate([b['label'] for b in batches])[mask]
+  np.testing.assert_array_equal(video, expected['video'])
+  np.testing.assert_array_equal(label, expected['label'])
+
+
+def test_eval_batches_shard_by_process_into_disjoint_blocks_that_cover_the_split(dataset):
+  expected = read_all(dataset, 'test')  # 130 examples, global batch 48: 3 batches of 2 x 24.
+  shards = [list(loaders.eval_batches(dataset, 'test', global_batch_size=48, process_index=p,
+                                      process_count=2)) for p in range(2)]
+  assert [len(s) for s in shards] == [3, 3]  # Every process steps the same number of times.
+  videos, labels = [], []
+  for shard in shards:
+    for batch in shard:
+      check_batch(batch, 24)
+      videos.append(batch['video'][batch['mask']])
+      labels.append(batch['label'][batch['mask']])
+  np.testing.assert_array_equal(np.concatenate(videos), expected['video'])
+  np.testing.assert_array_equal(np.concatenate(labels), expected['label'])
+
+
+def test_train_batches_are_shuffled_and_repeat_every_example_once_per_epoch(dataset):
+  expected = read_all(dataset, 'train')  # 260 examples: 13 batches of 20 per epoch.
+  loader = loaders.train_batches(dataset, 'train', global_batch_size=20, seed=3,
+                                 process_index=0, process_count=1)
+  batches = list(itertools.islice(iter(loader), 26))
+  for batch in batches:
+    check_batch(batch, 20)
+    assert batch['mask'].all()
+  order = {v.tobytes(): i for i, v in enumerate(expected['video'])}
+  indices = np.array([order[v.tobytes()] for b in batches for v in b['video']])
+  first, second = indices[:260], indices[260:]
+  np.testing.assert_array_equal(np.sort(first), np.arange(260))
+  np.testing.assert_array_equal(np.sort(second), np.arange(260))
+  assert not np.array_equal(first, np.arange(260))  # shuffled
+  assert not np.array_equal(first, second)  # reshuffled each epoch
+  labels = np.concatenate([b['label'] for b in batches])
+  np.testing.assert_array_equal(labels, expected['label'][indices])
+
+
+def test_train_batches_of_two_processes_are_half_size_disjoint_and_cover_the_split(dataset):
+  expected = read_all(dataset, 'train')
+  order = {v.tobytes(): i for i, v in enumerate(expected['video'])}
+  seen = []
+  for process in range(2):
+    loader = loaders.train_batches(dataset, 'train', global_batch_size=20, seed=3,
+                                   process_index=process, process_count=2)
+    batches = list(itertools.islice(iter(loader), 13))  # One epoch of the 130-example shard.
+    for batch in batches:
+      check_batch(batch, 10)
+    seen.append({order[v.tobytes()] for b in batches for v in b['video']})
+  assert len(seen[0]) == len(seen[1]) == 130
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(260))
+
+
+def test_train_iterator_state_restores_the_following_batches(dataset):
+  def loader():
+    return loaders.train_batches(dataset, 'train', global_batch_size=16, seed=7,
+                                 process_index=0, process_count=1)
+
+  iterator = iter(loader())
+  for _ in range(20):  # Past the end of the first epoch (16 batches).
+    next(iterator)
+  state = iterator.get_state()
+  following = [next(iterator) for _ in range(3)]
+  restored = iter(loader())
+  restored.set_state(state)
+  for want, got in zip(following, [next(restored) for _ in range(3)], strict=True):
+    for key in KEYS:
+      np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_episode_batches_lay_out_episodes_classes_then_support_and_query(dataset):
+  n_way, k_shot, q_query = EPISODES['n_way'], EPISODES['k_shot'], EPISODES['q_query']
+  num_episodes = EPISODES['episodes_per_batch']
+  expected = read_all(dataset, 'novel')
+  order = {v.tobytes(): i for i, v in enumerate(expected['video'])}
+  loader = loaders.episode_batches(dataset, 'novel', **EPISODES, seed=0, process_index=0,
+                                   process_count=1)
+  batches = list(itertools.islice(iter(loader), 2))
+  for batch in batches:
+    check_batch(batch, num_episodes * n_way * (k_shot + q_query))
+    assert batch['mask'].all()
+    labels = batch['label'].reshape(num_episodes, n_way, k_shot + q_query)
+    assert (labels == labels[..., :1]).all()  # one class per row
+    for episode in labels[..., 0]:
+      assert len(set(episode.tolist())) == n_way
+      assert all(65 <= label < 79 for label in episode)
+    indices = np.array([order[v.tobytes()] for v in batch['video']])
+    np.testing.assert_array_equal(expected['label'][indices], batch['label'])
+    for episode in indices.reshape(num_episodes, -1):
+      assert len(set(episode.tolist())) == episode.size  # support and query disjoint
+  assert not np.array_equal(batches[0]['label'], batches[1]['label'])
+
+
+def test_episode_batches_are_the_episodes_of_sample_episodes_and_split_by_process(dataset):
+  full = next(iter(loaders.episode_batches(dataset, 'novel', **EPISODES, seed=5,
+                                           process_index=0, process_count=1)))
+  labels = read_all(dataset, 'novel')['label']
+  support, query = episodes.sample_episodes(
+      jax.random.fold_in(jax.random.key(5), 0), labels, num_episodes=2, n_way=5, k_shot=2,
+      q_query=3)
+  indices = np.concatenate([support, query], axis=-1).reshape(-1)
+  np.testing.assert_array_equal(full['label'], labels[indices])
+  halves = [next(iter(loaders.episode_batches(dataset, 'novel', **EPISODES, seed=5,
+                                              process_index=p, process_count=2)))
+            for p in range(2)]
+  for key in KEYS:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
+
+
+def test_episode_iterator_state_restores_the_following_batches(dataset):
+  def loader():
+    return loaders.episode_batches(dataset, 'novel', **EPISODES, seed=1, process_index=0,
+                                   process_count=1)
+
+  iterator = iter(loader())
+  next(iterator)
+  next(iterator)
+  state = iterator.get_state()
+  want = next(iterator)
+  restored = iter(loader())
+  restored.set_state(state)
+  got = next(restored)
+  for key in KEYS:
+    np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_clear_errors(dataset):
+  with pytest.raises(ValueError, match='multiple of the process count 2'):
+    loaders.train_batches(dataset, 'train', global_batch_size=15, seed=0, process_index=0,
+                          process_count=2)
+  with pytest.raises(ValueError, match='multiple of the process count 4'):
+    loaders.eval_batches(dataset, 'val', global_batch_size=6, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="split 'validation' is not in"):
+    loaders.eval_batches(dataset, 'validation', global_batch_size=8)
+  with pytest.raises(ValueError, match='unknown dataset'):
+    loaders.data_source(ml_collections.ConfigDict({'name': 'mnist', 'data_dir': None,
+                                                   'num_workers': 0}), 'train')
+  with pytest.raises(ValueError, match='need 20'):
+    loaders.episode_batches(dataset, 'novel', n_way=5, k_shot=5, q_query=15,
+                            episodes_per_batch=1, seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match='process_index 2'):
+    loaders.train_batches(dataset, 'train', global_batch_size=4, seed=0, process_index=2,
+                          process_count=2)

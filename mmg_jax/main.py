@@ -13,7 +13,7 @@ Each process reads its own shard of the data; only process 0 writes logs and rep
 import os
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -64,6 +64,8 @@ def distributed_arguments(mode, coordinator_address, num_processes, process_id, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's per-save INFO lines drown the progress
   arguments = distributed_arguments(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                                     _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
   if arguments is not None:

@@ -137,7 +137,8 @@ class StageLog:
     self.jsonl_path = os.path.join(stage_dir, 'metrics.jsonl')
     self._drop_records_after(start_step)
     self.tensorboard = tensorboardX.SummaryWriter(stage_dir)
-    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.start_time = time.perf_counter()
+    self.last_step, self.last_time = start_step, self.start_time
 
   def _drop_records_after(self, step):
     """A resumed stage logs again the steps after its checkpoint; keep one record per step."""
@@ -150,6 +151,13 @@ class StageLog:
 
   def message(self, text):
     _message(self.name, text)
+
+  def restart_clock(self, step):
+    """Called once the first step is done: later rates and ETAs leave compilation out."""
+    if self.active:
+      now = time.perf_counter()
+      self.message(f'first step done in {now - self.start_time:.1f} s (compilation included).')
+      self.last_step, self.last_time = step, now
 
   def write(self, step, metrics, *, global_batch_size):
     """Logs the mean of `metrics` (python floats) over the steps since the last call."""
@@ -234,11 +242,10 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   stage_dir = os.path.join(workdir, name)
   tx = make_optimizer(optimizer, num_steps)
   replicated = sharding.replicated(mesh)
-  params = sharding.replicate(init_params, mesh)
   state_init = jax.jit(functools.partial(init_state, optimizer=tx), out_shardings=replicated)
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(state_init, params))
+      jax.eval_shape(state_init, init_params))
 
   with checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=keep) as ckpt:
     start_step = ckpt.latest_step() or 0
@@ -256,7 +263,7 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
       state = ckpt.restore(start_step, abstract_state, data_iterator)
     else:
       log.message(f'training {type(model).__name__} for {num_steps} steps.')
-      state = state_init(params)
+      state = state_init(sharding.replicate(init_params, mesh))
 
     step_fn = jax.jit(
         functools.partial(train_step, loss_fn=loss_fn, optimizer=tx,
@@ -282,6 +289,9 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
         if step % log_every == 0 or step == num_steps:
           log.write(step, _mean_metrics(history), global_batch_size=global_batch_size)
           history = []
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          log.restart_clock(step)
         preempted = sigterm.received or ckpt.reached_preemption(step)
         if step % checkpoint_every == 0 or step == num_steps or preempted:
           ckpt.save(step, state, data_iterator)

@@ -24,6 +24,8 @@ BATCH_KEYS = ('video', 'audio', 'imu', 'present', 'label', 'mask')
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
 _LABEL_CHUNK = 256
+# For sources whose record is a whole batch: one at a time, a couple of batches ahead.
+_BATCH_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
 def data_source(dataset, split):
@@ -39,7 +41,8 @@ def train_batches(dataset, split, *, global_batch_size, seed, process_index=None
                   process_count=None):
   """Shuffled, endlessly repeated batches of this process's shard; a grain DataLoader.
 
-  Its iterator (`iter(loader)`) has get_state/set_state for checkpoints.
+  Its iterator (`iter(loader)`) has get_state/set_state for checkpoints. Each grain worker
+  batches its own examples, so the batches depend on `dataset.num_workers` (not the coverage).
   """
   shard = _shard(process_index, process_count, drop_remainder=True)
   batch_size = _local_batch_size(global_batch_size, shard.shard_count)
@@ -51,7 +54,8 @@ def train_batches(dataset, split, *, global_batch_size, seed, process_index=None
                                         shuffle=True, num_epochs=None, seed=seed)
   return grain.DataLoader(
       data_source=source, sampler=sampler, worker_count=dataset.num_workers,
-      operations=[ModelExample(), grain.transforms.Batch(batch_size, drop_remainder=True)])
+      operations=[ModelExample(), grain.transforms.Batch(batch_size, drop_remainder=True)],
+      read_options=_read_options(batch_size))
 
 
 def eval_batches(dataset, split, *, global_batch_size, process_index=None, process_count=None):
@@ -59,18 +63,18 @@ def eval_batches(dataset, split, *, global_batch_size, process_index=None, proce
 
   The split is padded to whole global batches (padding rows repeat example 0 with `mask`
   False) and cut into one contiguous block per process, so every process yields
-  ceil(len / global_batch_size) batches.
+  ceil(len / global_batch_size) batches. A record is a whole batch, so batches are the same
+  for any number of workers.
   """
   shard = _shard(process_index, process_count, drop_remainder=False)
   batch_size = _local_batch_size(global_batch_size, shard.shard_count)
   source = data_source(dataset, split)
   num_batches = -(-len(source) // global_batch_size)
-  padded = PaddedSource(source, num_batches * global_batch_size)
-  sampler = grain.samplers.IndexSampler(num_records=len(padded), shard_options=shard,
-                                        shuffle=False, num_epochs=1)
-  return grain.DataLoader(
-      data_source=padded, sampler=sampler, worker_count=dataset.num_workers,
-      operations=[ModelExample(), grain.transforms.Batch(batch_size)])
+  batches = EvalSource(source, start=shard.shard_index * num_batches * batch_size,
+                       batch_size=batch_size, num_batches=num_batches)
+  sampler = grain.samplers.IndexSampler(num_records=num_batches, shuffle=False, num_epochs=1)
+  return grain.DataLoader(data_source=batches, sampler=sampler,
+                          worker_count=dataset.num_workers, read_options=_BATCH_READ_OPTIONS)
 
 
 def episode_batches(dataset, split, *, n_way, k_shot, q_query, episodes_per_batch, seed,
@@ -94,7 +98,7 @@ def episode_batches(dataset, split, *, n_way, k_shot, q_query, episodes_per_batc
   return grain.DataLoader(
       data_source=episode_source, sampler=grain.samplers.IndexSampler(
           num_records=len(episode_source), shuffle=False, num_epochs=1),
-      worker_count=dataset.num_workers)
+      worker_count=dataset.num_workers, read_options=_BATCH_READ_OPTIONS)
 
 
 def split_labels(source):
@@ -107,29 +111,36 @@ def split_labels(source):
 
 
 class ModelExample(grain.transforms.Map):
-  """A TFDS example -> the model's example: no clip id, int32 label, a `mask` (default True)."""
+  """A TFDS example -> the model's example: no clip id, int32 label, `mask` True."""
 
   def map(self, element):
     return to_model_example(element)
 
 
-class PaddedSource:
-  """`source` followed by copies of its example 0 (with `mask` False) up to `length`."""
+class EvalSource:
+  """Record j is this process's j-th batch of the split padded with masked copies of example 0."""
 
-  def __init__(self, source, length):
+  def __init__(self, source, *, start, batch_size, num_batches):
     self._source = source
-    self._length = length
+    self._start = start
+    self._batch_size = batch_size
+    self._num_batches = num_batches
 
   def __len__(self):
-    return self._length
+    return self._num_batches
 
   def __repr__(self):  # grain checks it when restoring an iterator state.
-    return f'PaddedSource({self._source!r}, length={self._length})'
+    return (f'EvalSource({self._source!r}, start={self._start}, '
+            f'batch_size={self._batch_size}, num_batches={self._num_batches})')
 
   def __getitem__(self, index):
-    if index < len(self._source):
-      return self._source[index]
-    return {**self._source[0], 'mask': False}
+    first = self._start + index * self._batch_size
+    real = range(first, min(first + self._batch_size, len(self._source)))
+    examples = [to_model_example(e) for e in self._source.__getitems__(real)] if real else []
+    if len(examples) < self._batch_size:
+      padding = to_model_example({**self._source[0], 'mask': False})
+      examples += [padding] * (self._batch_size - len(examples))
+    return stack(examples)
 
 
 class EpisodeSampler:
@@ -195,6 +206,11 @@ def _builder(dataset):
   download_config = tfds.download.DownloadConfig(manual_dir=dataset.get('manual_dir'))
   builder.download_and_prepare(download_config=download_config)  # A no-op once built.
   return builder
+
+
+def _read_options(batch_size):
+  """Read examples in threads, at most two batches ahead (grain's default is 500 examples)."""
+  return grain.ReadOptions(num_threads=8, prefetch_buffer_size=2 * batch_size)
 
 
 def _shard(process_index, process_count, *, drop_remainder):

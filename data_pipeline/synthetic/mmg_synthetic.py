@@ -3,7 +3,7 @@
 It has the schema and splits of MMG-Ego4D (data_pipeline/features.py), so the pipeline that
 runs on it runs on the real data unchanged. Configs: `small` (default, the CPU demo) and `tiny`
 (for tests); `tfds.data_source('mmg_synthetic/tiny', ...)` after importing this module builds it
-as ArrayRecord in seconds and caches it in the TFDS data dir. Same seed, same bytes.
+as ArrayRecord in seconds and caches it in the TFDS data dir. Same seed, same examples.
 
 How a clip is made (data_pipeline/synthetic/clips.py):
 - Each of the 79 classes has a hidden cause, a vector in R^8 drawn once from the seed (base
@@ -12,22 +12,24 @@ How a clip is made (data_pipeline/synthetic/clips.py):
   pair carries more than its label.
 - The cause drives three things at once: a motion rhythm (tempo, in cycles per clip), a 3-D
   motion direction, and per-modality renderer parameters, each a fixed random unit projection
-  of the cause plus private noise (video 0.3, audio 0.4, IMU 1.0, in units of the class
-  spread). Video reads 6 parameters plus the direction in the image plane, audio 4 plus the
+  of the cause plus private noise (std video 0.35, audio 0.6, IMU 1.0, against a class spread
+  of 1). Video reads 8 parameters plus the direction in the image plane, audio 4 plus the
   tempo, IMU 3 plus tempo and direction: different projections, so classes that look alike in
-  one modality differ in another and combining modalities helps; the growing noise and shrinking
-  views make video alone > audio alone > IMU alone, none perfect.
+  one modality differ in another and combining modalities helps, while the growing noise and
+  the shrinking views make video alone > audio alone > IMU alone, none of them perfect.
 - Per-clip nuisance is shared by the modalities of a clip: speed (scales the tempo), phase of
   the motion cycle, head yaw (rotates the direction seen by camera and IMU), actor (background
   colour and shading, lighting and loudness, pitch offset, head pitch), noise level (pixel,
   log-mel and sensor noise together).
-- Video: a soft ellipse whose colour, size, elongation and orientation come from the cause
-  swings along the motion direction at the tempo over the actor's shaded background, uint8.
+- Video: an ellipse with a core and a rim colour, a size and an elongation from the cause,
+  stretched along its motion direction and swinging along it at the tempo, over the actor's
+  shaded background, with pixel noise; uint8.
 - Audio: log-mel frames of a 4-harmonic stack (fundamental, spacing, spectral tilt and decay
-  from the cause) struck at the start of every motion cycle, over a noise floor; AST-normalized.
+  from the cause) struck at the start of every motion cycle, over a noise floor, with
+  log-domain noise; AST-normalized like real fbanks.
 - IMU: accelerometer = gravity (head pitch) + a swing along the motion direction + an impact
   at every cycle start; gyroscope = rotation rates from the cause, oscillating with the cycle;
-  both in the head frame, with sensor noise, scaled to roughly unit variance per channel.
+  both in the head frame, with sensor noise, standardized per channel (clips.IMU_MEAN/STD).
 - Splits: train/val/test hold base-class clips, novel the novel classes, unlabeled (label -1)
   unlabeled clips whose causes are half base-class causes, half fresh random causes (never a
   novel class, so novel classes stay unseen until few-shot evaluation). Clip ids are

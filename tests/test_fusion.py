@@ -14,6 +14,8 @@ from mmg_jax.models import fusion
 DIMS = {'video': (24, 12), 'audio': (16, 9), 'imu': (8, 5)}  # (D_m, N_m)
 EMBED_DIM = 32
 KINDS = ('transformer', 'mlp')
+# Tiny models run in microseconds; XLA's CPU backend optimizations cost seconds per compile.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 def fusion_config(kind, **overrides):
@@ -41,11 +43,32 @@ def subset_rows():
   return jnp.asarray(np.stack([modalities.mask(s) for s in modalities.ALL_SUBSETS]))
 
 
+def numpy_params(abstract, seed=0):
+  """Parameters shaped like `abstract` (from jax.eval_shape of init), drawn with NumPy.
+
+  Weights ~ N(0, 0.02) (the ViT init), LayerNorm scales 1, biases 0. Why not `init`: XLA's CPU
+  compiler spends ~0.3-0.7 s per random-number op, so a jitted init of a model with a hundred
+  parameters costs tens of seconds; these tests are about the forward pass.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = path[-1].key
+    if name == 'scale':
+      return jnp.ones(x.shape, x.dtype)
+    if name == 'bias':
+      return jnp.zeros(x.shape, x.dtype)
+    return jnp.asarray(0.02 * rng.standard_normal(x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
 @functools.cache
 def fusion_params(kind):
   """Parameters of the tiny fusion of `kind`; dropout rates do not change them."""
   module = fusion.create(fusion_config(kind), embed_dim=EMBED_DIM)
-  return jax.jit(module.init)(jax.random.key(0), random_features(0, 2), jnp.ones((2, 3), bool))
+  return numpy_params(jax.eval_shape(module.init, jax.random.key(0), random_features(0, 2),
+                                     jnp.ones((2, 3), bool)))
 
 
 @functools.cache
@@ -56,7 +79,7 @@ def fusion_apply(kind, dropout=0.0, drop_path=0.0):
   """
   module = fusion.create(fusion_config(kind, dropout=dropout, drop_path=drop_path),
                          embed_dim=EMBED_DIM)
-  apply = jax.jit(module.apply, static_argnames='train')
+  apply = jax.jit(module.apply, static_argnames='train', compiler_options=FAST_COMPILE)
   return lambda features, present, **kwargs: apply(fusion_params(kind), features, present,
                                                    **kwargs)
 
@@ -174,7 +197,7 @@ def test_create_rejects_unknown_kind():
 
 
 # One shape and one jitted function for every dropout test: each XLA compile costs seconds.
-drop_modalities = jax.jit(fusion.drop_modalities)
+drop_modalities = jax.jit(fusion.drop_modalities, compiler_options=FAST_COMPILE)
 NUM_CLIPS = 100_000
 
 

@@ -8,13 +8,15 @@ influence on the output: its inputs are replaced by zeros with `jnp.where` befor
 reads them (so NaN or inf garbage cannot leak either), and the transformer masks its keys.
 Absent is a mask, never a change of shape, so one compiled function serves every subset.
 
-Which tokens enter the transformer: every patch token is far too many at paper size (MViT-B
-392, AST ~1200, quadratic attention on top of them), so each modality contributes its pooled
+Which tokens enter the transformer: all patch tokens would be 936 at paper size (MViT-B 392,
+AST 444, IMU 100), with attention quadratic in them, so each modality contributes its pooled
 feature (the encoder's clip feature) plus `tokens_per_modality` tokens average-pooled over
-contiguous runs of its patch tokens (coarse time or time-frequency regions), all projected to
-the fusion width and tagged with a learned modality-and-slot embedding. A fusion cls token,
-always unmasked, reads them; its normalized output projected to `embed_dim` is the fused
-embedding. The sequence has 1 + 3 * (1 + tokens_per_modality) tokens whatever the encoders.
+contiguous runs of its patch tokens, all projected to the fusion width and tagged with a learned
+modality-and-slot embedding. Runs of the encoders' token orders are coarse regions: MViT's
+(t, h, w) order gives time chunks (8 tokens at paper size: one per time step), AST's
+frequency-major order gives frequency bands, IMU's gives time chunks. A fusion cls token, always
+unmasked, reads them; its normalized output projected to `embed_dim` is the fused embedding. The
+sequence has 1 + 3 * (1 + tokens_per_modality) tokens (28 at paper size) whatever the encoders.
 """
 from typing import Any
 

@@ -1,0 +1,77 @@
+"""MMGModel: encoders -> per-modality projections and heads -> fusion -> fused embedding, logits.
+
+  model = MMGModel(config=config.model)
+  out = model.apply({'params': params}, batch, train=True, modalities=('video', 'audio', 'imu'),
+                    rngs={'dropout': rng, 'modality': rng2})
+
+`modalities` (static) names the encoders that run; the others count as absent. Each clip's
+presence is `batch['present'] & mask(modalities)`, minus modality dropout when training; absent
+modalities have no influence on 'fused' and 'logits' whatever their inputs hold. 'embeddings'
+and 'unimodal_logits' are computed from every modality that ran, present or not, and from the
+real inputs (modality dropout only hides a modality from the fusion): the losses pick the valid
+ones with `batch['present']` or the returned 'present'.
+"""
+import functools
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from data_pipeline import preprocess
+from mmg_jax import modalities as modalities_lib
+from mmg_jax.models import audio_ast, fusion, imu_transformer, layers, video_mvit
+
+# The one mapping from a modality to its encoder; each is built from config.model.<modality>.
+ENCODERS = {
+    'video': video_mvit.VideoMViT,
+    'audio': audio_ast.AudioAST,
+    'imu': imu_transformer.IMUTransformer,
+}
+
+
+def normalize_video(video, dtype=jnp.float32):
+  """uint8 frames [..., 3] -> (frames / 255 - VIDEO_MEAN) / VIDEO_STD, per channel, in `dtype`."""
+  mean = np.asarray(preprocess.VIDEO_MEAN, np.float32)
+  std = np.asarray(preprocess.VIDEO_STD, np.float32)
+  return ((video.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+class MMGModel(nn.Module):
+  """The multimodal model of the paper; see the module docstring for inputs and outputs.
+
+  Returns {'embeddings': {m: [B, embed_dim]}, 'fused': [B, embed_dim], 'logits': [B, C],
+  'unimodal_logits': {m: [B, C]}, 'present': [B, 3]}, with one entry per modality that ran in
+  the dicts, all float32. 'present' is the presence the fusion used.
+  """
+  config: ml_collections.ConfigDict  # configs/common.model_config(size)
+
+  @nn.compact
+  def __call__(self, batch, *, train, modalities=modalities_lib.MODALITIES):
+    config = self.config
+    modalities = modalities_lib.check(modalities)
+    dtype = jnp.dtype(config.dtype)
+    dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=layers.dense_init)
+    present = jnp.asarray(batch['present'], bool) & modalities_lib.mask(modalities)
+    if train and config.modality_dropout > 0:
+      present = fusion.drop_modalities(self.make_rng('modality'), present,
+                                       config.modality_dropout)
+
+    features, embeddings, unimodal_logits = {}, {}, {}
+    for m in modalities:
+      x = normalize_video(batch[m], dtype) if m == 'video' else batch[m]
+      pooled, tokens = ENCODERS[m](config[m], dtype=dtype, name=f'{m}_encoder')(x, train=train)
+      features[m] = (pooled, tokens)
+      embeddings[m] = dense(config.embed_dim, name=f'{m}_embedding')(pooled)
+      unimodal_logits[m] = dense(config.num_classes, name=f'{m}_head')(pooled)
+
+    fused = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype)(
+        features, present, train=train)
+    logits = dense(config.num_classes, name='head')(fused)
+    return {
+        'embeddings': {m: z.astype(jnp.float32) for m, z in embeddings.items()},
+        'fused': fused.astype(jnp.float32),
+        'logits': logits.astype(jnp.float32),
+        'unimodal_logits': {m: z.astype(jnp.float32) for m, z in unimodal_logits.items()},
+        'present': present,
+    }

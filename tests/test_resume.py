@@ -36,14 +36,23 @@ def uninterrupted(tmp_path_factory):
   return workdir, traverse_util.flatten_dict(sharding.gather(params), sep='/')
 
 
-def _start_worker(workdir, output, gate_fifo=None):
+@pytest.fixture(scope='module')
+def worker_env(tmp_path_factory):
+  """The workers share a compilation cache: they all compile the same programs."""
+  return os.environ | {'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+                       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def _start_worker(env, workdir, output, gate_fifo=None):
   args = [f'--workdir={workdir}', f'--output={output}', f'--num_steps={NUM_STEPS}',
           f'--checkpoint_every={CHECKPOINT_EVERY}']
   if gate_fifo:
     args += [f'--gate_fifo={gate_fifo}',
              f'--gate_read={(GATE_STEP - 1) * GLOBAL_BATCH_SIZE + 1}']
   return subprocess.Popen([sys.executable, '-m', 'tests.toy_training_worker', *args],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
 
 def _finish(process):
@@ -79,11 +88,11 @@ def _writer_once_gated(fifo):
     return None
 
 
-def _start_gated(tmp_path):
+def _start_gated(env, tmp_path):
   """A worker waiting at the gate of step GATE_STEP, and the gate's write end."""
   fifo = str(tmp_path / 'gate')
   os.mkfifo(fifo)
-  process = _start_worker(tmp_path / 'run', tmp_path / 'params.npz', gate_fifo=fifo)
+  process = _start_worker(env, tmp_path / 'run', tmp_path / 'params.npz', gate_fifo=fifo)
   return process, _poll(lambda: _writer_once_gated(fifo), process, 'the gate')
 
 
@@ -92,8 +101,9 @@ def _checkpoint_steps(workdir):
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-def _rerun_and_compare(tmp_path, uninterrupted, resumed_step):
-  status, stdout, stderr = _finish(_start_worker(tmp_path / 'run', tmp_path / 'params.npz'))
+def _rerun_and_compare(env, tmp_path, uninterrupted, resumed_step):
+  status, stdout, stderr = _finish(
+      _start_worker(env, tmp_path / 'run', tmp_path / 'params.npz'))
   assert status == 0, stderr[-3000:]
   assert f'resuming from the checkpoint at step {resumed_step}/{NUM_STEPS}' in stdout
   reference_dir, reference = uninterrupted
@@ -109,8 +119,8 @@ def _rerun_and_compare(tmp_path, uninterrupted, resumed_step):
   assert [r['loss'] for r in records] == [r['loss'] for r in reference_records]
 
 
-def test_a_run_killed_mid_stage_resumes_bit_exactly(tmp_path, uninterrupted):
-  process, gate = _start_gated(tmp_path)
+def test_a_run_killed_mid_stage_resumes_bit_exactly(tmp_path, uninterrupted, worker_env):
+  process, gate = _start_gated(worker_env, tmp_path)
   _poll(lambda: CHECKPOINT_EVERY in _checkpoint_steps(tmp_path / 'run') or None, process,
         f'the checkpoint of step {CHECKPOINT_EVERY}')
   process.send_signal(signal.SIGKILL)
@@ -118,11 +128,12 @@ def test_a_run_killed_mid_stage_resumes_bit_exactly(tmp_path, uninterrupted):
   os.close(gate)
   assert status == -signal.SIGKILL
   assert max(_checkpoint_steps(tmp_path / 'run')) == CHECKPOINT_EVERY
-  _rerun_and_compare(tmp_path, uninterrupted, resumed_step=CHECKPOINT_EVERY)
+  _rerun_and_compare(worker_env, tmp_path, uninterrupted, resumed_step=CHECKPOINT_EVERY)
 
 
-def test_a_preempted_run_saves_exits_and_resumes_bit_exactly(tmp_path, uninterrupted):
-  process, gate = _start_gated(tmp_path)
+def test_a_preempted_run_saves_exits_and_resumes_bit_exactly(tmp_path, uninterrupted,
+                                                             worker_env):
+  process, gate = _start_gated(worker_env, tmp_path)
   process.send_signal(signal.SIGTERM)
   os.close(gate)  # the gated read returns; the run ends its step, saves and stops
   status, stdout, stderr = _finish(process)
@@ -130,7 +141,7 @@ def test_a_preempted_run_saves_exits_and_resumes_bit_exactly(tmp_path, uninterru
   [step] = map(int, re.findall(r'preemption notice at step (\d+)', stdout))
   assert step == GATE_STEP
   assert max(_checkpoint_steps(tmp_path / 'run')) == GATE_STEP
-  _rerun_and_compare(tmp_path, uninterrupted, resumed_step=GATE_STEP)
+  _rerun_and_compare(worker_env, tmp_path, uninterrupted, resumed_step=GATE_STEP)
 
 
 def test_only_the_last_checkpoints_are_kept(uninterrupted):

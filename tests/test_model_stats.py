@@ -1,14 +1,31 @@
-"""Parameter and multiply-add counts against hand computations."""
+"""Parameter and multiply-add counts against hand computations; the model_stats report."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import linen as nn
 
 from configs import common
-from mmg_jax.models import layers
+from mmg_jax import modalities
+from mmg_jax.models import layers, mmg
 from mmg_jax.tools import model_stats
 
 f32 = jnp.float32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIDEO_SHAPES = {'tiny': (4, 16, 16, 3), 'small': (8, 32, 32, 3), 'paper': (16, 224, 224, 3)}
+
+
+def _model_config(size):
+  """configs/common.model_config(size); the contract's video shape until video_config has one."""
+  model_config = common.model_config(size)
+  if 'input_shape' not in model_config.video:
+    model_config.video.input_shape = VIDEO_SHAPES[size]
+  return model_config
 
 
 def _abstract(module, *inputs):
@@ -75,10 +92,10 @@ def test_used_params_skip_what_the_function_never_reads():
   assert model_stats.count_used_params(fn, params, jax.ShapeDtypeStruct((1, 3), f32)) == 12 + 4
 
 
-@pytest.mark.parametrize('modality', ['audio', 'imu'])
+@pytest.mark.parametrize('modality', modalities.MODALITIES)
 def test_paper_encoders_match_the_paper_table(modality):
   """Measured params and multiply-adds within the tolerance of the paper's table (eval_shape)."""
-  stats = model_stats.encoder_stats(common.model_config('paper'), modality, xla=False)
+  stats = model_stats.encoder_stats(_model_config('paper'), modality, xla=False)
   params_m, gflops = model_stats.PAPER[modality]
   tolerance = model_stats.PAPER_TOLERANCE[modality]
   assert abs(stats['params_m'] / params_m - 1) < tolerance, stats
@@ -93,3 +110,48 @@ def test_paper_encoder_macs_match_the_vit_formula():
   assert stats['gflops'] * 1e9 == pytest.approx(12 * block + patches * 256 * dim, rel=1e-12)
   assert stats['params_m'] * 1e6 == 12 * (12 * dim * dim + 13 * dim) + 256 * dim + dim + (
       (12 * 101 + 2) * dim + 2 * dim + 2 * dim)
+
+
+@pytest.fixture(scope='module')
+def tiny_stats():
+  config = common.base('tiny')
+  config.model = _model_config('tiny')
+  return model_stats.all_stats(config, xla=False)
+
+
+def test_fusion_rows_cover_every_subset_and_count_only_what_runs(tiny_stats):
+  fusion = tiny_stats['fusion']
+  assert list(fusion) == [modalities.short_name(s) for s in modalities.ALL_SUBSETS]
+  model_config = _model_config('tiny')
+  model = mmg.MMGModel(config=model_config)
+  batch = model_stats.abstract_batch(model_config)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+  assert fusion['V A I']['params_m'] * 1e6 == model_stats.count_params(params)
+  by_subset = dict(zip(modalities.ALL_SUBSETS, fusion.values(), strict=True))
+  for small, large in itertools.permutations(modalities.ALL_SUBSETS, 2):
+    if set(small) < set(large):  # more encoders: more params and more FLOPs
+      assert by_subset[small]['params_m'] < by_subset[large]['params_m']
+      assert by_subset[small]['gflops'] < by_subset[large]['gflops']
+  for m in modalities.MODALITIES:  # one encoder plus projections, fusion and heads
+    assert by_subset[(m,)]['params_m'] > tiny_stats[m]['params_m']
+    assert by_subset[(m,)]['gflops'] > tiny_stats[m]['gflops']
+
+
+def test_cli_prints_the_same_numbers_as_json(tiny_stats):
+  if 'input_shape' not in common.video_config('tiny'):
+    pytest.skip('configs/common.video_config has no input_shape yet')
+  out = subprocess.run(
+      [sys.executable, '-m', 'mmg_jax.tools.model_stats', '--config=configs/fewshot.py:tiny',
+       '--format=json', '--noxla'],
+      cwd=ROOT, capture_output=True, text=True, check=True,
+      env=os.environ | {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}).stdout
+  assert json.loads(out) == tiny_stats
+
+
+def test_text_report_states_the_convention_and_has_a_row_per_model(tiny_stats):
+  text = model_stats.format_text(tiny_stats, 'tiny')
+  assert 'multiply-adds' in text and 'fvcore' in text
+  lines = [line for line in text.splitlines() if not line.startswith('#')]
+  assert lines[0].split()[:4] == ['model', 'params', '(M)', 'GFLOPs']
+  assert [line[:16].strip() for line in lines[1:]] == ['video', 'audio', 'imu'] + [
+      f'fusion {modalities.short_name(s)}' for s in modalities.ALL_SUBSETS]

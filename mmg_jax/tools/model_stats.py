@@ -3,6 +3,8 @@
   python -m mmg_jax.tools.model_stats --config=configs/fewshot.py:paper
   python -m mmg_jax.tools.model_stats --config=configs/fewshot.py:paper --format=json
 
+Rows: each encoder alone, then the full MMGModel applied with `modalities=subset` for each of
+the 7 modality subsets (only those encoders run; its params are the ones that subset reads).
 FLOPs follow the fvcore convention of the paper's tables: one multiply-add is one FLOP, and only
 matrix products (`dot_general`) and convolutions (`conv_general_dilated`) are counted, walked
 from the jaxpr on abstract inputs (nothing is run). Next to them, XLA's cost analysis of the
@@ -20,10 +22,7 @@ from jax.extend import core as jex_core
 from ml_collections import config_flags
 
 from mmg_jax import modalities
-from mmg_jax.models import audio_ast, imu_transformer, video_mvit
-
-ENCODERS = {'video': video_mvit.VideoMViT, 'audio': audio_ast.AudioAST,
-            'imu': imu_transformer.IMUTransformer}
+from mmg_jax.models import mmg
 
 # The paper's table (params M, GFLOPs as multiply-adds) and the tolerances we hold them to.
 PAPER = {'video': (36.50, 70.50), 'audio': (87.03, 42.08), 'imu': (15.55, 1.65)}
@@ -128,7 +127,7 @@ def input_shape(model_config, modality):
 
 def encoder_stats(model_config, modality, *, xla=True):
   """{'params_m', 'gflops'[, 'xla_gflops']} of one encoder on one clip."""
-  encoder = ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype))
+  encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype))
   x = jax.ShapeDtypeStruct((1, *input_shape(model_config, modality)), jnp.float32)
   params = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), x)
   apply = lambda params, x: encoder.apply(params, x, train=False)  # noqa: E731
@@ -143,9 +142,36 @@ def _stats(num_params, macs, flops):
   return stats
 
 
+def abstract_batch(model_config, batch_size=1):
+  """Shapes and dtypes of a device batch (the contract's batch dict) for `model_config`."""
+  batch = {m: jax.ShapeDtypeStruct((batch_size, *input_shape(model_config, m)),
+                                   jnp.uint8 if m == 'video' else jnp.float32)
+           for m in modalities.MODALITIES}
+  return batch | {
+      'present': jax.ShapeDtypeStruct((batch_size, len(modalities.MODALITIES)), jnp.bool_),
+      'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      'mask': jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
+
+def fusion_stats(model_config, *, xla=True):
+  """{'V A I': stats, ...}: the full model deployed on each modality subset."""
+  model = mmg.MMGModel(config=model_config)
+  batch = abstract_batch(model_config)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+  stats = {}
+  for subset in modalities.ALL_SUBSETS:
+    def apply(params, batch, subset=subset):
+      return model.apply(params, batch, train=False, modalities=subset)
+    stats[modalities.short_name(subset)] = _stats(
+        count_used_params(apply, params, batch), count_macs(apply, params, batch),
+        xla_flops(apply, params, batch) if xla else None)
+  return stats
+
+
 def all_stats(config, *, xla=True):
-  """Stats of every encoder; JSON-ready."""
-  return {m: encoder_stats(config.model, m, xla=xla) for m in modalities.MODALITIES}
+  """{'video': stats, 'audio': .., 'imu': .., 'fusion': {'V A I': stats, ...}}; JSON-ready."""
+  stats = {m: encoder_stats(config.model, m, xla=xla) for m in modalities.MODALITIES}
+  return stats | {'fusion': fusion_stats(config.model, xla=xla)}
 
 
 def format_text(stats, size):
@@ -153,12 +179,14 @@ def format_text(stats, size):
            '# convolutions (fvcore convention, as the paper); XLA GFLOPs: XLA cost analysis',
            '# (2 per multiply-add, elementwise ops included). paper: its table, params M / GFLOPs.',
            f'{"model":<16}{"params (M)":>12}{"GFLOPs":>10}{"XLA GFLOPs":>12}    paper']
-  for name, row in stats.items():
+  rows = [(m, stats[m]) for m in modalities.MODALITIES]
+  rows += [(f'fusion {name}', row) for name, row in stats['fusion'].items()]
+  for name, row in rows:
     xla = row.get('xla_gflops')
     paper = PAPER.get(name) if size == 'paper' else None
-    lines.append(f'{name:<16}{row["params_m"]:>12.2f}{row["gflops"]:>10.2f}'
-                 f'{"-" if xla is None else f"{xla:.2f}":>12}'
-                 f'    {"" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}"}')
+    lines.append(f'{name:<16}{row["params_m"]:>12.4g}{row["gflops"]:>10.4g}'
+                 f'{"-" if xla is None else f"{xla:.4g}":>12}'
+                 f'    {"" if paper is None else f"{paper[0]} / {paper[1]}"}'.rstrip())
   return '\n'.join(lines)
 
 

@@ -152,7 +152,7 @@ def fusion_config(size):
   """
   return ml_collections.ConfigDict({
       'kind': 'transformer',  # 'transformer' | 'mlp'
-      'width': {'tiny': 32, 'small': 128, 'paper': 768}[size],
+      'width': {'tiny': 32, 'small': 64, 'paper': 768}[size],
       'depth': {'tiny': 1, 'small': 2, 'paper': 2}[size],
       'num_heads': {'tiny': 2, 'small': 4, 'paper': 12}[size],
       'mlp_ratio': 4.0,

@@ -141,11 +141,12 @@ class StageLog:
     self.last_step, self.last_time = start_step, self.start_time
 
   def _drop_records_after(self, step):
-    """A resumed stage logs again the steps after its checkpoint; keep one record per step."""
+    """A resumed stage logs again the steps after its checkpoint; keep one record per step
+    (and drop a last line cut short by a kill)."""
     if not os.path.exists(self.jsonl_path):
       return
     with open(self.jsonl_path) as f:
-      records = [line for line in f if json.loads(line)['step'] <= step]
+      records = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= step]
     with open(self.jsonl_path, 'w') as f:
       f.writelines(records)
 

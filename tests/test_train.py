@@ -133,6 +133,14 @@ def test_logs_hold_every_metric_per_log_step(finished_run):
   assert 'ETA 0:00:00' in finished_run['console']
 
 
+def test_a_resumed_stage_keeps_one_metrics_record_per_step(tmp_path):
+  """Records past the checkpoint (logged again on resume) and a line cut by a kill go."""
+  lines = [json.dumps({'step': step, 'loss': 1.0}) + '\n' for step in (1, 2, 3)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(lines) + '{"step": 4, "lo')
+  train.StageLog(str(tmp_path), 'toy', start_step=2, num_steps=4).close()
+  assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
+
+
 class _NeverRead:
   def __iter__(self):
     raise AssertionError('a finished stage must not read data')

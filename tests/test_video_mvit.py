@@ -98,6 +98,23 @@ def test_stage_starts_outside_the_blocks_are_rejected():
     video_mvit.block_settings(config)
 
 
+def test_patch_embedding_is_a_3d_convolution():
+  """Conv3d with torch's symmetric padding: NumPy sum over each strided, padded window."""
+  x = _normal((2, 5, 9, 10, 3), seed=8)
+  module = video_mvit.PatchEmbed3d(4, (3, 5, 5), (2, 2, 3), (1, 2, 2))
+  params = _random_params(module, x, seed=30)
+  out = jax.jit(module.apply)({'params': params}, x)
+  kernel, bias = np.asarray(params['kernel']), np.asarray(params['bias'])
+  assert kernel.shape == (3, 5, 5, 3, 4)
+  xp = _np_pad(x, (1, 2, 2), 0.0)
+  out_grid = (3, 5, 4)  # (n + 2 * pad - kernel) // stride + 1
+  expected = np.zeros((2, *out_grid, 4))
+  for t, h, w in np.ndindex(*out_grid):
+    window = xp[:, 2 * t:2 * t + 3, 2 * h:2 * h + 5, 3 * w:3 * w + 5]
+    expected[:, t, h, w] = np.einsum('nabci,abcio->no', window, kernel) + bias
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_positional_encoding_is_separable():
   """Patch (t, h, w) gets temporal_pos[t] + spatial_pos[h * W + w]; cls gets its own pair."""
   x = _normal((2, 3, 4, 5, 8))

@@ -199,7 +199,8 @@ def _stage(size, name, kind, *, split, modalities, learning_rate, **fields):
       'batch_size': _BATCH_SIZE[size],  # global
       'optimizer': optimizer_config(learning_rate, num_steps),
       'log_every': max(1, num_steps // 10),
-      'checkpoint_every': max(1, num_steps // 4),
+      # A few saves per stage; 'tiny' stages are too short to need more than the final one.
+      'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // 4),
       **fields,
   })
 
@@ -230,13 +231,14 @@ def meta_stage(size, subsets):
 
   Each episode draws a support subset and a different query subset of modalities among
   `subsets` (cross-modal prototypes, mmg_jax/episodes.py). Episodes are 5-way 5-shot like the
-  evaluation's, with fewer queries on CPU sizes to fit the budget; a batch holds
-  episodes_per_batch * 5 * (5 + q_query) clips (a multiple of 8, the test suite's devices).
+  evaluation's, with fewer queries on CPU sizes to fit the budget ('tiny' has 4 train clips per
+  class: 2-shot 2-query); a batch holds episodes_per_batch * n_way * (k_shot + q_query) clips, a
+  multiple of 8 (the test suite's devices).
   """
   return _stage(size, 'meta', 'meta', split='train', modalities=('video', 'audio', 'imu'),
-                learning_rate=2e-4, n_way=5, k_shot=5,
-                q_query={'tiny': 3, 'small': 3, 'paper': 15}[size],
-                episodes_per_batch={'tiny': 1, 'small': 2, 'paper': 8}[size],
+                learning_rate=2e-4, n_way=5, k_shot={'tiny': 2, 'small': 5, 'paper': 5}[size],
+                q_query={'tiny': 2, 'small': 3, 'paper': 15}[size],
+                episodes_per_batch={'tiny': 2, 'small': 2, 'paper': 8}[size],
                 support_subsets=tuple(subsets), query_subsets=tuple(subsets), proto_weight=1.0,
                 ce_weight=0.0)
 
@@ -255,14 +257,15 @@ def eval_config(size, kind, rows):
   """Evaluation of a results table (mmg_jax/evaluate.py); `rows` from `table_rows`.
 
   Few-shot: N-way K-shot Q-query episodes on the novel split, the same `num_episodes` episodes
-  (drawn with `seed`) for every row. Many-shot: top-1 over every clip of the test split.
+  (drawn with `seed`) for every row; 'tiny' has 10 novel clips per class, so 5 queries. Many-shot:
+  top-1 over every clip of the test split.
   """
   return ml_collections.ConfigDict({
       'kind': kind,  # 'few-shot' | 'many-shot' | 'ablation': the results table's layout
       'batch_size': {'tiny': 16, 'small': 64, 'paper': 256}[size],  # global
       'manyshot_split': 'test',
       'fewshot_split': 'novel',
-      'fewshot': {'n_way': 5, 'k_shot': 5, 'q_query': 15,
+      'fewshot': {'n_way': 5, 'k_shot': 5, 'q_query': {'tiny': 5, 'small': 15, 'paper': 15}[size],
                   'num_episodes': {'tiny': 20, 'small': 600, 'paper': 600}[size], 'seed': 0},
       'rows': tuple(rows),
   })

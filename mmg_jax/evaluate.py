@@ -1,0 +1,155 @@
+"""Many-shot and few-shot evaluation over the modality settings of the paper's tables.
+
+Both run the trained model once per (split, modality subset) over every example, with the
+modalities outside the subset removed from the batch (`restrict`), and score the rows from those
+outputs on the host:
+- many-shot ('top1'): top-1 of the fused logits on the `test` split, on the row's test subset;
+- few-shot ('5w5s_acc'): N-way K-shot episodes on the `novel` split, prototypes from the fused
+  embeddings of the support under the row's support subset (`train`), queries under its query
+  subset (`test`); one fixed episode list (seeded) serves every row.
+Numbers are percentages with a 95% confidence interval, as the paper reports them.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipeline import loaders
+from mmg_jax import episodes, losses, modalities, sharding
+
+Z95 = 1.96
+
+
+def restrict(batch, allowed):
+  """The batch as seen by a model allowed only some modalities.
+
+  The others are marked absent in `present` AND their data is zeroed, so that nothing of them can
+  reach the model even through a bug in presence handling. allowed: [3] bool (numpy or traced).
+  """
+  out = dict(batch)
+  for i, name in enumerate(modalities.MODALITIES):
+    out[name] = jnp.where(allowed[i], batch[name], jnp.zeros_like(batch[name]))
+  out['present'] = batch['present'] & allowed
+  return out
+
+
+def mean_ci95(values):
+  """(mean, half width of the 95% normal confidence interval of the mean) of a 1-D sample.
+
+  ci95 = 1.96 * s / sqrt(n), with s the sample standard deviation (ddof=1); 0 for one value.
+  """
+  values = np.asarray(values, np.float64)
+  if values.size < 2:
+    return float(values.mean()), 0.0
+  return float(values.mean()), float(Z95 * values.std(ddof=1) / np.sqrt(values.size))
+
+
+def proportion_ci95(correct):
+  """(accuracy, 95% normal-approximation interval half width) of a boolean [n] array."""
+  p = float(np.mean(correct))
+  return p, float(Z95 * np.sqrt(p * (1 - p) / np.size(correct)))
+
+
+@jax.jit
+def episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx):
+  """Accuracy of each episode: the query's nearest prototype must be its own class.
+
+  support_embeddings, query_embeddings: [num_examples, D], the same examples embedded under the
+  support and the query modalities; support_idx [E, N, K], query_idx [E, N, Q] index them (row n
+  of an episode is class n). Prototypes and distances are those of the meta-training loss
+  (`losses.proto_loss`). Returns [E] float32 accuracies in [0, 1].
+  """
+  _, accuracy = jax.vmap(losses.proto_loss)(support_embeddings[support_idx],
+                                            query_embeddings[query_idx])
+  return accuracy
+
+
+def make_forward(model):
+  """A jitted (params, batch, allowed [3]) -> outputs of one evaluation batch, for `model`.
+
+  `allowed` is traced: one compiled program serves every modality subset.
+  """
+
+  @jax.jit
+  def forward(params, batch, allowed):
+    out = model.apply({'params': params}, restrict(batch, allowed), train=False)
+    return {'fused': out['fused'], 'logits': out['logits'], 'label': batch['label'],
+            'mask': batch['mask']}
+
+  return forward
+
+
+def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh):
+  """Model outputs on every example of `split`, once per modality subset; padding dropped.
+
+  Reads the split once. Returns ({subset: {'fused': [n, D], 'logits': [n, C]}}, labels [n]).
+  """
+  subsets = [modalities.check(s) for s in subsets]
+  chunks = {subset: [] for subset in subsets}
+  for host_batch in loaders.eval_batches(dataset, split, global_batch_size=batch_size):
+    batch = sharding.shard_batch(host_batch, mesh)
+    for subset in subsets:
+      out = forward(params, batch, jnp.asarray(modalities.mask(subset)))
+      chunks[subset].append(sharding.gather(out))
+  outputs, labels = {}, None
+  for subset, parts in chunks.items():
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    keep = out['mask'].astype(bool)
+    outputs[subset] = {'fused': out['fused'][keep], 'logits': out['logits'][keep]}
+    labels = out['label'][keep]
+  return outputs, labels
+
+
+def top1_row(row, outputs, labels):
+  """A many-shot result row: top-1 of the fused logits under the row's test subset."""
+  correct = np.argmax(outputs[modalities.check(row['test'])]['logits'], axis=-1) == labels
+  accuracy, ci95 = proportion_ci95(correct)
+  return {**row, 'mean': 100 * accuracy, 'ci95': 100 * ci95, 'n': int(correct.size)}
+
+
+def fewshot_row(row, outputs, support_idx, query_idx):
+  """A few-shot result row: support under `row['train']`, query under `row['test']`."""
+  accuracies = episode_accuracy(outputs[modalities.check(row['train'])]['fused'],
+                                outputs[modalities.check(row['test'])]['fused'],
+                                support_idx, query_idx)
+  mean, ci95 = mean_ci95(np.asarray(accuracies))
+  return {**row, 'mean': 100 * mean, 'ci95': 100 * ci95, 'n': int(support_idx.shape[0])}
+
+
+def sample_eval_episodes(labels, fewshot):
+  """The fixed episode list of a config: the same for every row and every pipeline."""
+  return episodes.sample_episodes(
+      jax.random.key(fewshot.seed), labels, num_episodes=fewshot.num_episodes,
+      n_way=fewshot.n_way, k_shot=fewshot.k_shot, q_query=fewshot.q_query)
+
+
+def evaluate_rows(rows, predict, evaluation, episode_cache):
+  """Result rows of one trained pipeline: top-1 rows on the many-shot split, few-shot rows on
+  the few-shot split.
+
+  predict(split, subsets) -> (outputs, labels) as `predict_split` (the pipeline's model).
+  evaluation: config.eval. episode_cache: a dict shared by every pipeline of a run; the first
+  few-shot evaluation stores the fixed episodes in it, with the labels they index, which every
+  later pipeline must reproduce.
+  """
+  metrics = {row['metric'] for row in rows} - {'top1', '5w5s_acc'}
+  if metrics:
+    raise ValueError(f'unknown metrics {sorted(metrics)}; use top1 or 5w5s_acc.')
+  results = {}
+  top1 = [i for i, row in enumerate(rows) if row['metric'] == 'top1']
+  if top1:
+    subsets = sorted({modalities.check(rows[i]['test']) for i in top1})
+    outputs, labels = predict(evaluation.manyshot_split, subsets)
+    results |= {i: top1_row(rows[i], outputs, labels) for i in top1}
+  fewshot = [i for i, row in enumerate(rows) if row['metric'] == '5w5s_acc']
+  if fewshot:
+    subsets = sorted({modalities.check(rows[i][k]) for i in fewshot for k in ('train', 'test')})
+    outputs, labels = predict(evaluation.fewshot_split, subsets)
+    if 'labels' not in episode_cache:
+      episode_cache['labels'] = labels
+      episode_cache['episodes'] = sample_eval_episodes(labels, evaluation.fewshot)
+    if not np.array_equal(episode_cache['labels'], labels):
+      raise RuntimeError(f'the {evaluation.fewshot_split!r} split came back in another order; '
+                         'the fixed episodes index it, so eval_batches must be deterministic.')
+    support_idx, query_idx = episode_cache['episodes']
+    results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx) for i in fewshot}
+  return [results[i] for i in range(len(rows))]

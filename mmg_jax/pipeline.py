@@ -1,0 +1,297 @@
+"""Runs an experiment config: its training pipelines stage after stage, then the evaluation.
+
+The only module that knows stage order. A config (configs/fewshot.py, ...) holds
+- `pipelines`: name -> {'model_updates', 'stages'}, each stage a ConfigDict with a `name`, a
+  `kind` (one of STAGE_KINDS, the losses of the paper's stage table), the `split` it reads, the
+  `modalities` it may see, its optimizer and step budget;
+- `eval`: the result rows, each naming the pipeline whose final params it evaluates.
+
+Stage i of a pipeline starts from the params of stage i - 1 (the first from a fresh init) and
+checkpoints in `workdir/<pipeline>/<stage>/` (train.run_stage), so re-running a command resumes
+an interrupted stage and skips finished ones. Pipelines that begin with the same stages (same
+model, same stage configs) share them: a shared stage runs once, in the directory of the first
+pipeline (in name order) that lists it.
+
+Modality discipline is enforced, not assumed:
+- every stage sees its batches through `evaluate.restrict` with its own `modalities`: the others
+  are absent AND zeroed before the model runs, and their encoders do not run;
+- `validate` refuses, before any training, a config where a stage reading labeled data may see a
+  modality that a top-1 row does not train on (in zero-shot rows: a test modality), or where a
+  training stage reads an evaluation split.
+"""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipeline import loaders
+from mmg_jax import episodes, evaluate, losses, modalities, report, sharding, train
+from mmg_jax.models import mmg
+
+STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
+UNLABELED_SPLIT = 'unlabeled'
+
+
+def _subset(stage):
+  return modalities.check(stage.modalities)
+
+
+def validate(config):
+  """Checks the pipelines and rows of a config before anything trains; raises ValueError."""
+  evaluation_splits = {config.eval.manyshot_split, config.eval.fewshot_split}
+  for name, pipeline in config.pipelines.items():
+    if not pipeline.stages:
+      raise ValueError(f'pipeline {name!r} has no stages; give it at least one.')
+    names = [stage.name for stage in pipeline.stages]
+    if len(set(names)) != len(names):
+      raise ValueError(f'pipeline {name!r} has repeated stage names {names}; stage names are '
+                       'checkpoint directories and must be unique within a pipeline.')
+    for stage in pipeline.stages:
+      _validate_stage(name, stage, evaluation_splits)
+  used = set()
+  for row in config.eval.rows:
+    if row.pipeline not in config.pipelines:
+      raise ValueError(f'row {_row_name(row)} evaluates pipeline {row.pipeline!r}, which the '
+                       f'config does not define (pipelines: {sorted(config.pipelines)}).')
+    used.add(row.pipeline)
+    train_subset, test_subset = modalities.check(row.train), modalities.check(row.test)
+    if row.setting == 'zero-shot' and set(train_subset) & set(test_subset):
+      raise ValueError(f'zero-shot row {_row_name(row)} shares modalities between train and '
+                       'test; zero-shot train and test modalities must be disjoint.')
+    if row.metric == 'top1':
+      _validate_labeled_stages(row, config.pipelines[row.pipeline], train_subset)
+  unused = sorted(set(config.pipelines) - used)
+  if unused:
+    raise ValueError(f'pipelines {unused} are not evaluated by any row; remove them or add rows '
+                     'that use them.')
+
+
+def _validate_stage(pipeline_name, stage, evaluation_splits):
+  where = f'stage {stage.name!r} of pipeline {pipeline_name!r}'
+  if stage.kind not in STAGE_KINDS:
+    raise ValueError(f'{where} has kind {stage.kind!r}; use one of {STAGE_KINDS}.')
+  if stage.split in evaluation_splits:
+    raise ValueError(f'{where} trains on {stage.split!r}, an evaluation split; train on '
+                     f'train or {UNLABELED_SPLIT}.')
+  if stage.kind != 'align' and stage.split == UNLABELED_SPLIT:
+    raise ValueError(f'{where} ({stage.kind}) needs labels but reads the {UNLABELED_SPLIT!r} '
+                     'split; use the train split.')
+  subset = _subset(stage)
+  if _uses_align(stage) and ('video' not in subset or len(subset) < 2):
+    raise ValueError(f'{where} uses L_align, which pairs video with audio and IMU, but may see '
+                     f'only {list(subset)}; allow video and another modality or set align_weight '
+                     'to 0.')
+
+
+def _validate_labeled_stages(row, pipeline, train_subset):
+  """A stage that reads labeled clips may only see the row's train modalities."""
+  for stage in pipeline.stages:
+    if stage.split == UNLABELED_SPLIT:
+      continue
+    leaked = [m for m in _subset(stage) if m not in train_subset]
+    if leaked:
+      raise ValueError(
+          f'stage {stage.name!r} of pipeline {row.pipeline!r} reads labeled {stage.split!r} '
+          f'clips with modalities {list(_subset(stage))}, but row {_row_name(row)} trains on '
+          f'{list(train_subset)} only: {leaked} would leak into supervised training. Restrict '
+          f'the stage to {list(train_subset)}; test modalities may only enter through the '
+          f'{UNLABELED_SPLIT!r} alignment stage.')
+
+
+def _row_name(row):
+  return (f'{row.setting} {modalities.short_name(row.train)} -> '
+          f'{modalities.short_name(row.test)} ({row.metric})')
+
+
+def _uses_align(stage):
+  return stage.kind == 'align' or (stage.kind == 'supervised' and stage.align_weight > 0)
+
+
+def make_loss_fn(model, stage):
+  """loss_fn(params, batch, rng) -> (loss, metrics) of one stage, over the global batch.
+
+  The batch is first restricted to the stage's modalities (others absent and zeroed), and only
+  their encoders run.
+  """
+  subset = _subset(stage)
+  allowed = modalities.mask(subset)
+
+  def apply(params, batch, rng):
+    dropout_rng, modality_rng = jax.random.split(rng)
+    return model.apply({'params': params}, batch, train=True, modalities=subset,
+                       rngs={'dropout': dropout_rng, 'modality': modality_rng})
+
+  def align(out, present):
+    others = {m: out['embeddings'][m] for m in subset if m != 'video'}
+    return losses.align_loss(out['embeddings']['video'], others, temperature=stage.temperature,
+                             valid=present)
+
+  def unimodal_ce(params, batch, rng):
+    out = apply(params, batch, rng)
+    metrics = {}
+    for m in subset:
+      i = modalities.MODALITIES.index(m)
+      metrics[f'ce_{m}'] = losses.cross_entropy(out['unimodal_logits'][m], batch['label'],
+                                                mask=batch['present'][:, i])
+    return sum(metrics.values()), metrics
+
+  def align_only(params, batch, rng):
+    out = apply(params, batch, rng)
+    loss = align(out, batch['present'])
+    return loss, {'align': loss}
+
+  def supervised(params, batch, rng):
+    out = apply(params, batch, rng)
+    ce = losses.cross_entropy(out['logits'], batch['label'])
+    accuracy = jnp.mean(jnp.argmax(out['logits'], -1) == batch['label'])
+    metrics = {'ce': ce, 'accuracy': accuracy}
+    loss = stage.ce_weight * ce
+    if stage.align_weight > 0:
+      metrics['align'] = align(out, batch['present'])
+      loss += stage.align_weight * metrics['align']
+    return loss, metrics
+
+  def meta(params, batch, rng):
+    episode_rng, rng = jax.random.split(rng)
+    present = batch['present'] & episodes.sample_episode_modalities(
+        episode_rng, num_episodes=stage.episodes_per_batch, n_way=stage.n_way, k_shot=stage.k_shot,
+        q_query=stage.q_query, support_subsets=stage.support_subsets,
+        query_subsets=stage.query_subsets)
+    out = apply(params, {**batch, 'present': present}, rng)
+    proto, accuracy = losses.cross_modal_proto_loss(
+        out['fused'], n_way=stage.n_way, k_shot=stage.k_shot, q_query=stage.q_query)
+    metrics = {'proto': proto, 'accuracy': accuracy}
+    loss = stage.proto_weight * proto
+    if stage.ce_weight > 0:
+      metrics['ce'] = losses.cross_entropy(out['logits'], batch['label'])
+      loss += stage.ce_weight * metrics['ce']
+    return loss, metrics
+
+  kind_loss = {'unimodal_ce': unimodal_ce, 'align': align_only, 'supervised': supervised,
+               'meta': meta}[stage.kind]
+
+  def loss_fn(params, batch, rng):
+    return kind_loss(params, evaluate.restrict(batch, allowed), rng)
+
+  return loss_fn
+
+
+def make_loader(dataset, stage, seed):
+  """The stage's training batches: shuffled clips, or episodes for meta-training."""
+  if stage.kind == 'meta':
+    return loaders.episode_batches(dataset, stage.split, n_way=stage.n_way, k_shot=stage.k_shot,
+                                   q_query=stage.q_query,
+                                   episodes_per_batch=stage.episodes_per_batch, seed=seed)
+  return loaders.train_batches(dataset, stage.split, global_batch_size=stage.batch_size,
+                               seed=seed)
+
+
+def model_config(config, pipeline):
+  """The pipeline's model: config.model with the pipeline's `model_updates` (e.g. MLP fusion)."""
+  model = config.model.copy_and_resolve_references()
+  model.update(pipeline.model_updates)
+  return model
+
+
+def example_batch(dataset):
+  """A batch of one clip of the train split, to initialize params with the data's shapes."""
+  example = loaders.data_source(dataset, 'train')[0]
+  batch = {m: np.asarray(example[m])[None] for m in (*modalities.MODALITIES, 'present')}
+  return batch | {'label': np.zeros([1], np.int32), 'mask': np.ones([1], bool)}
+
+
+def init_params(model, batch, seed):
+  """Fresh params for `model`, initialized on `batch`."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  rngs = dict(zip(('params', 'dropout', 'modality'), keys, strict=True))
+  return jax.jit(lambda rngs, batch: model.init(rngs, batch, train=False))(rngs, batch)['params']
+
+
+def _stage_identity(config, model_cfg, stages):
+  """What a stage's result depends on: data, model, seed and every stage up to it."""
+  return json.dumps({'dataset': config.dataset.to_dict(), 'model': model_cfg.to_dict(),
+                     'seed': config.seed, 'stages': [s.to_dict() for s in stages]},
+                    sort_keys=True, default=str)
+
+
+def _claim_stage_dir(stage_dir, identity):
+  """Records the stage's identity; refuses a directory trained under another config."""
+  path = os.path.join(stage_dir, 'stage.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != identity:
+        raise ValueError(f'{stage_dir} holds a stage trained with a different config (data, '
+                         'model, seed or an earlier stage changed); use a fresh --workdir or '
+                         'delete that directory to retrain it.')
+    return
+  if jax.process_index() == 0:
+    os.makedirs(stage_dir, exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(identity)
+
+
+def train_pipeline(config, name, workdir, mesh, trained):
+  """Runs the stages of pipeline `name` in order; returns (model, final params).
+
+  trained: identity -> (params, directory) of every stage run so far in this process, so that
+  a stage shared with an earlier pipeline is not run again.
+  """
+  pipeline = config.pipelines[name]
+  model_cfg = model_config(config, pipeline)
+  model = mmg.MMGModel(config=model_cfg)
+  params = None
+  for i, stage in enumerate(pipeline.stages):
+    identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
+    if identity in trained:
+      params, directory = trained[identity]
+      _say(name, f'stage {stage.name!r} is the same as {directory}: reusing its params.')
+      continue
+    if params is None:
+      params = init_params(model, example_batch(config.dataset), config.seed)
+    _claim_stage_dir(os.path.join(workdir, name, stage.name), identity)
+    seed = config.seed + i
+    params = train.run_stage(
+        stage.name, workdir=os.path.join(workdir, name), model=model,
+        loss_fn=make_loss_fn(model, stage), init_params=params,
+        loader=make_loader(config.dataset, stage, seed), optimizer=stage.optimizer,
+        num_steps=stage.num_steps, mesh=mesh, seed=seed, log_every=stage.log_every,
+        checkpoint_every=stage.checkpoint_every)
+    trained[identity] = (params, f'{name}/{stage.name}')
+  return model, params
+
+
+def run(config, workdir):
+  """Trains every pipeline of `config`, evaluates its rows, writes the results; returns rows."""
+  validate(config)
+  mesh = sharding.make_mesh()
+  trained, forwards, episode_cache, results = {}, {}, {}, {}
+  for name in sorted(config.pipelines):
+    model, params = train_pipeline(config, name, workdir, mesh, trained)
+    forward = forwards.setdefault(model_config(config, config.pipelines[name]).to_json(),
+                                  evaluate.make_forward(model))
+    indices = [i for i, row in enumerate(config.eval.rows) if row.pipeline == name]
+    _say(name, f'evaluating {len(indices)} rows.')
+    predict = functools.partial(evaluate.predict_split, forward, params, config.dataset,
+                                batch_size=config.eval.batch_size, mesh=mesh)
+    rows = [_result_row(config.eval.rows[i]) for i in indices]
+    results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache),
+                       strict=True))
+  rows = [results[i] for i in range(len(config.eval.rows))]
+  report.write(config.eval.kind, rows, workdir, process_index=jax.process_index())
+  return rows
+
+
+def _say(name, text):
+  """A console line from process 0, as train.run_stage prints them."""
+  if jax.process_index() == 0:
+    print(f'[{name}] {text}', flush=True)
+
+
+def _result_row(row):
+  """A config row as a plain dict with modality tuples, the start of a result row."""
+  row = row.to_dict() if isinstance(row, ml_collections.ConfigDict) else dict(row)
+  return row | {'train': modalities.check(row['train']), 'test': modalities.check(row['test'])}

@@ -1,0 +1,135 @@
+"""Evaluation maths against NumPy: intervals, episode accuracy, rows, modality restriction."""
+import ml_collections
+import numpy as np
+import pytest
+
+from mmg_jax import evaluate, modalities
+
+RNG = np.random.default_rng(0)
+NOVEL = np.repeat(np.arange(65, 72), 12)  # 7 novel classes x 12 clips, as the novel split.
+
+
+def _evaluation(num_episodes=40):
+  return ml_collections.ConfigDict({
+      'manyshot_split': 'test', 'fewshot_split': 'novel',
+      'fewshot': {'n_way': 5, 'k_shot': 3, 'q_query': 4, 'num_episodes': num_episodes,
+                  'seed': 7}})
+
+
+def _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx):
+  """Nearest prototype under squared Euclidean distance, one episode at a time."""
+  accuracies = []
+  for s_idx, q_idx in zip(support_idx, query_idx, strict=True):
+    prototypes = support_embeddings[s_idx].mean(axis=1)  # [N, D]
+    correct = []
+    for n, row in enumerate(q_idx):
+      for q in query_embeddings[row]:
+        correct.append(np.argmin(((prototypes - q) ** 2).sum(-1)) == n)
+    accuracies.append(np.mean(correct))
+  return np.array(accuracies)
+
+
+def test_mean_ci95_matches_numpy():
+  values = RNG.uniform(size=600)
+  mean, ci95 = evaluate.mean_ci95(values)
+  np.testing.assert_allclose(mean, values.mean())
+  np.testing.assert_allclose(ci95, 1.96 * values.std(ddof=1) / np.sqrt(600))
+  assert evaluate.mean_ci95([0.25]) == (0.25, 0.0)
+
+
+def test_proportion_ci95_is_the_normal_approximation():
+  correct = np.arange(50) < 20
+  p, ci95 = evaluate.proportion_ci95(correct)
+  assert p == 0.4
+  np.testing.assert_allclose(ci95, 1.96 * np.sqrt(0.4 * 0.6 / 50))
+
+
+def test_episode_accuracy_matches_numpy_nearest_prototype():
+  support_embeddings = RNG.normal(size=(NOVEL.size, 6)).astype(np.float32)
+  # Queries near their class's mean support embedding, plus noise: accuracies spread over (0, 1).
+  class_means = {c: support_embeddings[NOVEL == c].mean(0) for c in np.unique(NOVEL)}
+  query_embeddings = (np.stack([class_means[c] for c in NOVEL])
+                      + 0.4 * RNG.normal(size=support_embeddings.shape)).astype(np.float32)
+  support_idx, query_idx = evaluate.sample_eval_episodes(NOVEL, _evaluation().fewshot)
+  support_idx, query_idx = np.asarray(support_idx), np.asarray(query_idx)
+  got = np.asarray(evaluate.episode_accuracy(support_embeddings, query_embeddings, support_idx,
+                                             query_idx))
+  want = _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert 0 < want.mean() < 1
+
+
+def _fake_predict(calls, labels_of_split):
+  """predict(split, subsets) with outputs that depend only on (split, subset)."""
+
+  def predict(split, subsets):
+    calls.append((split, tuple(subsets)))
+    labels = labels_of_split[split]
+    outputs = {}
+    for subset in subsets:
+      rng = np.random.default_rng([len(split), *modalities.mask(subset).astype(int)])
+      outputs[subset] = {'fused': rng.normal(size=(labels.size, 4)).astype(np.float32),
+                         'logits': rng.normal(size=(labels.size, 70)).astype(np.float32)}
+    return outputs, labels
+
+  return predict
+
+
+def _row(setting, train, test, metric):
+  return {'setting': setting, 'train': modalities.check(train), 'test': modalities.check(test),
+          'metric': metric, 'pipeline': 'p'}
+
+
+def test_rows_share_one_episode_list_and_subset_embeddings():
+  test_labels = RNG.integers(0, 70, size=90)
+  calls, cache = [], {}
+  predict = _fake_predict(calls, {'test': test_labels, 'novel': NOVEL})
+  rows = [_row('missing', ['video', 'audio', 'imu'], ['audio'], '5w5s_acc'),
+          _row('missing', ['video', 'audio', 'imu'], ['audio', 'imu'], 'top1'),
+          _row('zero-shot', ['audio'], ['video'], '5w5s_acc')]
+  results = evaluate.evaluate_rows(rows, predict, _evaluation(), cache)
+  # One pass per split, each with exactly the subsets its rows need.
+  assert sorted(calls) == [('novel', (('audio',), ('video',), ('video', 'audio', 'imu'))),
+                           ('test', (('audio', 'imu'),))]
+  outputs, _ = predict('novel', [('video', 'audio', 'imu'), ('audio',), ('video',)])
+  support_idx, query_idx = (np.asarray(x) for x in cache['episodes'])
+  for result, (support, query) in [(results[0], (('video', 'audio', 'imu'), ('audio',))),
+                                   (results[2], (('audio',), ('video',)))]:
+    accuracies = _numpy_episode_accuracy(outputs[support]['fused'], outputs[query]['fused'],
+                                         support_idx, query_idx)
+    assert result['n'] == 40 and result['metric'] == '5w5s_acc'
+    np.testing.assert_allclose(result['mean'], 100 * accuracies.mean(), rtol=1e-6)
+    np.testing.assert_allclose(result['ci95'], 100 * 1.96 * accuracies.std(ddof=1) / np.sqrt(40),
+                               rtol=1e-6)
+  logits = predict('test', [('audio', 'imu')])[0][('audio', 'imu')]['logits']
+  np.testing.assert_allclose(results[1]['mean'],
+                             100 * np.mean(logits.argmax(-1) == test_labels))
+  assert results[1]['n'] == 90 and results[1]['pipeline'] == 'p'
+
+  # A second pipeline of the same run reuses the episodes of the first.
+  episodes_before = cache['episodes']
+  evaluate.evaluate_rows(rows[:1], predict, _evaluation(), cache)
+  assert cache['episodes'] is episodes_before
+  np.testing.assert_array_equal(
+      support_idx, evaluate.sample_eval_episodes(NOVEL, _evaluation().fewshot)[0])
+
+
+def test_a_reordered_novel_split_is_an_error():
+  cache = {}
+  rows = [_row('regular', ['video'], ['video'], '5w5s_acc')]
+  evaluate.evaluate_rows(rows, _fake_predict([], {'novel': NOVEL}), _evaluation(), cache)
+  with pytest.raises(RuntimeError, match='another order'):
+    evaluate.evaluate_rows(rows, _fake_predict([], {'novel': NOVEL[::-1]}), _evaluation(), cache)
+
+
+def test_restrict_removes_disallowed_modalities_entirely():
+  batch = {'video': RNG.integers(0, 255, (4, 2, 3, 3, 3)).astype(np.uint8),
+           'audio': RNG.normal(size=(4, 5, 2)).astype(np.float32),
+           'imu': RNG.normal(size=(4, 7, 6)).astype(np.float32),
+           'present': RNG.uniform(size=(4, 3)) < 0.7, 'label': np.arange(4), 'mask': np.ones(4)}
+  out = evaluate.restrict(batch, modalities.mask(['audio']))
+  assert not np.asarray(out['video']).any() and not np.asarray(out['imu']).any()
+  np.testing.assert_array_equal(out['audio'], batch['audio'])
+  np.testing.assert_array_equal(out['present'], batch['present'] & [False, True, False])
+  np.testing.assert_array_equal(out['label'], batch['label'])
+  assert out['video'].dtype == np.uint8

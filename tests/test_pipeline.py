@@ -1,0 +1,191 @@
+"""The staged pipeline: modality discipline, stage sharing and resumption, tiny end-to-end runs."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common, fewshot, manyshot
+from mmg_jax import pipeline, report
+from mmg_jax.models import mmg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def main_env(tmp_path_factory):
+  """Environment of the end-to-end `python -m mmg_jax.main` runs.
+
+  They compile some programs twice (the resumed run; the stages and the evaluation that the
+  few-shot and many-shot configs share): a shared persistent compilation cache compiles each
+  once. LLVM optimization level 0 halves the compile time of the tiny model, which dominates
+  these runs (the tiny steps run in milliseconds either way).
+  """
+  xla_flags = os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+  return os.environ | {'XLA_FLAGS': xla_flags,
+                       'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+                       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
+
+
+def _main(env, config, workdir):
+  """Runs `python -m mmg_jax.main` as a user would; returns its stdout."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'mmg_jax.main', f'--config={config}', f'--workdir={workdir}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def _leak_message(stage, pipeline_name, leaked):
+  return f"stage '{stage}' of pipeline '{pipeline_name}' .* {leaked} would leak"
+
+
+def test_experiment_configs_pass_validation():
+  for module in (fewshot, manyshot):
+    for size in common.SIZES:
+      pipeline.validate(module.get_config(size))
+
+
+def test_zero_shot_labeled_stage_seeing_a_test_modality_is_refused():
+  config = manyshot.get_config('tiny')
+  config.pipelines.zeroshot_train_A.stages[1].modalities = ('video', 'audio')
+  with pytest.raises(ValueError, match=_leak_message('multimodal', 'zeroshot_train_A',
+                                                     r"\['video'\]")):
+    pipeline.validate(config)
+
+
+def test_zero_shot_pipeline_with_a_multimodal_labeled_stage_is_refused():
+  """The regular pipeline's labeled stages see video: a zero-shot row cannot evaluate it."""
+  config = manyshot.get_config('tiny')
+  row = next(r for r in config.eval.rows if r.setting == 'zero-shot')
+  row.pipeline = 'train_VAI'
+  with pytest.raises(ValueError, match="stage 'unimodal' of pipeline 'train_VAI'"):
+    pipeline.validate(config)
+
+
+def test_training_on_an_evaluation_split_is_refused():
+  config = fewshot.get_config('tiny')
+  config.pipelines.train_VAI.stages[2].split = 'novel'
+  with pytest.raises(ValueError, match="stage 'meta' .* trains on 'novel', an evaluation split"):
+    pipeline.validate(config)
+
+
+def test_labeled_stage_on_the_unlabeled_split_is_refused():
+  config = fewshot.get_config('tiny')
+  config.pipelines.train_VAI.stages[0].split = 'unlabeled'
+  with pytest.raises(ValueError, match='needs labels'):
+    pipeline.validate(config)
+
+
+def test_alignment_without_video_is_refused():
+  config = fewshot.get_config('tiny')
+  config.pipelines.train_VAI.stages[1].modalities = ('audio', 'imu')
+  with pytest.raises(ValueError, match='L_align'):
+    pipeline.validate(config)
+
+
+def test_rows_and_pipelines_must_match():
+  config = fewshot.get_config('tiny')
+  config.pipelines.extra = config.pipelines.train_VAI
+  with pytest.raises(ValueError, match=r"pipelines \['extra'\] are not evaluated"):
+    pipeline.validate(config)
+  config = fewshot.get_config('tiny')
+  config.eval.rows[0].pipeline = 'missing_pipeline'
+  with pytest.raises(ValueError, match="'missing_pipeline', which the config does not define"):
+    pipeline.validate(config)
+
+
+def _random_batch(rng, config, batch_size, present=None):
+  shapes = {'tiny': {'video': (4, 16, 16, 3), 'audio': (48, 16), 'imu': (100, 6)}}[config.size]
+  batch = {'video': rng.integers(0, 256, (batch_size, *shapes['video'])).astype(np.uint8),
+           'audio': rng.normal(size=(batch_size, *shapes['audio'])).astype(np.float32),
+           'imu': rng.normal(size=(batch_size, *shapes['imu'])).astype(np.float32),
+           'present': np.ones((batch_size, 3), bool) if present is None else present,
+           'label': rng.integers(0, 65, batch_size).astype(np.int32),
+           'mask': np.ones(batch_size, bool)}
+  return batch
+
+
+@pytest.mark.parametrize('kind', ['supervised', 'unimodal_ce'])
+def test_labeled_stage_is_blind_to_modalities_it_may_not_see(kind):
+  """Replacing the test-modality data of a zero-shot labeled batch changes no gradient."""
+  config = manyshot.get_config('tiny')
+  stage = (common.supervised_stage('tiny', modalities=('audio',), align_weight=0.0)
+           if kind == 'supervised' else common.unimodal_stage('tiny', modalities=('audio',)))
+  model = mmg.MMGModel(config=config.model)
+  rng = np.random.default_rng(0)
+  batch = _random_batch(rng, config, 8)
+  # Random params of the model's shapes: any params will do, and no init needs compiling.
+  shapes = jax.eval_shape(functools.partial(pipeline.init_params, model, batch, 0))
+  params = jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
+  grad_fn = jax.jit(jax.grad(lambda p, b: pipeline.make_loss_fn(model, stage)(
+      p, b, jax.random.key(1))[0]))
+  grads = grad_fn(params, batch)
+  other = _random_batch(np.random.default_rng(1), config, 8)
+  present = rng.uniform(size=(8, 3)) < 0.5
+  present[:, 1] = True
+  leaked = {**batch, 'video': other['video'], 'imu': other['imu'], 'present': present}
+  jax.tree.map(np.testing.assert_array_equal, grads, grad_fn(params, leaked))
+  # The test can fail: the allowed modality's data does move the gradients.
+  moved = grad_fn(params, {**batch, 'audio': other['audio']})
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(grads),
+                                                      jax.tree.leaves(moved), strict=True))
+
+
+def test_stage_directory_refuses_another_config(tmp_path):
+  pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
+  pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
+  with pytest.raises(ValueError, match='different config'):
+    pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 2}')
+
+
+def _check_results(workdir, kind, table, metric):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    doc = json.load(f)
+  assert doc['kind'] == kind and len(doc['rows']) == len(table)
+  for got, want in zip(doc['rows'], table, strict=True):
+    assert got['setting'] == want['setting'] and got['metric'] == metric
+    assert got['train'] == list(want['train']) and got['test'] == list(want['test'])
+    assert 0 <= got['mean'] <= 100 and got['ci95'] >= 0 and got['n'] > 0
+  assert os.path.exists(os.path.join(workdir, 'results.md'))
+  return doc
+
+
+def _metrics_lines(workdir):
+  lines = {}
+  for root, _, files in os.walk(workdir):
+    if 'metrics.jsonl' in files:
+      with open(os.path.join(root, 'metrics.jsonl')) as f:
+        lines[os.path.relpath(root, workdir)] = f.read()
+  return lines
+
+
+def test_tiny_fewshot_runs_end_to_end_and_resumes(main_env, tmp_path):
+  config = fewshot.get_config('tiny')
+  workdir = str(tmp_path)
+  out = _main(main_env, 'configs/fewshot.py:tiny', workdir)
+  doc = _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc')
+  assert {row['n'] for row in doc['rows']} == {config.eval.fewshot.num_episodes}
+  assert report.markdown('few-shot', doc['rows']).split('\n\n')[1] in out  # the printed table
+  trained = _metrics_lines(workdir)
+  assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
+  # Re-running the same command trains nothing again and reproduces the results.
+  out = _main(main_env, 'configs/fewshot.py:tiny', workdir)
+  assert out.count('finished earlier') == 3  # run_stage's word for a skipped stage
+  assert _metrics_lines(workdir) == trained
+  assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc
+
+
+def test_tiny_manyshot_runs_end_to_end_sharing_the_alignment_stage(main_env, tmp_path):
+  workdir = str(tmp_path)
+  out = _main(main_env, 'configs/manyshot.py:tiny', workdir)
+  _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
+  assert sorted(_metrics_lines(workdir)) == [
+      'train_VAI/multimodal', 'train_VAI/unimodal', 'zeroshot_train_A/align',
+      'zeroshot_train_A/multimodal', 'zeroshot_train_AI/multimodal',
+      'zeroshot_train_I/multimodal', 'zeroshot_train_V/multimodal']
+  assert out.count("stage 'align' is the same as zeroshot_train_A/align") == 3

@@ -135,7 +135,7 @@ def test_positional_encoding_is_separable():
 def test_attention_pool_matches_numpy():
   grid, stride = (3, 4, 5), (1, 2, 2)
   x = _normal((2, 3, 1 + math.prod(grid), 4), seed=1)
-  module = video_mvit.AttentionPool(kernel=(3, 3, 3), stride=stride)
+  module = video_mvit.AttentionPool(pool_kernel=(3, 3, 3), stride=stride)
   params = _random_params(module, x, grid=grid)
   out = module.apply({'params': params}, x, grid=grid)
   assert out.shape == (2, 3, 1 + 3 * 2 * 3, 4)

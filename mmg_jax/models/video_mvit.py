@@ -161,7 +161,7 @@ class AttentionPool(nn.Module):
 
   The cls token bypasses the convolution but is normalized with the pooled tokens.
   """
-  kernel: tuple[int, int, int]
+  pool_kernel: tuple[int, int, int]
   stride: tuple[int, int, int]
   dtype: Any = jnp.float32
 
@@ -169,7 +169,7 @@ class AttentionPool(nn.Module):
   def __call__(self, x, grid):
     b, h, _, c = x.shape
     cls, patches = x[:, :, :1], x[:, :, 1:].reshape(b * h, *grid, c)
-    patches = DepthwiseConv3d(self.kernel, self.stride, self.dtype, name='conv')(patches)
+    patches = DepthwiseConv3d(self.pool_kernel, self.stride, self.dtype, name='conv')(patches)
     x = jnp.concatenate([cls, patches.reshape(b, h, -1, c)], axis=2)
     return layers.layer_norm(LN_EPSILON, self.dtype, 'norm')(x)
 
@@ -178,7 +178,7 @@ class MultiscaleAttention(nn.Module):
   """Multi-head self-attention whose queries, keys and values are pooled on the token grid."""
   num_heads: int
   grid: tuple[int, int, int]
-  kernel: tuple[int, int, int]
+  pool_kernel: tuple[int, int, int]
   stride_q: tuple[int, int, int] | None
   stride_kv: tuple[int, int, int]
   dtype: Any = jnp.float32
@@ -189,10 +189,10 @@ class MultiscaleAttention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=layers.dense_init, name='qkv')(x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    k = AttentionPool(self.kernel, self.stride_kv, self.dtype, name='pool_k')(k, self.grid)
-    v = AttentionPool(self.kernel, self.stride_kv, self.dtype, name='pool_v')(v, self.grid)
+    k = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, name='pool_k')(k, self.grid)
+    v = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, name='pool_v')(v, self.grid)
     if self.stride_q is not None:
-      q = AttentionPool(self.kernel, self.stride_q, self.dtype, name='pool_q')(q, self.grid)
+      q = AttentionPool(self.pool_kernel, self.stride_q, self.dtype, name='pool_q')(q, self.grid)
     logits = jnp.einsum('bhqc,bhkc->bhqk', q * head_dim**-0.5, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     x = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, -1, d)
@@ -207,7 +207,7 @@ class MultiscaleBlock(nn.Module):
   """
   setting: BlockSetting
   grid: tuple[int, int, int]  # token grid of the input
-  kernel: tuple[int, int, int]
+  pool_kernel: tuple[int, int, int]
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
@@ -216,7 +216,7 @@ class MultiscaleBlock(nn.Module):
   def __call__(self, x, train=False):
     s = self.setting
     y = layers.layer_norm(LN_EPSILON, self.dtype, 'norm1')(x)
-    y = MultiscaleAttention(s.num_heads, self.grid, self.kernel, s.stride_q, s.stride_kv,
+    y = MultiscaleAttention(s.num_heads, self.grid, self.pool_kernel, s.stride_q, s.stride_kv,
                             self.dtype, name='attn')(y)
     if s.stride_q is not None:
       x = _skip_pool(x, self.grid, s.stride_q)

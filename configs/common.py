@@ -167,16 +167,20 @@ def fusion_config(size):
 # in seconds for tests; 'small' keeps each of configs/fewshot.py and configs/manyshot.py under
 # 15 minutes on 2 CPU cores, measured; 'paper' is a pod-scale schedule.
 _STAGE_STEPS = {
-    'unimodal_ce': {'tiny': 2, 'small': 300, 'paper': 20_000},
-    'align': {'tiny': 2, 'small': 300, 'paper': 50_000},
-    'supervised': {'tiny': 2, 'small': 300, 'paper': 20_000},
-    'meta': {'tiny': 2, 'small': 200, 'paper': 10_000},
+    'unimodal_ce': {'tiny': 2, 'small': 250, 'paper': 20_000},
+    'align': {'tiny': 2, 'small': 150, 'paper': 50_000},
+    'supervised': {'tiny': 2, 'small': 150, 'paper': 20_000},
+    'meta': {'tiny': 2, 'small': 60, 'paper': 10_000},
 }
 _BATCH_SIZE = {'tiny': 8, 'small': 32, 'paper': 256}
 
 
 def optimizer_config(learning_rate, num_steps):
-  """AdamW with linear warmup over the first 10% of the steps, then cosine decay."""
+  """AdamW with linear warmup over the first 10% of the steps, then cosine decay.
+
+  num_steps: an int or the stage's FieldReference, so that warmup follows an override of the
+  stage's num_steps.
+  """
   return ml_collections.ConfigDict({
       'name': 'adamw',
       'learning_rate': learning_rate,
@@ -188,16 +192,18 @@ def optimizer_config(learning_rate, num_steps):
   })
 
 
-def _stage(size, name, kind, *, split, modalities, learning_rate, **fields):
-  num_steps = _STAGE_STEPS[kind][size]
+def _stage(size, name, kind, *, split, modalities, learning_rate, num_steps=None, **fields):
+  """A stage; num_steps defaults to the kind's budget for the size (_STAGE_STEPS)."""
+  num_steps = _STAGE_STEPS[kind][size] if num_steps is None else num_steps
+  steps = ml_collections.FieldReference(num_steps)
   return ml_collections.ConfigDict({
       'name': name,  # the checkpoint directory, workdir/<pipeline>/<name>/
       'kind': kind,
       'split': split,
       'modalities': tuple(modalities),  # the only modalities this stage's model sees
-      'num_steps': num_steps,
+      'num_steps': steps,
       'batch_size': _BATCH_SIZE[size],  # global
-      'optimizer': optimizer_config(learning_rate, num_steps),
+      'optimizer': optimizer_config(learning_rate, steps),
       'log_every': max(1, num_steps // 10),
       # A few saves per stage; 'tiny' stages are too short to need more than the final one.
       'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // 4),
@@ -217,13 +223,15 @@ def align_stage(size):
                 modalities=('video', 'audio', 'imu'), learning_rate=1e-3, temperature=0.1)
 
 
-def supervised_stage(size, modalities=('video', 'audio', 'imu'), align_weight=1.0):
+def supervised_stage(size, modalities=('video', 'audio', 'imu'), align_weight=1.0,
+                     num_steps=None):
   """Multimodal supervised training: L_CE on the fused logits + align_weight * L_align.
 
   align_weight 0 is L_CE alone (the many-shot zero-shot stage, and the 'no alignment' ablation).
   """
   return _stage(size, 'multimodal', 'supervised', split='train', modalities=modalities,
-                learning_rate=5e-4, ce_weight=1.0, align_weight=align_weight, temperature=0.1)
+                learning_rate=5e-4, num_steps=num_steps, ce_weight=1.0,
+                align_weight=align_weight, temperature=0.1)
 
 
 def meta_stage(size, subsets):
@@ -240,7 +248,7 @@ def meta_stage(size, subsets):
                 q_query={'tiny': 2, 'small': 3, 'paper': 15}[size],
                 episodes_per_batch={'tiny': 2, 'small': 2, 'paper': 8}[size],
                 support_subsets=tuple(subsets), query_subsets=tuple(subsets), proto_weight=1.0,
-                ce_weight=0.0)
+                temperature=0.1, ce_weight=0.0)
 
 
 def pipeline(*stages, model_updates=None):

@@ -49,6 +49,20 @@ def proportion_ci95(correct):
   return p, float(Z95 * np.sqrt(p * (1 - p) / np.size(correct)))
 
 
+def prototype_embedding(fused, temperature=1.0):
+  """Where prototypes live: the L2-normalized fused embedding over sqrt(temperature).
+
+  Squared distances there are (2 - 2 cos) / temperature for unit vectors, so the proto loss's
+  logits are bounded whatever the scale of `fused` (on the raw scale they saturate the softmax
+  and meta-training collapses), and the temperature sets their range. Meta-training
+  (pipeline.py) and few-shot evaluation measure distances in this same space; the temperature
+  does not change which prototype is nearest.
+  """
+  fused = jnp.asarray(fused, jnp.float32)
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(fused * fused, axis=-1, keepdims=True), 1e-12))
+  return fused / (norm * jnp.sqrt(temperature))
+
+
 @jax.jit
 def episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx):
   """Accuracy of each episode: the query's nearest prototype must be its own class.
@@ -107,10 +121,11 @@ def top1_row(row, outputs, labels):
 
 
 def fewshot_row(row, outputs, support_idx, query_idx):
-  """A few-shot result row: support under `row['train']`, query under `row['test']`."""
-  accuracies = episode_accuracy(outputs[modalities.check(row['train'])]['fused'],
-                                outputs[modalities.check(row['test'])]['fused'],
-                                support_idx, query_idx)
+  """A few-shot result row: support under `row['train']`, query under `row['test']`, nearest
+  prototype in `prototype_embedding` space."""
+  support, query = (prototype_embedding(outputs[modalities.check(row[k])]['fused'])
+                    for k in ('train', 'test'))
+  accuracies = episode_accuracy(support, query, support_idx, query_idx)
   mean, ci95 = mean_ci95(np.asarray(accuracies))
   return {**row, 'mean': 100 * mean, 'ci95': 100 * ci95, 'n': int(support_idx.shape[0])}
 

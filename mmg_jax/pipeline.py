@@ -163,7 +163,8 @@ def make_loss_fn(model, stage):
         query_subsets=stage.query_subsets)
     out = apply(params, {**batch, 'present': present}, rng)
     proto, accuracy = losses.cross_modal_proto_loss(
-        out['fused'], n_way=stage.n_way, k_shot=stage.k_shot, q_query=stage.q_query)
+        evaluate.prototype_embedding(out['fused'], stage.temperature), n_way=stage.n_way,
+        k_shot=stage.k_shot, q_query=stage.q_query)
     metrics = {'proto': proto, 'accuracy': accuracy}
     loss = stage.proto_weight * proto
     if stage.ce_weight > 0:

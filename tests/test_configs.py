@@ -91,7 +91,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config')
 def main(_):
   config = _CONFIG.value
-  print(config.size, config.pipelines.train_VAI.stages[2].num_steps,
+  meta = config.pipelines.train_VAI.stages[2]
+  print(config.size, meta.num_steps, meta.optimizer.warmup_steps,
         config.eval.fewshot.num_episodes, config.model.fusion.kind)
 app.run(main)
 """
@@ -101,10 +102,11 @@ def test_command_line_overrides_reach_stages_and_eval():
   """The overrides of `python -m mmg_jax.main --config=...`, parsed by config_flags."""
   result = subprocess.run(
       [sys.executable, '-c', _PRINT_CONFIG, '--config=configs/fewshot.py:tiny',
-       '--config.pipelines.train_VAI.stages[2].num_steps=7',
+       '--config.pipelines.train_VAI.stages[2].num_steps=70',
        '--config.eval.fewshot.num_episodes=33', '--config.model.fusion.kind=mlp'],
       cwd=ROOT, capture_output=True, text=True, check=True)
-  assert result.stdout.split() == ['tiny', '7', '33', 'mlp']
+  # Warmup follows the stage's steps (10%).
+  assert result.stdout.split() == ['tiny', '70', '7', '33', 'mlp']
 
 
 def test_unknown_size_is_refused():

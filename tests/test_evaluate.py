@@ -59,6 +59,19 @@ def test_episode_accuracy_matches_numpy_nearest_prototype():
   assert 0 < want.mean() < 1
 
 
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_prototype_embedding_is_unit_norm_over_sqrt_temperature():
+  fused = RNG.normal(size=(5, 8)).astype(np.float32) * [[1], [10], [100], [0.1], [3]]
+  z = np.asarray(evaluate.prototype_embedding(fused, temperature=0.25))
+  np.testing.assert_allclose(z, 2 * _unit(fused), rtol=1e-6)
+  # Squared distances of unit vectors: (2 - 2 cos) / temperature.
+  np.testing.assert_allclose(((z[0] - z[1]) ** 2).sum(),
+                             (2 - 2 * _unit(fused)[0] @ _unit(fused)[1]) / 0.25, rtol=1e-5)
+
+
 def _fake_predict(calls, labels_of_split):
   """predict(split, subsets) with outputs that depend only on (split, subset)."""
 
@@ -95,8 +108,8 @@ def test_rows_share_one_episode_list_and_subset_embeddings():
   support_idx, query_idx = (np.asarray(x) for x in cache['episodes'])
   for result, (support, query) in [(results[0], (('video', 'audio', 'imu'), ('audio',))),
                                    (results[2], (('audio',), ('video',)))]:
-    accuracies = _numpy_episode_accuracy(outputs[support]['fused'], outputs[query]['fused'],
-                                         support_idx, query_idx)
+    accuracies = _numpy_episode_accuracy(_unit(outputs[support]['fused']),
+                                         _unit(outputs[query]['fused']), support_idx, query_idx)
     assert result['n'] == 40 and result['metric'] == '5w5s_acc'
     np.testing.assert_allclose(result['mean'], 100 * accuracies.mean(), rtol=1e-6)
     np.testing.assert_allclose(result['ci95'], 100 * 1.96 * accuracies.std(ddof=1) / np.sqrt(40),

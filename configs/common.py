@@ -64,6 +64,8 @@ def video_config(size):
   """
   return ml_collections.ConfigDict({
       'size': size,
+      'input_shape': {'tiny': (4, 16, 16, 3), 'small': (8, 32, 32, 3),
+                      'paper': (16, 224, 224, 3)}[size],  # [T, H, W, 3]
       'patch_kernel': (3, 7, 7),
       'patch_stride': (2, 4, 4),
       'patch_padding': (1, 3, 3),

@@ -17,15 +17,10 @@ from mmg_jax.tools import model_stats
 
 f32 = jnp.float32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VIDEO_SHAPES = {'tiny': (4, 16, 16, 3), 'small': (8, 32, 32, 3), 'paper': (16, 224, 224, 3)}
 
 
 def _model_config(size):
-  """configs/common.model_config(size); the contract's video shape until video_config has one."""
-  model_config = common.model_config(size)
-  if 'input_shape' not in model_config.video:
-    model_config.video.input_shape = VIDEO_SHAPES[size]
-  return model_config
+  return common.model_config(size)
 
 
 def _abstract(module, *inputs):
@@ -138,8 +133,6 @@ def test_fusion_rows_cover_every_subset_and_count_only_what_runs(tiny_stats):
 
 
 def test_cli_prints_the_same_numbers_as_json(tiny_stats):
-  if 'input_shape' not in common.video_config('tiny'):
-    pytest.skip('configs/common.video_config has no input_shape yet')
   out = subprocess.run(
       [sys.executable, '-m', 'mmg_jax.tools.model_stats', '--config=configs/fewshot.py:tiny',
        '--format=json', '--noxla'],

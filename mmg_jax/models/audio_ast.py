@@ -101,10 +101,6 @@ class AudioAST(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(special, (batch, 2, config.width)), x], axis=1)
     x = nn.Dropout(config.dropout, deterministic=not train)(x + pos_embed)
 
-    block_cls = nn.remat(layers.Block, static_argnums=(3,)) if config.remat else layers.Block
-    rates = layers.stochastic_depth_rates(config.drop_path, config.depth)
-    for i, rate in enumerate(rates):
-      x = block_cls(config.num_heads, config.mlp_ratio, dropout=config.dropout, drop_path=rate,
-                    norm_eps=config.norm_eps, dtype=self.dtype, name=f'blocks_{i}')(x, None, train)
+    x = layers.vit_blocks(x, config, dtype=self.dtype, train=train)
     x = layers.layer_norm(config.norm_eps, self.dtype, 'norm')(x)
     return (x[:, 0] + x[:, 1]) / 2, x[:, 2:]

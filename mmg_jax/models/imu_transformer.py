@@ -40,9 +40,6 @@ class IMUTransformer(nn.Module):
     x = jnp.concatenate([cls_token, x], axis=1) + pos_embed.astype(self.dtype)
     x = nn.Dropout(config.dropout, deterministic=not train)(x)
 
-    block_cls = nn.remat(layers.Block, static_argnums=(3,)) if config.remat else layers.Block
-    for i, rate in enumerate(layers.stochastic_depth_rates(config.drop_path, config.depth)):
-      x = block_cls(config.num_heads, config.mlp_ratio, dropout=config.dropout, drop_path=rate,
-                    norm_eps=config.norm_eps, dtype=self.dtype, name=f'blocks_{i}')(x, None, train)
+    x = layers.vit_blocks(x, config, dtype=self.dtype, train=train)
     x = layers.layer_norm(config.norm_eps, self.dtype, 'norm')(x)
     return x[:, 0], x[:, 1:]

@@ -121,6 +121,20 @@ class Block(nn.Module):
     return x + DropPath(self.drop_path)(y, train=train)
 
 
+
+def vit_blocks(x, config, *, dtype, train):
+  """`config.depth` Blocks named blocks_{i}, drop path rising to `config.drop_path`.
+
+  The ViT body shared by the AST and IMU encoders; call it from their compact `__call__` so
+  the blocks are their submodules. `config.remat` rematerializes each block in the backward
+  pass.
+  """
+  block_cls = nn.remat(Block, static_argnums=(3,)) if config.remat else Block
+  for i, rate in enumerate(stochastic_depth_rates(config.drop_path, config.depth)):
+    x = block_cls(config.num_heads, config.mlp_ratio, dropout=config.dropout, drop_path=rate,
+                  norm_eps=config.norm_eps, dtype=dtype, name=f'blocks_{i}')(x, None, train)
+  return x
+
 class PatchEmbed(nn.Module):
   """Patches (1-D, 2-D or 3-D) embedded by one strided convolution, named 'proj' as in timm.
 

@@ -69,13 +69,14 @@ def model_params():
 
 
 @functools.cache
-def model_apply(modalities_run=modalities.MODALITIES, train=False):
+def model_apply(modalities_run=modalities.MODALITIES, train=False, unimodal_embeddings=True):
   """Jitted apply(params, batch, rng) of the tiny model; cached, XLA compiles are slow."""
   model = mmg.MMGModel(config=model_config())
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def apply(params, batch, rng):
     return model.apply({'params': params}, batch, train=train, modalities=modalities_run,
+                       unimodal_embeddings=unimodal_embeddings,
                        rngs={'dropout': rng, 'modality': rng})
 
   return apply
@@ -101,6 +102,25 @@ def test_outputs_follow_the_contract():
   np.testing.assert_array_equal(out['present'], batch['present'])
 
 
+def test_unimodal_embeddings_are_the_fusion_of_each_modality_alone():
+  """'embeddings'[m] is 'fused' of a run where only m is present (the space L_align aligns).
+
+  Clips without m still get an entry (the empty set's embedding); the losses mask them out.
+  """
+  batch = make_batch(random_inputs(15), subset_presence())
+  out = run(batch)
+  without = jax.eval_shape(model_apply(unimodal_embeddings=False), model_params(), batch,
+                           jax.random.key(0))
+  assert 'embeddings' not in without
+  for m in modalities.MODALITIES:
+    alone = run({**batch, 'present': batch['present'] & modalities.mask((m,))})
+    np.testing.assert_allclose(out['embeddings'][m], alone['fused'], rtol=1e-5, atol=1e-5)
+  # Clips that have only video: their fused embedding is their video embedding.
+  video_only = (batch['present'] == modalities.mask(('video',))).all(axis=1)
+  np.testing.assert_allclose(out['embeddings']['video'][video_only], out['fused'][video_only],
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_only_requested_encoders_get_parameters():
   """`modalities` decides which encoders run: a model initialized on IMU alone has no others."""
   model = mmg.MMGModel(config=model_config())
@@ -108,9 +128,9 @@ def test_only_requested_encoders_get_parameters():
   init = functools.partial(model.init, train=False)
   full = jax.eval_shape(init, jax.random.key(0), batch)['params']
   assert set(full) == {f'{m}_{part}' for m in modalities.MODALITIES
-                       for part in ('encoder', 'embedding', 'head')} | {'fusion', 'head'}
+                       for part in ('encoder', 'head')} | {'fusion', 'head'}
   imu_only = jax.eval_shape(functools.partial(init, modalities=('imu',)), jax.random.key(0), batch)
-  assert set(imu_only['params']) == {'imu_encoder', 'imu_embedding', 'imu_head', 'fusion', 'head'}
+  assert set(imu_only['params']) == {'imu_encoder', 'imu_head', 'fusion', 'head'}
   with pytest.raises(ValueError, match='modality subset'):
     jax.eval_shape(functools.partial(init, modalities=('depth',)), jax.random.key(0), batch)
 
@@ -228,7 +248,7 @@ def test_tiny_model_overfits_a_tiny_batch():
 
 
 def test_paper_size_shapes():
-  """At paper size (abstract evaluation only) the outputs and the projection heads fit the paper.
+  """At paper size (abstract evaluation only) the outputs, heads and fusion inputs fit the paper.
 
   Encoder widths: MViT-B 768, AST 768, IMU transformer 512; embed_dim 768; 65 base classes.
   """
@@ -248,8 +268,7 @@ def test_paper_size_shapes():
   params, out = jax.eval_shape(init_and_apply, jax.random.key(0), batch)
   assert out['fused'].shape == (2, 768) and out['logits'].shape == (2, NUM_CLASSES)
   for m, width in {'video': 768, 'audio': 768, 'imu': 512}.items():
-    assert out['embeddings'][m].shape == (2, 768)
     assert out['unimodal_logits'][m].shape == (2, NUM_CLASSES)
-    assert params[f'{m}_embedding']['kernel'].shape == (width, 768)
     assert params[f'{m}_head']['kernel'].shape == (width, NUM_CLASSES)
+    assert params['fusion'][f'proj_{m}']['kernel'].shape == (width, 768)
   assert params['head']['kernel'].shape == (768, NUM_CLASSES)

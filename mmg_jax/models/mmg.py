@@ -1,4 +1,4 @@
-"""MMGModel: encoders -> per-modality projections and heads -> fusion -> fused embedding, logits.
+"""MMGModel: encoders (+ unimodal heads) -> fusion -> fused embedding -> logits.
 
   model = MMGModel(config=config.model)
   out = model.apply({'params': params}, batch, train=True, modalities=('video', 'audio', 'imu'),
@@ -6,10 +6,18 @@
 
 `modalities` (static) names the encoders that run; the others count as absent. Each clip's
 presence is `batch['present'] & mask(modalities)`, minus modality dropout when training; absent
-modalities have no influence on 'fused' and 'logits' whatever their inputs hold. 'embeddings'
-and 'unimodal_logits' are computed from every modality that ran, present or not, and from the
-real inputs (modality dropout only hides a modality from the fusion): the losses pick the valid
-ones with `batch['present']` or the returned 'present'.
+modalities have no influence on 'fused' and 'logits' whatever their inputs hold.
+
+One embedding space. The embedding of any modality set is the fusion's output over that set:
+'fused' for the clip's present modalities, and, with `unimodal_embeddings=True`, 'embeddings'[m]
+for modality m alone (the same fusion run once more per modality, on the clip's real presence,
+without modality dropout). L_align pulls these unimodal embeddings of a clip together, so the
+space it aligns is the one that the head, the prototypes and cross-modal zero-shot read: a head
+trained on fused audio applies to fused video. (Aligning separate per-modality projections
+instead leaves the fusion's video path untrained when only audio is labeled, and zero-shot
+transfer measured at chance.) 'unimodal_logits' (the encoders' own heads, for unimodal
+pre-training) are computed from every modality that ran; losses pick valid clips with
+`batch['present']`.
 """
 import functools
 
@@ -40,38 +48,44 @@ def normalize_video(video, dtype=jnp.float32):
 class MMGModel(nn.Module):
   """The multimodal model of the paper; see the module docstring for inputs and outputs.
 
-  Returns {'embeddings': {m: [B, embed_dim]}, 'fused': [B, embed_dim], 'logits': [B, C],
-  'unimodal_logits': {m: [B, C]}, 'present': [B, 3]}, with one entry per modality that ran in
-  the dicts, all float32. 'present' is the presence the fusion used.
+  Returns {'fused': [B, embed_dim], 'logits': [B, C], 'unimodal_logits': {m: [B, C]},
+  'present': [B, 3]} (+ 'embeddings': {m: [B, embed_dim]} with `unimodal_embeddings`), one
+  entry per modality that ran in the dicts, all float32. 'present' is the presence the fusion
+  used.
   """
   config: ml_collections.ConfigDict  # configs/common.model_config(size)
 
   @nn.compact
-  def __call__(self, batch, *, train, modalities=modalities_lib.MODALITIES):
+  def __call__(self, batch, *, train, modalities=modalities_lib.MODALITIES,
+               unimodal_embeddings=False):
     config = self.config
     modalities = modalities_lib.check(modalities)
     dtype = jnp.dtype(config.dtype)
     dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=layers.dense_init)
-    present = jnp.asarray(batch['present'], bool) & modalities_lib.mask(modalities)
+    available = jnp.asarray(batch['present'], bool) & modalities_lib.mask(modalities)
+    present = available
     if train and config.modality_dropout > 0:
       present = fusion.drop_modalities(self.make_rng('modality'), present,
                                        config.modality_dropout)
 
-    features, embeddings, unimodal_logits = {}, {}, {}
+    features, unimodal_logits = {}, {}
     for m in modalities:
       x = normalize_video(batch[m], dtype) if m == 'video' else batch[m]
       pooled, tokens = ENCODERS[m](config[m], dtype=dtype, name=f'{m}_encoder')(x, train=train)
       features[m] = (pooled, tokens)
-      embeddings[m] = dense(config.embed_dim, name=f'{m}_embedding')(pooled)
       unimodal_logits[m] = dense(config.num_classes, name=f'{m}_head')(pooled)
 
-    fused = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype)(
-        features, present, train=train)
+    fuse = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype)
+    fused = fuse(features, present, train=train)
     logits = dense(config.num_classes, name='head')(fused)
-    return {
-        'embeddings': {m: z.astype(jnp.float32) for m, z in embeddings.items()},
+    out = {
         'fused': fused.astype(jnp.float32),
         'logits': logits.astype(jnp.float32),
         'unimodal_logits': {m: z.astype(jnp.float32) for m, z in unimodal_logits.items()},
         'present': present,
     }
+    if unimodal_embeddings:
+      out['embeddings'] = {
+          m: fuse(features, available & modalities_lib.mask((m,)), train=train).astype(
+              jnp.float32) for m in modalities}
+    return out

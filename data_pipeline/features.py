@@ -2,8 +2,11 @@
 
 One example is one clip: the three time-aligned modalities, which of them are present, the
 label (-1 when unlabeled) and a clip id. Media are plain tensors so that TFDS builds and reads
-ArrayRecord without TensorFlow.
+ArrayRecord without TensorFlow, stored as raw bytes: without that encoding TFDS serializes them
+value by value, which made up most of the embedded dataset's build time (63 of 71 CPU-s).
 """
+import functools
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -17,10 +20,11 @@ UNLABELED = -1
 def features(*, video_shape, audio_shape, imu_shape):
   """FeaturesDict of one clip; shapes are [T,H,W,3], [T_audio, mel_bins], [L, 6]."""
   tensor = tfds.features.Tensor
+  media = functools.partial(tensor, encoding=tfds.features.Encoding.BYTES)
   return tfds.features.FeaturesDict({
-      'video': tensor(shape=tuple(video_shape), dtype=np.uint8),
-      'audio': tensor(shape=tuple(audio_shape), dtype=np.float32),
-      'imu': tensor(shape=tuple(imu_shape), dtype=np.float32),
+      'video': media(shape=tuple(video_shape), dtype=np.uint8),
+      'audio': media(shape=tuple(audio_shape), dtype=np.float32),
+      'imu': media(shape=tuple(imu_shape), dtype=np.float32),
       'present': tensor(shape=(3,), dtype=np.bool_),
       'label': tensor(shape=(), dtype=np.int64),
       'clip_id': tfds.features.Text(),

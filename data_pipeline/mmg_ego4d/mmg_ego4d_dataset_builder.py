@@ -27,8 +27,9 @@ class MmgEgo4dConfig(tfds.core.BuilderConfig):
 class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
   """MMG-Ego4D clips (video, audio, IMU, presence, label) cut from Ego4D canonical videos."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Media tensors stored as raw bytes (faster to build and read).'}
   BUILDER_CONFIGS = [
       MmgEgo4dConfig(name='paper', description='The paper\'s input sizes.'),
       MmgEgo4dConfig(name='small', description='The contract\'s small sizes, for CPU runs.'),

@@ -122,8 +122,9 @@ def generate_split(config, split, *, chunk_size=CHUNK_SIZE):
 class MmgSynthetic(tfds.core.GeneratorBasedBuilder):
   """Synthetic MMG clips whose classes show in video, audio and IMU at once."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Media tensors stored as raw bytes (faster to build and read).'}
   BUILDER_CONFIGS = [SMALL, TINY]
   DEFAULT_CONFIG_NAME = 'small'
   # TFDS finds a builder's file through the `importlib_resources` backport, which is not

@@ -35,4 +35,5 @@ def get_config(arg=None):
           common.supervised_stage(size, modalities=row['train'], align_weight=0.0))
   config.eval = common.eval_config(
       size, 'many-shot', common.table_rows(report.MANYSHOT, 'top1', _pipeline_of))
+  config.eval.unimodal_baselines = 'train_VAI'
   return config

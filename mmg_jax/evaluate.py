@@ -9,6 +9,8 @@ outputs on the host:
   subset (`test`); one fixed episode list (seeded) serves every row.
 Numbers are percentages with a 95% confidence interval, as the paper reports them.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +88,8 @@ def make_forward(model):
   @jax.jit
   def forward(params, batch, allowed):
     out = model.apply({'params': params}, restrict(batch, allowed), train=False)
-    return {'fused': out['fused'], 'logits': out['logits'], 'label': batch['label'],
+    return {'fused': out['fused'], 'logits': out['logits'],
+            'unimodal_logits': out['unimodal_logits'], 'label': batch['label'],
             'mask': batch['mask']}
 
   return forward
@@ -95,7 +98,8 @@ def make_forward(model):
 def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh):
   """Model outputs on every example of `split`, once per modality subset; padding dropped.
 
-  Reads the split once. Returns ({subset: {'fused': [n, D], 'logits': [n, C]}}, labels [n]).
+  Reads the split once. Returns ({subset: {'fused': [n, D], 'logits': [n, C],
+  'unimodal_logits': {m: [n, C]}}}, labels [n]).
   """
   subsets = [modalities.check(s) for s in subsets]
   chunks = {subset: [] for subset in subsets}
@@ -106,10 +110,10 @@ def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh)
       chunks[subset].append(sharding.gather(out))
   outputs, labels = {}, None
   for subset, parts in chunks.items():
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    keep = out['mask'].astype(bool)
-    outputs[subset] = {'fused': out['fused'][keep], 'logits': out['logits'][keep]}
-    labels = out['label'][keep]
+    out = jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)
+    keep = np.flatnonzero(out.pop('mask'))
+    labels = out.pop('label')[keep]
+    outputs[subset] = jax.tree.map(functools.partial(np.take, indices=keep, axis=0), out)
   return outputs, labels
 
 
@@ -118,6 +122,21 @@ def top1_row(row, outputs, labels):
   correct = np.argmax(outputs[modalities.check(row['test'])]['logits'], axis=-1) == labels
   accuracy, ci95 = proportion_ci95(correct)
   return {**row, 'mean': 100 * accuracy, 'ci95': 100 * ci95, 'n': int(correct.size)}
+
+
+def unimodal_rows(outputs, labels, paper):
+  """Unimodal baselines: top-1 of each encoder's own head, one row per modality.
+
+  outputs: `predict_split` outputs of the params after unimodal pre-training, under the subset
+  of every modality (each head reads only its own encoder). paper: {modality: top-1}.
+  """
+  rows = []
+  for m in modalities.MODALITIES:
+    correct = np.argmax(outputs[modalities.MODALITIES]['unimodal_logits'][m], -1) == labels
+    accuracy, ci95 = proportion_ci95(correct)
+    rows.append({'modality': m, 'metric': 'top1', 'mean': 100 * accuracy, 'ci95': 100 * ci95,
+                 'n': int(correct.size), 'paper': paper[m]})
+  return rows
 
 
 def fewshot_row(row, outputs, support_idx, query_idx):

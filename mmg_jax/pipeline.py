@@ -64,6 +64,12 @@ def validate(config):
                        'test; zero-shot train and test modalities must be disjoint.')
     if row.metric == 'top1':
       _validate_labeled_stages(row, config.pipelines[row.pipeline], train_subset)
+  baselines = config.eval.unimodal_baselines
+  if baselines is not None:
+    stages = config.pipelines[baselines].stages if baselines in config.pipelines else ()
+    if not any(s.kind == 'unimodal_ce' and len(_subset(s)) == 3 for s in stages):
+      raise ValueError(f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
+                       'with a unimodal_ce stage over video, audio and IMU.')
   unused = sorted(set(config.pipelines) - used)
   if unused:
     raise ValueError(f'pipelines {unused} are not evaluated by any row; remove them or add rows '
@@ -123,9 +129,11 @@ def make_loss_fn(model, stage):
   def apply(params, batch, rng):
     dropout_rng, modality_rng = jax.random.split(rng)
     return model.apply({'params': params}, batch, train=True, modalities=subset,
+                       unimodal_embeddings=_uses_align(stage),
                        rngs={'dropout': dropout_rng, 'modality': modality_rng})
 
   def align(out, present):
+    """L_align on the unimodal embeddings: the fusion's output for each modality alone."""
     others = {m: out['embeddings'][m] for m in subset if m != 'video'}
     return losses.align_loss(out['embeddings']['video'], others, temperature=stage.temperature,
                              valid=present)
@@ -236,7 +244,7 @@ def _claim_stage_dir(stage_dir, identity):
 
 
 def train_pipeline(config, name, workdir, mesh, trained):
-  """Runs the stages of pipeline `name` in order; returns (model, final params).
+  """Runs the stages of pipeline `name` in order; returns (model, [params after each stage]).
 
   trained: identity -> (params, directory) of every stage run so far in this process, so that
   a stage shared with an earlier pipeline is not run again.
@@ -244,11 +252,12 @@ def train_pipeline(config, name, workdir, mesh, trained):
   pipeline = config.pipelines[name]
   model_cfg = model_config(config, pipeline)
   model = mmg.MMGModel(config=model_cfg)
-  params = None
+  params, stage_params = None, []
   for i, stage in enumerate(pipeline.stages):
     identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
     if identity in trained:
       params, directory = trained[identity]
+      stage_params.append(params)
       _say(name, f'stage {stage.name!r} is the same as {directory}: reusing its params.')
       continue
     if params is None:
@@ -262,18 +271,26 @@ def train_pipeline(config, name, workdir, mesh, trained):
         num_steps=stage.num_steps, mesh=mesh, seed=seed, log_every=stage.log_every,
         checkpoint_every=stage.checkpoint_every)
     trained[identity] = (params, f'{name}/{stage.name}')
-  return model, params
+    stage_params.append(params)
+  return model, stage_params
 
 
 def run(config, workdir):
   """Trains every pipeline of `config`, evaluates its rows, writes the results; returns rows."""
   validate(config)
   mesh = sharding.make_mesh()
-  trained, forwards, episode_cache, results = {}, {}, {}, {}
+  trained, forwards, episode_cache, results, unimodal = {}, {}, {}, {}, None
   for name in sorted(config.pipelines):
-    model, params = train_pipeline(config, name, workdir, mesh, trained)
+    model, stage_params = train_pipeline(config, name, workdir, mesh, trained)
+    params = stage_params[-1]
     forward = forwards.setdefault(model_config(config, config.pipelines[name]).to_json(),
                                   evaluate.make_forward(model))
+    if name == config.eval.unimodal_baselines:
+      _say(name, 'evaluating the unimodal baselines.')
+      unimodal = evaluate.unimodal_rows(*evaluate.predict_split(
+          forward, _unimodal_params(config.pipelines[name], stage_params), config.dataset,
+          config.eval.manyshot_split, [modalities.MODALITIES], batch_size=config.eval.batch_size,
+          mesh=mesh), report.UNIMODAL_PAPER)
     indices = [i for i, row in enumerate(config.eval.rows) if row.pipeline == name]
     _say(name, f'evaluating {len(indices)} rows.')
     predict = functools.partial(evaluate.predict_split, forward, params, config.dataset,
@@ -282,8 +299,15 @@ def run(config, workdir):
     results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache),
                        strict=True))
   rows = [results[i] for i in range(len(config.eval.rows))]
-  report.write(config.eval.kind, rows, workdir, process_index=jax.process_index())
+  report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
+               unimodal=unimodal)
   return rows
+
+
+def _unimodal_params(pipeline, stage_params):
+  """The params after the pipeline's unimodal pre-training: the encoders and their own heads."""
+  kinds = [stage.kind for stage in pipeline.stages]
+  return stage_params[kinds.index('unimodal_ce')]
 
 
 def _say(name, text):

@@ -75,6 +75,8 @@ ABLATION_PAPER = (
     ((37.07, 50.77), (21.32, 40.87), (32.89, 49.00), (None, 50.03)),
     ((25.03, 51.40), (2.37, 33.93), (24.54, 51.08), (None, 50.80)),
 )
+# Unimodal baselines (the paper's models table): top-1 of MViT-B, AST and the IMU transformer.
+UNIMODAL_PAPER = {'video': 52.40, 'audio': 39.48, 'imu': 29.78}
 METRICS = ('top1', '5w5s_acc')
 KINDS = ('few-shot', 'many-shot', 'ablation')
 
@@ -131,28 +133,43 @@ def ablation_table(rows):
   return _markdown_table(header, lines)
 
 
-def markdown(kind, rows):
-  """results.md: a title, the table, and how to read it."""
+def unimodal_table(unimodal):
+  """The unimodal baselines: each encoder's top-1 after unimodal pre-training."""
+  header = ['modality', 'top-1 (ours, 95% CI)', 'top-1 (paper)', 'n']
+  lines = [[row['modality'], _ours(row), _value(row.get('paper')), str(row['n'])]
+           for row in unimodal]
+  return _markdown_table(header, lines)
+
+
+def markdown(kind, rows, unimodal=None):
+  """results.md: a title, the table (and the unimodal baselines, if any), how to read them."""
   if kind not in KINDS:
     raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
   table = ablation_table(rows) if kind == 'ablation' else matrix_table(kind, rows)
+  if unimodal:
+    table += ('\n\nUnimodal baselines (each encoder with its own head after unimodal '
+              f'pre-training, on the test split):\n\n{unimodal_table(unimodal)}')
   note = ('Ours: mean over the evaluation (few-shot: episodes; many-shot: test clips) in %, '
           '± the 95% confidence interval; paper: MMG-Ego4D (CVPR 2023) on MMG-Ego4D. Modalities: '
           'V video, A audio, I IMU.')
   return f'# MMG {kind} results\n\n{table}\n\n{note}\n'
 
 
-def to_json(kind, rows):
-  """The results.json document: {'kind', 'rows'} with modality subsets as lists of names."""
+def to_json(kind, rows, unimodal=None):
+  """The results.json document: {'kind', 'rows'} with modality subsets as lists of names,
+  and 'unimodal' (rows with a 'modality') when there are unimodal baselines."""
   if kind not in KINDS:
     raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
-  return {'kind': kind, 'rows': [{**row, 'train': list(row['train']), 'test': list(row['test'])}
-                                 for row in rows]}
+  doc = {'kind': kind, 'rows': [{**row, 'train': list(row['train']), 'test': list(row['test'])}
+                                for row in rows]}
+  if unimodal:
+    doc['unimodal'] = list(unimodal)
+  return doc
 
 
-def write(kind, rows, workdir, *, process_index):
+def write(kind, rows, workdir, *, process_index, unimodal=None):
   """Prints the table and writes workdir/results.md and workdir/results.json (process 0 only)."""
-  text = markdown(kind, rows)
+  text = markdown(kind, rows, unimodal)
   if process_index != 0:
     return text
   print(text, flush=True)
@@ -160,6 +177,6 @@ def write(kind, rows, workdir, *, process_index):
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(text)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(to_json(kind, rows), f, indent=2)
+    json.dump(to_json(kind, rows, unimodal), f, indent=2)
     f.write('\n')
   return text

@@ -44,6 +44,24 @@ def test_proportion_ci95_is_the_normal_approximation():
   np.testing.assert_allclose(ci95, 1.96 * np.sqrt(0.4 * 0.6 / 50))
 
 
+def test_unimodal_rows_are_the_top1_of_each_encoder_head():
+  labels = RNG.integers(0, 65, 200)
+  heads = {m: RNG.normal(size=(200, 65)) for m in modalities.MODALITIES}
+  for i, m in enumerate(modalities.MODALITIES):  # make the heads differ in accuracy
+    heads[m][np.arange(0, 200, i + 2), labels[::i + 2]] += 100.0
+  outputs = {modalities.MODALITIES: {'unimodal_logits': heads}}
+  rows = evaluate.unimodal_rows(outputs, labels, {'video': 1.0, 'audio': 2.0, 'imu': 3.0})
+  assert [row['modality'] for row in rows] == list(modalities.MODALITIES)
+  for row in rows:
+    correct = np.argmax(heads[row['modality']], axis=1) == labels
+    assert row['mean'] == pytest.approx(100 * correct.mean())
+    assert row['ci95'] == pytest.approx(100 * 1.96 * np.sqrt(correct.mean() * (1 - correct.mean())
+                                                             / 200))
+    assert row['n'] == 200 and row['metric'] == 'top1'
+  assert rows[0]['mean'] > rows[1]['mean'] > rows[2]['mean']
+  assert [row['paper'] for row in rows] == [1.0, 2.0, 3.0]
+
+
 def test_episode_accuracy_matches_numpy_nearest_prototype():
   support_embeddings = RNG.normal(size=(NOVEL.size, 6)).astype(np.float32)
   # Queries near their class's mean support embedding, plus noise: accuracies spread over (0, 1).

@@ -136,6 +136,27 @@ def test_labeled_stage_is_blind_to_modalities_it_may_not_see(kind):
                                                       jax.tree.leaves(moved), strict=True))
 
 
+def test_alignment_trains_the_fusion_that_evaluation_reads():
+  """L_align alone moves the fusion's input projection of every modality.
+
+  Zero-shot rows read the fused embedding of the test modality only; alignment must shape that
+  path (an alignment of side projections would leave these gradients zero).
+  """
+  config = manyshot.get_config('tiny')
+  stage = common.align_stage('tiny')
+  model = mmg.MMGModel(config=config.model)
+  rng = np.random.default_rng(2)
+  batch = _random_batch(rng, config, 8)
+  shapes = jax.eval_shape(functools.partial(pipeline.init_params, model, batch, 0))
+  params = jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
+  grads = jax.jit(jax.grad(lambda p, b: pipeline.make_loss_fn(model, stage)(
+      p, b, jax.random.key(1))[0]))(params, batch)
+  for m in ('video', 'audio', 'imu'):
+    assert np.abs(grads['fusion'][f'proj_{m}']['kernel']).max() > 0, m
+  # The class head is not part of L_align.
+  assert np.abs(grads['head']['kernel']).max() == 0
+
+
 def test_stage_directory_refuses_another_config(tmp_path):
   pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
   pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
@@ -183,7 +204,9 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(main_env, tmp_path):
 def test_tiny_manyshot_runs_end_to_end_sharing_the_alignment_stage(main_env, tmp_path):
   workdir = str(tmp_path)
   out = _main(main_env, 'configs/manyshot.py:tiny', workdir)
-  _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
+  doc = _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
+  assert [row['modality'] for row in doc['unimodal']] == ['video', 'audio', 'imu']
+  assert 'Unimodal baselines' in out
   assert sorted(_metrics_lines(workdir)) == [
       'train_VAI/multimodal', 'train_VAI/unimodal', 'zeroshot_train_A/align',
       'zeroshot_train_A/multimodal', 'zeroshot_train_AI/multimodal',

@@ -73,6 +73,19 @@ def test_write_produces_schema_json_and_markdown(tmp_path, capsys):
   assert '| zero-shot | A | V |' in capsys.readouterr().out
 
 
+def test_unimodal_baselines_are_written_beside_the_table(tmp_path):
+  unimodal = [{'modality': m, 'metric': 'top1', 'mean': 30.0 - i, 'ci95': 2.0, 'n': 1040,
+               'paper': report.UNIMODAL_PAPER[m]} for i, m in enumerate((VIDEO, AUDIO, IMU))]
+  rows = _rows(report.MANYSHOT, 'top1', 0)
+  report.write('many-shot', rows, str(tmp_path), process_index=0, unimodal=unimodal)
+  doc = json.loads((tmp_path / 'results.json').read_text())
+  assert doc['unimodal'] == unimodal and len(doc['rows']) == 10
+  text = (tmp_path / 'results.md').read_text()
+  assert '| video | 30.00 ± 2.00 | 52.40 | 1040 |' in text
+  assert '| imu | 28.00 ± 2.00 | 29.78 | 1040 |' in text
+  assert 'unimodal' not in report.to_json('many-shot', rows)
+
+
 def test_only_process_zero_writes(tmp_path, capsys):
   report.write('many-shot', _rows(report.MANYSHOT, 'top1', 0), str(tmp_path), process_index=1)
   assert not list(tmp_path.iterdir())

@@ -166,8 +166,9 @@ def fusion_config(size):
 
 
 # Stages and evaluation (mmg_jax/pipeline.py, mmg_jax/evaluate.py). Step budgets: 'tiny' runs
-# in seconds for tests; 'small' keeps each of configs/fewshot.py and configs/manyshot.py under
-# 15 minutes on 2 CPU cores, measured; 'paper' is a pod-scale schedule.
+# in seconds for tests; 'small' is the CPU demo, measured on 2 cores from a fresh install:
+# configs/fewshot.py 8 min, configs/manyshot.py 18 min (its 15-minute target is not met yet);
+# 'paper' is a pod-scale schedule.
 _STAGE_STEPS = {
     'unimodal_ce': {'tiny': 2, 'small': 400, 'paper': 20_000},
     'align': {'tiny': 2, 'small': 300, 'paper': 50_000},

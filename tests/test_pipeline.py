@@ -110,6 +110,18 @@ def _random_batch(rng, config, batch_size, present=None):
   return batch
 
 
+def _stage_grad_fn(model, stage):
+  """Jitted (params, batch) -> gradients of the stage's loss."""
+  return jax.jit(jax.grad(lambda p, b: pipeline.make_loss_fn(model, stage)(
+      p, b, jax.random.key(1))[0]))
+
+
+def _random_params(model, batch, rng):
+  """Random params of the model's shapes: any will do, and no init needs compiling."""
+  shapes = jax.eval_shape(functools.partial(pipeline.init_params, model, batch, 0))
+  return jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
+
+
 @pytest.mark.parametrize('kind', ['supervised', 'unimodal_ce'])
 def test_labeled_stage_is_blind_to_modalities_it_may_not_see(kind):
   """Replacing the test-modality data of a zero-shot labeled batch changes no gradient."""
@@ -119,11 +131,8 @@ def test_labeled_stage_is_blind_to_modalities_it_may_not_see(kind):
   model = mmg.MMGModel(config=config.model)
   rng = np.random.default_rng(0)
   batch = _random_batch(rng, config, 8)
-  # Random params of the model's shapes: any params will do, and no init needs compiling.
-  shapes = jax.eval_shape(functools.partial(pipeline.init_params, model, batch, 0))
-  params = jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
-  grad_fn = jax.jit(jax.grad(lambda p, b: pipeline.make_loss_fn(model, stage)(
-      p, b, jax.random.key(1))[0]))
+  params = _random_params(model, batch, rng)
+  grad_fn = _stage_grad_fn(model, stage)
   grads = grad_fn(params, batch)
   other = _random_batch(np.random.default_rng(1), config, 8)
   present = rng.uniform(size=(8, 3)) < 0.5
@@ -147,10 +156,7 @@ def test_alignment_trains_the_fusion_that_evaluation_reads():
   model = mmg.MMGModel(config=config.model)
   rng = np.random.default_rng(2)
   batch = _random_batch(rng, config, 8)
-  shapes = jax.eval_shape(functools.partial(pipeline.init_params, model, batch, 0))
-  params = jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
-  grads = jax.jit(jax.grad(lambda p, b: pipeline.make_loss_fn(model, stage)(
-      p, b, jax.random.key(1))[0]))(params, batch)
+  grads = _stage_grad_fn(model, stage)(_random_params(model, batch, rng), batch)
   for m in ('video', 'audio', 'imu'):
     assert np.abs(grads['fusion'][f'proj_{m}']['kernel']).max() > 0, m
   # The class head is not part of L_align.

@@ -3,7 +3,7 @@
 One example is one clip: the three time-aligned modalities, which of them are present, the
 label (-1 when unlabeled) and a clip id. Media are plain tensors so that TFDS builds and reads
 ArrayRecord without TensorFlow, stored as raw bytes: without that encoding TFDS serializes them
-value by value, which made up most of the embedded dataset's build time (63 of 71 CPU-s).
+value by value, and the small embedded dataset took about 170 s to build instead of 15 s.
 """
 import functools
 

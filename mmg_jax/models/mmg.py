@@ -12,12 +12,12 @@ One embedding space. The embedding of any modality set is the fusion's output ov
 'fused' for the clip's present modalities, and, with `unimodal_embeddings=True`, 'embeddings'[m]
 for modality m alone (the same fusion run once more per modality, on the clip's real presence,
 without modality dropout). L_align pulls these unimodal embeddings of a clip together, so the
-space it aligns is the one that the head, the prototypes and cross-modal zero-shot read: a head
-trained on fused audio applies to fused video. (Aligning separate per-modality projections
-instead leaves the fusion's video path untrained when only audio is labeled, and zero-shot
-transfer measured at chance.) 'unimodal_logits' (the encoders' own heads, for unimodal
-pre-training) are computed from every modality that ran; losses pick valid clips with
-`batch['present']`.
+space it aligns is the one that the head, the prototypes and cross-modal zero-shot read: as far
+as the alignment holds, a head trained on fused audio applies to fused video. (Aligning separate
+per-modality projections instead leaves the fusion's video path untrained when only audio is
+labeled; few-shot zero-shot then measured at chance.) 'unimodal_logits' (the encoders' own
+heads, for unimodal pre-training) are computed from every modality that ran; losses pick valid
+clips with `batch['present']`.
 """
 import functools
 

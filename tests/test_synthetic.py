@@ -29,7 +29,7 @@ def read_split(builder, split):
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
   builder = build(tmp_path_factory.mktemp('tfds'))
-  return {split: read_split(builder, split) for split in features.SPLITS}
+  return {split: read_split(builder, split) for split in mmg_synthetic.SPLITS}
 
 
 def test_registered_configs_have_the_contract_shapes():
@@ -45,8 +45,10 @@ def test_registered_configs_have_the_contract_shapes():
 def test_splits_sizes_shapes_and_dtypes(tiny):
   sizes = TINY.sizes
   expected = {'train': 65 * sizes.train, 'val': 65 * sizes.val, 'test': 65 * sizes.test,
-              'novel': 14 * sizes.novel, 'unlabeled': sizes.unlabeled}
-  assert {split: len(tiny[split]['label']) for split in features.SPLITS} == expected
+              'novel': 14 * sizes.novel, 'unlabeled': sizes.unlabeled,
+              'pretrain': 65 * sizes.pretrain}
+  assert mmg_synthetic.SPLITS == (*features.SPLITS, 'pretrain')
+  assert {split: len(tiny[split]['label']) for split in mmg_synthetic.SPLITS} == expected
   for split, data in tiny.items():
     n = expected[split]
     for key, shape in SHAPES.items():
@@ -67,6 +69,19 @@ def test_class_counts_per_split(tiny):
   np.testing.assert_array_equal(classes, novel)
   assert (counts == TINY.sizes.novel).all()
   assert (tiny['unlabeled']['label'] == -1).all()
+  classes, counts = np.unique(tiny['pretrain']['label'], return_counts=True)
+  np.testing.assert_array_equal(classes, base)
+  assert (counts == TINY.sizes.pretrain).all()
+
+
+def test_pretrain_classes_are_not_the_mmg_classes():
+  """The pretrain corpus stands in for external data: its label k is not MMG's class k."""
+  world = mmg_synthetic.clips.make_world(TINY.seed)
+  pretrain = mmg_synthetic.split_causes(TINY, 'pretrain', world)
+  labels = mmg_synthetic.split_labels(TINY, 'pretrain')
+  np.testing.assert_array_equal(pretrain[labels == 3][0], pretrain[labels == 3][1])
+  distances = np.linalg.norm(pretrain[:65, None] - world['causes'][None], axis=-1)
+  assert distances.min() > 0.1  # no pretrain class reuses an MMG class cause
 
 
 def test_clip_ids_are_unique_across_splits(tiny):

@@ -34,6 +34,10 @@ How a clip is made (data_pipeline/synthetic/clips.py):
   unlabeled clips whose causes are half base-class causes, half fresh random causes (never a
   novel class, so novel classes stay unseen until few-shot evaluation). Clip ids are
   `<split>-<index>`, disjoint across splits. Every modality is present.
+- One more split, `pretrain`, is not part of MMG-Ego4D: a labeled corpus of 65 other classes
+  (their own causes, labels 0..64 in their own label space), standing in for the external data
+  (Kinetics-400, AudioSet) that the paper's encoders are pre-trained on. Pipelines that must not
+  see MMG labels for a modality (many-shot zero-shot) pre-train on it instead.
 """
 import dataclasses
 
@@ -45,6 +49,9 @@ from data_pipeline import features
 from data_pipeline.synthetic import clips
 
 LABELED_SPLITS = ('train', 'val', 'test', 'novel')
+PRETRAIN_SPLIT = 'pretrain'
+SPLITS = (*features.SPLITS, PRETRAIN_SPLIT)  # pretrain last: the others keep their seeds
+NUM_PRETRAIN_CLASSES = features.NUM_BASE_CLASSES  # as many as the unimodal heads' outputs
 CHUNK_SIZE = 128  # clips rendered at once: big enough to vectorize, small enough for the cache
 
 
@@ -56,6 +63,7 @@ class SplitSizes:
   test: int
   novel: int
   unlabeled: int
+  pretrain: int
 
 
 class MmgSyntheticConfig(tfds.core.BuilderConfig):
@@ -78,11 +86,11 @@ class MmgSyntheticConfig(tfds.core.BuilderConfig):
 SMALL = MmgSyntheticConfig(
     name='small', description='The CPU demo: video [8,32,32,3], audio [128,32], imu [400,6].',
     video_shape=(8, 32, 32, 3), audio_shape=(128, 32), imu_shape=(400, 6),
-    sizes=SplitSizes(train=48, val=8, test=16, novel=40, unlabeled=4000))
+    sizes=SplitSizes(train=48, val=8, test=16, novel=40, unlabeled=4000, pretrain=48))
 TINY = MmgSyntheticConfig(
     name='tiny', description='For tests: video [4,16,16,3], audio [48,16], imu [100,6].',
     video_shape=(4, 16, 16, 3), audio_shape=(48, 16), imu_shape=(100, 6),
-    sizes=SplitSizes(train=4, val=1, test=2, novel=10, unlabeled=200))
+    sizes=SplitSizes(train=4, val=1, test=2, novel=10, unlabeled=200, pretrain=2))
 
 
 def split_labels(config, split):
@@ -91,6 +99,8 @@ def split_labels(config, split):
     return np.full(config.sizes.unlabeled, features.UNLABELED)
   if split == 'novel':
     classes = np.arange(features.NUM_BASE_CLASSES, features.NUM_CLASSES)
+  elif split == PRETRAIN_SPLIT:
+    classes = np.arange(NUM_PRETRAIN_CLASSES)
   else:
     classes = np.arange(features.NUM_BASE_CLASSES)
   return np.tile(classes, getattr(config.sizes, split))
@@ -99,9 +109,11 @@ def split_labels(config, split):
 def split_causes(config, split, world):
   """Per-clip class causes [N, LATENT_DIM] of a split."""
   labels = split_labels(config, split)
+  rng = np.random.default_rng([config.seed, SPLITS.index(split), 0])
+  if split == PRETRAIN_SPLIT:
+    return rng.normal(size=(NUM_PRETRAIN_CLASSES, clips.LATENT_DIM))[labels]
   if split != 'unlabeled':
     return world['causes'][labels]
-  rng = np.random.default_rng([config.seed, features.SPLITS.index(split), 0])
   base = rng.integers(0, features.NUM_BASE_CLASSES, len(labels))
   fresh = rng.normal(size=(len(labels), clips.LATENT_DIM))
   return np.where(rng.random(len(labels))[:, None] < 0.5, world['causes'][base], fresh)
@@ -113,7 +125,7 @@ def generate_split(config, split, *, chunk_size=CHUNK_SIZE):
   labels = split_labels(config, split)
   causes = split_causes(config, split, world)
   for chunk, start in enumerate(range(0, len(labels), chunk_size)):
-    rng = np.random.default_rng([config.seed, features.SPLITS.index(split), chunk + 1])
+    rng = np.random.default_rng([config.seed, SPLITS.index(split), chunk + 1])
     stop = start + chunk_size
     yield {**clips.render(world, causes[start:stop], rng, **config.shapes),
            'label': labels[start:stop]}
@@ -122,9 +134,10 @@ def generate_split(config, split, *, chunk_size=CHUNK_SIZE):
 class MmgSynthetic(tfds.core.GeneratorBasedBuilder):
   """Synthetic MMG clips whose classes show in video, audio and IMU at once."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
-                   '1.1.0': 'Media tensors stored as raw bytes (faster to build and read).'}
+                   '1.1.0': 'Media tensors stored as raw bytes (faster to build and read).',
+                   '1.2.0': 'A pretrain split of other classes (external pre-training).'}
   BUILDER_CONFIGS = [SMALL, TINY]
   DEFAULT_CONFIG_NAME = 'small'
   # TFDS finds a builder's file through the `importlib_resources` backport, which is not
@@ -144,7 +157,7 @@ class MmgSynthetic(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(split) for split in features.SPLITS}
+    return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split):
     present = np.ones(3, bool)

@@ -8,7 +8,8 @@ zero-shot (A I -> V), each under four variants, with many-shot top-1 and few-sho
 (no top-1 for 'proto loss off': many-shot training has no proto loss). Pipelines:
 - regular / missing, top-1: unimodal L_CE then multimodal L_CE (+ L_align unless 'no align');
 - few-shot: the same, then meta-training with L_proto ('proto off' stops before it);
-- zero-shot top-1: L_align on the unlabeled split (none for 'no align'), then L_CE on A I.
+- zero-shot top-1: external pre-training (the `pretrain` split), L_align on the unlabeled split
+  (none for 'no align'), then L_CE on A I.
 'MLP' pipelines use the MLP fusion over concatenated features instead of attention. Pipelines
 that begin with the same stages share them (pipeline.py), so e.g. 'full' and 'full_meta' train
 their first two stages once.
@@ -25,7 +26,7 @@ def _pipelines(size):
   multimodal_noalign = common.supervised_stage(size, align_weight=0.0)
   meta = common.meta_stage(size, modalities.ALL_SUBSETS)
   zeroshot = common.supervised_stage(size, modalities=('audio', 'imu'), align_weight=0.0)
-  align = common.align_stage(size)
+  pretrain, align = common.pretrain_stage(size), common.align_stage(size)
   return {
       'full': common.pipeline(unimodal, multimodal),
       'full_meta': common.pipeline(unimodal, multimodal, meta),
@@ -33,9 +34,9 @@ def _pipelines(size):
       'noalign_meta': common.pipeline(unimodal, multimodal_noalign, meta),
       'mlp': common.pipeline(unimodal, multimodal, model_updates=_MLP),
       'mlp_meta': common.pipeline(unimodal, multimodal, meta, model_updates=_MLP),
-      'zeroshot_AI': common.pipeline(align, zeroshot),
-      'zeroshot_AI_noalign': common.pipeline(zeroshot),
-      'mlp_zeroshot_AI': common.pipeline(align, zeroshot, model_updates=_MLP),
+      'zeroshot_AI': common.pipeline(pretrain, align, zeroshot),
+      'zeroshot_AI_noalign': common.pipeline(pretrain, zeroshot),
+      'mlp_zeroshot_AI': common.pipeline(pretrain, align, zeroshot, model_updates=_MLP),
   }
 
 

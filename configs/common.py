@@ -220,10 +220,25 @@ def unimodal_stage(size, modalities=('video', 'audio', 'imu')):
                 learning_rate=1e-3)
 
 
+def pretrain_stage(size, modalities=('video', 'audio', 'imu')):
+  """External pre-training: unimodal L_CE on the `pretrain` split, classes disjoint from MMG's.
+
+  Stands in for the Kinetics-400 and AudioSet checkpoints the paper starts its encoders from;
+  mmg_synthetic has this split, mmg_ego4d does not (load external checkpoints there instead).
+  """
+  return _stage(size, 'pretrain', 'unimodal_ce', split='pretrain', modalities=modalities,
+                learning_rate=1e-3, num_steps=_STAGE_STEPS['unimodal_ce'][size])
+
+
 def align_stage(size):
-  """Multimodal unsupervised pre-training: L_align (temperature tau) on the unlabeled clips."""
+  """Multimodal unsupervised pre-training: L_align (temperature tau) on the unlabeled clips.
+
+  Gentler than the labeled stages: at learning rate 1e-3 and tau 0.1 the embeddings collapsed to
+  one point (L_align stuck at 2 ln B, the loss of identical embeddings) within 60 steps on the
+  small demo; at 3e-4 and tau 0.3, from pre-trained encoders, L_align keeps falling.
+  """
   return _stage(size, 'align', 'align', split='unlabeled',
-                modalities=('video', 'audio', 'imu'), learning_rate=1e-3, temperature=0.1)
+                modalities=('video', 'audio', 'imu'), learning_rate=3e-4, temperature=0.3)
 
 
 def supervised_stage(size, modalities=('video', 'audio', 'imu'), align_weight=1.0,

@@ -7,11 +7,13 @@ Rows with different training modalities need different pipelines (the many-shot 
 paper's stage table):
 - `train_VAI` (regular and missing-modality rows): unimodal L_CE pre-training of each encoder,
   then multimodal L_CE + L_align on video, audio and IMU; evaluated on each test subset.
-- `zeroshot_train_<A|I|AI|V>` (zero-shot rows, one per training subset): L_align pre-training on
-  the unlabeled split with every modality, then L_CE on the train modalities only; evaluated on
-  the disjoint test modalities. Test-modality data enters only through the unlabeled alignment
-  stage: pipeline.validate refuses any labeled stage that could see it. The alignment stage is
-  the same in the four pipelines, so it runs once (in zeroshot_train_A/align/).
+- `zeroshot_train_<A|I|AI|V>` (zero-shot rows, one per training subset): encoders pre-trained on
+  the external `pretrain` split (other classes; the paper starts from Kinetics and AudioSet
+  checkpoints), L_align pre-training on the unlabeled split with every modality, then L_CE on the
+  train modalities only; evaluated on the disjoint test modalities. MMG data of a test modality
+  enters only through the unlabeled alignment stage: pipeline.validate refuses any stage that
+  reads MMG labels with it. The first two stages are the same in the four pipelines, so they run
+  once (in zeroshot_train_A/).
 """
 from configs import common
 from mmg_jax import modalities, report
@@ -31,7 +33,7 @@ def get_config(arg=None):
   for row in report.MANYSHOT:
     if row['setting'] == 'zero-shot':
       config.pipelines[_pipeline_of(row)] = common.pipeline(
-          common.align_stage(size),
+          common.pretrain_stage(size), common.align_stage(size),
           common.supervised_stage(size, modalities=row['train'], align_weight=0.0))
   config.eval = common.eval_config(
       size, 'many-shot', common.table_rows(report.MANYSHOT, 'top1', _pipeline_of))

@@ -15,9 +15,10 @@ pipeline (in name order) that lists it.
 Modality discipline is enforced, not assumed:
 - every stage sees its batches through `evaluate.restrict` with its own `modalities`: the others
   are absent AND zeroed before the model runs, and their encoders do not run;
-- `validate` refuses, before any training, a config where a stage reading labeled data may see a
-  modality that a top-1 row does not train on (in zero-shot rows: a test modality), or where a
-  training stage reads an evaluation split.
+- `validate` refuses, before any training, a config where a stage reading labeled MMG data may
+  see a modality that a top-1 row does not train on (in zero-shot rows: a test modality), or
+  where a training stage reads an evaluation split. External pre-training corpora
+  (EXTERNAL_SPLITS, other classes) are exempt, as the paper's Kinetics and AudioSet are.
 """
 import functools
 import json
@@ -34,6 +35,8 @@ from mmg_jax.models import mmg
 
 STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
 UNLABELED_SPLIT = 'unlabeled'
+# Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
+EXTERNAL_SPLITS = ('pretrain',)
 
 
 def _subset(stage):
@@ -67,9 +70,9 @@ def validate(config):
   baselines = config.eval.unimodal_baselines
   if baselines is not None:
     stages = config.pipelines[baselines].stages if baselines in config.pipelines else ()
-    if not any(s.kind == 'unimodal_ce' and len(_subset(s)) == 3 for s in stages):
+    if not any(_is_mmg_unimodal(s) and len(_subset(s)) == 3 for s in stages):
       raise ValueError(f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
-                       'with a unimodal_ce stage over video, audio and IMU.')
+                       'with a unimodal_ce stage over video, audio and IMU on MMG labels.')
   unused = sorted(set(config.pipelines) - used)
   if unused:
     raise ValueError(f'pipelines {unused} are not evaluated by any row; remove them or add rows '
@@ -94,9 +97,9 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
 
 
 def _validate_labeled_stages(row, pipeline, train_subset):
-  """A stage that reads labeled clips may only see the row's train modalities."""
+  """A stage that reads labeled MMG clips may only see the row's train modalities."""
   for stage in pipeline.stages:
-    if stage.split == UNLABELED_SPLIT:
+    if stage.split == UNLABELED_SPLIT or stage.split in EXTERNAL_SPLITS:
       continue
     leaked = [m for m in _subset(stage) if m not in train_subset]
     if leaked:
@@ -304,10 +307,15 @@ def run(config, workdir):
   return rows
 
 
+def _is_mmg_unimodal(stage):
+  """Unimodal pre-training on MMG labels (not on an external corpus with classes of its own)."""
+  return stage.kind == 'unimodal_ce' and stage.split not in EXTERNAL_SPLITS
+
+
 def _unimodal_params(pipeline, stage_params):
-  """The params after the pipeline's unimodal pre-training: the encoders and their own heads."""
-  kinds = [stage.kind for stage in pipeline.stages]
-  return stage_params[kinds.index('unimodal_ce')]
+  """The params after the pipeline's unimodal pre-training on MMG labels: encoders and heads."""
+  index = next(i for i, stage in enumerate(pipeline.stages) if _is_mmg_unimodal(stage))
+  return stage_params[index]
 
 
 def _say(name, text):

@@ -63,9 +63,10 @@ def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
   for row in config.eval.rows:
     stages = config.pipelines[row.pipeline].stages
     if row.setting == 'zero-shot':
-      assert [(s.kind, s.split) for s in stages] == [('align', 'unlabeled'),
+      assert [(s.kind, s.split) for s in stages] == [('unimodal_ce', 'pretrain'),
+                                                     ('align', 'unlabeled'),
                                                      ('supervised', 'train')]
-      assert tuple(stages[1].modalities) == tuple(row.train) and stages[1].align_weight == 0
+      assert tuple(stages[2].modalities) == tuple(row.train) and stages[2].align_weight == 0
     else:
       assert [s.kind for s in stages] == ['unimodal_ce', 'supervised']
       assert stages[1].align_weight > 0
@@ -77,7 +78,8 @@ def test_ablation_variants_change_what_they_name():
   assert pipelines.mlp.model_updates.fusion.kind == 'mlp'
   assert not pipelines.full.model_updates
   assert pipelines.noalign.stages[1].align_weight == 0 < pipelines.full.stages[1].align_weight
-  assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['supervised']
+  assert [s.kind for s in pipelines.zeroshot_AI.stages] == ['unimodal_ce', 'align', 'supervised']
+  assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['unimodal_ce', 'supervised']
   no_proto = [r for r in config.eval.rows if not r.proto_loss]
   assert {r.metric for r in no_proto} == {'5w5s_acc'}
   assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages] for r in no_proto)

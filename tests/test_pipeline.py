@@ -52,9 +52,30 @@ def test_experiment_configs_pass_validation():
 
 def test_zero_shot_labeled_stage_seeing_a_test_modality_is_refused():
   config = manyshot.get_config('tiny')
-  config.pipelines.zeroshot_train_A.stages[1].modalities = ('video', 'audio')
+  config.pipelines.zeroshot_train_A.stages[2].modalities = ('video', 'audio')
   with pytest.raises(ValueError, match=_leak_message('multimodal', 'zeroshot_train_A',
                                                      r"\['video'\]")):
+    pipeline.validate(config)
+
+
+def test_external_pretraining_may_see_test_modalities_but_mmg_labels_may_not():
+  """The pretrain split's classes are not MMG's: pre-training on it with the test modality is
+  the paper's Kinetics/AudioSet start; the same stage on MMG's train split leaks labels."""
+  config = manyshot.get_config('tiny')
+  pretrain = config.pipelines.zeroshot_train_A.stages[0]
+  assert pretrain.split == 'pretrain' and 'video' in pretrain.modalities
+  pipeline.validate(config)
+  pretrain.split = 'train'
+  with pytest.raises(ValueError, match=_leak_message('pretrain', 'zeroshot_train_A',
+                                                     r"\['video', 'imu'\]")):
+    pipeline.validate(config)
+
+
+def test_unimodal_baselines_must_come_from_mmg_labels():
+  """Heads pre-trained on the external corpus predict its classes, not MMG's."""
+  config = manyshot.get_config('tiny')
+  config.eval.unimodal_baselines = 'zeroshot_train_A'  # its only unimodal stage is 'pretrain'
+  with pytest.raises(ValueError, match='unimodal_ce stage over video, audio and IMU on MMG'):
     pipeline.validate(config)
 
 

@@ -6,15 +6,17 @@
 Reports the paper's 12 cells: settings regular (V A I -> V A I), missing (V A I -> A I) and
 zero-shot (A I -> V), each under four variants, with many-shot top-1 and few-shot 5w5s accuracy
 (no top-1 for 'proto loss off': many-shot training has no proto loss). Pipelines:
-- regular / missing, top-1: unimodal L_CE then multimodal L_CE (+ L_align unless 'no align');
-- few-shot: the same, then meta-training with L_proto ('proto off' stops before it);
+- regular / missing, top-1: unimodal L_CE then multimodal L_CE (+ L_align unless 'no align',
+  weighted as in configs/manyshot.py);
+- few-shot: unimodal L_CE, multimodal L_CE (+ L_align unless 'no align', weighted as in
+  configs/fewshot.py), then meta-training with L_proto ('proto off' stops before it);
 - zero-shot top-1: external pre-training (the `pretrain` split), L_align on the unlabeled split
   (none for 'no align'), then L_CE on A I.
 'MLP' pipelines use the MLP fusion over concatenated features instead of attention. Pipelines
-that begin with the same stages share them (pipeline.py), so e.g. 'full' and 'full_meta' train
-their first two stages once.
+that begin with the same stages share them (pipeline.py), so e.g. 'full_fewshot' and
+'full_meta' train their first two stages once.
 """
-from configs import common
+from configs import common, manyshot
 from mmg_jax import modalities, report
 
 _MLP = {'fusion': {'kind': 'mlp'}}
@@ -23,16 +25,18 @@ _MLP = {'fusion': {'kind': 'mlp'}}
 def _pipelines(size):
   unimodal = common.unimodal_stage(size)
   multimodal = common.supervised_stage(size)
+  multimodal_manyshot = common.supervised_stage(size, align_weight=manyshot.ALIGN_WEIGHT)
   multimodal_noalign = common.supervised_stage(size, align_weight=0.0)
   meta = common.meta_stage(size, modalities.ALL_SUBSETS)
   zeroshot = common.supervised_stage(size, modalities=('audio', 'imu'), align_weight=0.0)
   pretrain, align = common.pretrain_stage(size), common.align_stage(size)
   return {
-      'full': common.pipeline(unimodal, multimodal),
+      'full': common.pipeline(unimodal, multimodal_manyshot),
+      'full_fewshot': common.pipeline(unimodal, multimodal),
       'full_meta': common.pipeline(unimodal, multimodal, meta),
       'noalign': common.pipeline(unimodal, multimodal_noalign),
       'noalign_meta': common.pipeline(unimodal, multimodal_noalign, meta),
-      'mlp': common.pipeline(unimodal, multimodal, model_updates=_MLP),
+      'mlp': common.pipeline(unimodal, multimodal_manyshot, model_updates=_MLP),
       'mlp_meta': common.pipeline(unimodal, multimodal, meta, model_updates=_MLP),
       'zeroshot_AI': common.pipeline(pretrain, align, zeroshot),
       'zeroshot_AI_noalign': common.pipeline(pretrain, zeroshot),
@@ -46,7 +50,7 @@ _CELL_PIPELINES = {
     ('attention', True, True): ('full', 'zeroshot_AI', 'full_meta'),
     ('attention', False, True): ('noalign', 'zeroshot_AI_noalign', 'noalign_meta'),
     ('mlp', True, True): ('mlp', 'mlp_zeroshot_AI', 'mlp_meta'),
-    ('attention', True, False): (None, None, 'full'),
+    ('attention', True, False): (None, None, 'full_fewshot'),
 }
 
 

@@ -72,12 +72,21 @@ def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
       assert stages[1].align_weight > 0
 
 
+def _stage_dicts(pipeline):
+  return [stage.to_dict() for stage in pipeline.stages]
+
+
 def test_ablation_variants_change_what_they_name():
   config = ablation.get_config()
   pipelines = config.pipelines
   assert pipelines.mlp.model_updates.fusion.kind == 'mlp'
   assert not pipelines.full.model_updates
   assert pipelines.noalign.stages[1].align_weight == 0 < pipelines.full.stages[1].align_weight
+  # Full-model cells are the main runs' pipelines: top-1 as many-shot, 5w5s as few-shot.
+  many, few = manyshot.get_config().pipelines, fewshot.get_config().pipelines
+  assert _stage_dicts(pipelines.full) == _stage_dicts(many.train_VAI)
+  assert _stage_dicts(pipelines.full_meta) == _stage_dicts(few.train_VAI)
+  assert _stage_dicts(pipelines.zeroshot_AI) == _stage_dicts(many.zeroshot_train_AI)
   assert [s.kind for s in pipelines.zeroshot_AI.stages] == ['unimodal_ce', 'align', 'supervised']
   assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['unimodal_ce', 'supervised']
   no_proto = [r for r in config.eval.rows if not r.proto_loss]

@@ -33,8 +33,11 @@ def dataset_config(size):
   return ml_collections.ConfigDict({
       'name': {'tiny': 'mmg_synthetic/tiny', 'small': 'mmg_synthetic/small',
                'paper': 'mmg_ego4d'}[size],
-      'data_dir': None,  # None: the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
-      'manual_dir': None,  # Raw Ego4D files for mmg_ego4d (its README); unused by mmg_synthetic.
+      # None: the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR). Placeholders (None
+      # with a type) so that --config.dataset.data_dir=... works on the command line.
+      'data_dir': ml_collections.config_dict.placeholder(str),
+      # Raw Ego4D files for mmg_ego4d (its README); unused by mmg_synthetic.
+      'manual_dir': ml_collections.config_dict.placeholder(str),
       'num_workers': 0,  # grain worker processes; 0 reads in the main process.
   })
 
@@ -227,7 +230,7 @@ def pretrain_stage(size, modalities=('video', 'audio', 'imu')):
   mmg_synthetic has this split, mmg_ego4d does not (load external checkpoints there instead).
   """
   return _stage(size, 'pretrain', 'unimodal_ce', split='pretrain', modalities=modalities,
-                learning_rate=1e-3, num_steps=_STAGE_STEPS['unimodal_ce'][size])
+                learning_rate=1e-3)
 
 
 def align_stage(size):

@@ -104,7 +104,7 @@ def main(_):
   config = _CONFIG.value
   meta = config.pipelines.train_VAI.stages[2]
   print(config.size, meta.num_steps, meta.optimizer.warmup_steps,
-        config.eval.fewshot.num_episodes, config.model.fusion.kind)
+        config.eval.fewshot.num_episodes, config.model.fusion.kind, config.dataset.data_dir)
 app.run(main)
 """
 
@@ -114,10 +114,11 @@ def test_command_line_overrides_reach_stages_and_eval():
   result = subprocess.run(
       [sys.executable, '-c', _PRINT_CONFIG, '--config=configs/fewshot.py:tiny',
        '--config.pipelines.train_VAI.stages[2].num_steps=70',
-       '--config.eval.fewshot.num_episodes=33', '--config.model.fusion.kind=mlp'],
+       '--config.eval.fewshot.num_episodes=33', '--config.model.fusion.kind=mlp',
+       '--config.dataset.data_dir=/data/tfds'],
       cwd=ROOT, capture_output=True, text=True, check=True)
   # Warmup follows the stage's steps (10%).
-  assert result.stdout.split() == ['tiny', '70', '7', '33', 'mlp']
+  assert result.stdout.split() == ['tiny', '70', '7', '33', 'mlp', '/data/tfds']
 
 
 def test_unknown_size_is_refused():

@@ -10,8 +10,8 @@ zero-shot (A I -> V), each under four variants, with many-shot top-1 and few-sho
   weighted as in configs/manyshot.py);
 - few-shot: unimodal L_CE, multimodal L_CE (+ L_align unless 'no align', weighted as in
   configs/fewshot.py), then meta-training with L_proto ('proto off' stops before it);
-- zero-shot top-1: external pre-training (the `pretrain` split), L_align on the unlabeled split
-  (none for 'no align'), then L_CE on A I.
+- zero-shot top-1: the many-shot zero-shot pipeline (manyshot.zeroshot_pipeline) trained on
+  A I: external pre-training, L_align on the unlabeled split (none for 'no align'), L_CE.
 'MLP' pipelines use the MLP fusion over concatenated features instead of attention. Pipelines
 that begin with the same stages share them (pipeline.py), so e.g. 'full_fewshot' and
 'full_meta' train their first two stages once.
@@ -20,6 +20,7 @@ from configs import common, manyshot
 from mmg_jax import modalities, report
 
 _MLP = {'fusion': {'kind': 'mlp'}}
+_AI = ('audio', 'imu')
 
 
 def _pipelines(size):
@@ -28,8 +29,6 @@ def _pipelines(size):
   multimodal_manyshot = common.supervised_stage(size, align_weight=manyshot.ALIGN_WEIGHT)
   multimodal_noalign = common.supervised_stage(size, align_weight=0.0)
   meta = common.meta_stage(size, modalities.ALL_SUBSETS)
-  zeroshot = common.supervised_stage(size, modalities=('audio', 'imu'), align_weight=0.0)
-  pretrain, align = common.pretrain_stage(size), common.align_stage(size)
   return {
       'full': common.pipeline(unimodal, multimodal_manyshot),
       'full_fewshot': common.pipeline(unimodal, multimodal),
@@ -38,9 +37,9 @@ def _pipelines(size):
       'noalign_meta': common.pipeline(unimodal, multimodal_noalign, meta),
       'mlp': common.pipeline(unimodal, multimodal_manyshot, model_updates=_MLP),
       'mlp_meta': common.pipeline(unimodal, multimodal, meta, model_updates=_MLP),
-      'zeroshot_AI': common.pipeline(pretrain, align, zeroshot),
-      'zeroshot_AI_noalign': common.pipeline(pretrain, zeroshot),
-      'mlp_zeroshot_AI': common.pipeline(pretrain, align, zeroshot, model_updates=_MLP),
+      'zeroshot_AI': manyshot.zeroshot_pipeline(size, _AI),
+      'zeroshot_AI_noalign': manyshot.zeroshot_pipeline(size, _AI, align=False),
+      'mlp_zeroshot_AI': manyshot.zeroshot_pipeline(size, _AI, model_updates=_MLP),
   }
 
 

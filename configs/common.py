@@ -223,14 +223,14 @@ def unimodal_stage(size, modalities=('video', 'audio', 'imu')):
                 learning_rate=1e-3)
 
 
-def pretrain_stage(size, modalities=('video', 'audio', 'imu')):
+def pretrain_stage(size, modalities=('video', 'audio', 'imu'), num_steps=None):
   """External pre-training: unimodal L_CE on the `pretrain` split, classes disjoint from MMG's.
 
   Stands in for the Kinetics-400 and AudioSet checkpoints the paper starts its encoders from;
   mmg_synthetic has this split, mmg_ego4d does not (load external checkpoints there instead).
   """
   return _stage(size, 'pretrain', 'unimodal_ce', split='pretrain', modalities=modalities,
-                learning_rate=1e-3)
+                learning_rate=1e-3, num_steps=num_steps)
 
 
 def align_stage(size):

@@ -228,7 +228,7 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(main_env, tmp_path):
   assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc
 
 
-def test_tiny_manyshot_runs_end_to_end_sharing_the_alignment_stage(main_env, tmp_path):
+def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(main_env, tmp_path):
   workdir = str(tmp_path)
   out = _main(main_env, 'configs/manyshot.py:tiny', workdir)
   doc = _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
@@ -236,6 +236,7 @@ def test_tiny_manyshot_runs_end_to_end_sharing_the_alignment_stage(main_env, tmp
   assert 'Unimodal baselines' in out
   assert sorted(_metrics_lines(workdir)) == [
       'train_VAI/multimodal', 'train_VAI/unimodal', 'zeroshot_train_A/align',
-      'zeroshot_train_A/multimodal', 'zeroshot_train_AI/multimodal',
+      'zeroshot_train_A/multimodal', 'zeroshot_train_A/pretrain', 'zeroshot_train_AI/multimodal',
       'zeroshot_train_I/multimodal', 'zeroshot_train_V/multimodal']
+  assert out.count("stage 'pretrain' is the same as zeroshot_train_A/pretrain") == 3
   assert out.count("stage 'align' is the same as zeroshot_train_A/align") == 3

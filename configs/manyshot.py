@@ -10,11 +10,12 @@ paper's stage table):
   subset.
 - `zeroshot_train_<A|I|AI|V>` (zero-shot rows, one per training subset): encoders pre-trained on
   the external `pretrain` split (other classes; the paper starts from Kinetics and AudioSet
-  checkpoints), L_align pre-training on the unlabeled split with every modality, then L_CE on the
-  train modalities only; evaluated on the disjoint test modalities. MMG data of a test modality
-  enters only through the unlabeled alignment stage: pipeline.validate refuses any stage that
-  reads MMG labels with it. The first two stages are the same in the four pipelines, so they run
-  once (in zeroshot_train_A/).
+  checkpoints; the 'paper' size has no such split, see zeroshot_pipeline), L_align pre-training
+  on the unlabeled split with every modality, then L_CE on the train modalities only; evaluated
+  on the disjoint test modalities. MMG data of a test modality enters only through the
+  unlabeled alignment stage: pipeline.validate refuses any stage that reads MMG labels with it.
+  The first two stages are the same in the four pipelines, so they run once (in
+  zeroshot_train_A/).
 """
 from configs import common
 from mmg_jax import modalities, report
@@ -24,14 +25,21 @@ from mmg_jax import modalities, report
 ALIGN_WEIGHT = 0.1
 # The zero-shot pipelines train for 3/4 (pre-training) and 1/2 (L_CE) of the usual budgets: the
 # 'small' run then fits its 15 minutes on 2 cores.
-_ZEROSHOT_PRETRAIN_STEPS = {'tiny': 2, 'small': 300, 'paper': 20_000}
+_ZEROSHOT_PRETRAIN_STEPS = {'tiny': 2, 'small': 300}
 _ZEROSHOT_CE_STEPS = {'tiny': 2, 'small': 150, 'paper': 20_000}
 
 
 def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None):
   """External pre-training, L_align on unlabeled clips (unless not `align`), L_CE on the train
-  modalities alone; configs/ablation.py builds its zero-shot cells with it too."""
-  stages = [common.pretrain_stage(size, num_steps=_ZEROSHOT_PRETRAIN_STEPS[size])]
+  modalities alone; configs/ablation.py builds its zero-shot cells with it too.
+
+  The external pre-training reads mmg_synthetic's `pretrain` split. mmg_ego4d ('paper') has no
+  such split: there the encoders should start from Kinetics/AudioSet checkpoints, which the
+  code does not load yet, so 'paper' starts from a fresh init.
+  """
+  stages = []
+  if size in _ZEROSHOT_PRETRAIN_STEPS:
+    stages.append(common.pretrain_stage(size, num_steps=_ZEROSHOT_PRETRAIN_STEPS[size]))
   if align:
     stages.append(common.align_stage(size))
   stages.append(common.supervised_stage(size, modalities=train_modalities, align_weight=0.0,

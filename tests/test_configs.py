@@ -72,6 +72,14 @@ def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
       assert stages[1].align_weight > 0
 
 
+def test_external_pretraining_only_where_the_dataset_has_its_split():
+  """mmg_synthetic has a `pretrain` split, mmg_ego4d ('paper') does not."""
+  for size in common.SIZES:
+    config = manyshot.get_config(size)
+    splits = [s.split for s in config.pipelines.zeroshot_train_A.stages]
+    assert ('pretrain' in splits) == config.dataset.name.startswith('mmg_synthetic'), size
+
+
 def _stage_dicts(pipeline):
   return [stage.to_dict() for stage in pipeline.stages]
 

@@ -227,6 +227,7 @@ def pretrain_stage(size, modalities=('video', 'audio', 'imu'), num_steps=None):
   """External pre-training: unimodal L_CE on the `pretrain` split, classes disjoint from MMG's.
 
   Stands in for the Kinetics-400 and AudioSet checkpoints the paper starts its encoders from;
+  the IMU encoder is pre-trained too by default (the paper does not say where it starts).
   mmg_synthetic has this split, mmg_ego4d does not (load external checkpoints there instead).
   """
   return _stage(size, 'pretrain', 'unimodal_ce', split='pretrain', modalities=modalities,

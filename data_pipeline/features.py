@@ -15,6 +15,9 @@ NUM_BASE_CLASSES = 65
 NUM_NOVEL_CLASSES = 14
 NUM_CLASSES = NUM_BASE_CLASSES + NUM_NOVEL_CLASSES  # labels: base 0..64, novel 65..78
 UNLABELED = -1
+# A labeled split a builder may add outside MMG-Ego4D's: classes of its own, for external
+# pre-training (mmg_synthetic has it, standing in for Kinetics/AudioSet; mmg_ego4d does not).
+PRETRAIN_SPLIT = 'pretrain'
 
 
 def features(*, video_shape, audio_shape, imu_shape):

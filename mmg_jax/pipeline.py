@@ -29,14 +29,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipeline import loaders
+from data_pipeline import features, loaders
 from mmg_jax import episodes, evaluate, losses, modalities, report, sharding, train
 from mmg_jax.models import mmg
 
 STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
 UNLABELED_SPLIT = 'unlabeled'
 # Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
-EXTERNAL_SPLITS = ('pretrain',)
+EXTERNAL_SPLITS = (features.PRETRAIN_SPLIT,)
 
 
 def _subset(stage):

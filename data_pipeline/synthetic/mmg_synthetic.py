@@ -49,8 +49,7 @@ from data_pipeline import features
 from data_pipeline.synthetic import clips
 
 LABELED_SPLITS = ('train', 'val', 'test', 'novel')
-PRETRAIN_SPLIT = 'pretrain'
-SPLITS = (*features.SPLITS, PRETRAIN_SPLIT)  # pretrain last: the others keep their seeds
+SPLITS = (*features.SPLITS, features.PRETRAIN_SPLIT)  # pretrain last: the others keep seeds
 NUM_PRETRAIN_CLASSES = features.NUM_BASE_CLASSES  # as many as the unimodal heads' outputs
 CHUNK_SIZE = 128  # clips rendered at once: big enough to vectorize, small enough for the cache
 
@@ -99,7 +98,7 @@ def split_labels(config, split):
     return np.full(config.sizes.unlabeled, features.UNLABELED)
   if split == 'novel':
     classes = np.arange(features.NUM_BASE_CLASSES, features.NUM_CLASSES)
-  elif split == PRETRAIN_SPLIT:
+  elif split == features.PRETRAIN_SPLIT:
     classes = np.arange(NUM_PRETRAIN_CLASSES)
   else:
     classes = np.arange(features.NUM_BASE_CLASSES)
@@ -110,7 +109,7 @@ def split_causes(config, split, world):
   """Per-clip class causes [N, LATENT_DIM] of a split."""
   labels = split_labels(config, split)
   rng = np.random.default_rng([config.seed, SPLITS.index(split), 0])
-  if split == PRETRAIN_SPLIT:
+  if split == features.PRETRAIN_SPLIT:
     return rng.normal(size=(NUM_PRETRAIN_CLASSES, clips.LATENT_DIM))[labels]
   if split != 'unlabeled':
     return world['causes'][labels]

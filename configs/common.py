@@ -195,6 +195,8 @@ def optimizer_config(learning_rate, num_steps):
       'weight_decay': 0.05,
       'grad_clip_norm': 1.0,
       'accumulate_steps': 1,
+      # The top-level params this stage trains, e.g. ('head',); None: all of them.
+      'trainable': None,
   })
 
 

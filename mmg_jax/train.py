@@ -56,15 +56,36 @@ def learning_rate_schedule(config, num_steps):
 
 def make_optimizer(config, num_steps):
   """AdamW on `learning_rate_schedule`, weight decay on matrices only (not biases, norms),
-  after clipping the global gradient norm to `grad_clip_norm` (0 or None: no clipping)."""
+  after clipping the global gradient norm to `grad_clip_norm` (0 or None: no clipping).
+
+  With `trainable` (a tuple of top-level param names; None: all), the other params get no
+  update at all, not even weight decay.
+  """
   if config.name != 'adamw':
     raise ValueError(f"optimizer.name={config.name!r}: only 'adamw' is implemented.")
-  adamw = optax.adamw(learning_rate_schedule(config, num_steps),
-                      weight_decay=config.weight_decay,
-                      mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params))
-  if not config.grad_clip_norm:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  tx = optax.adamw(learning_rate_schedule(config, num_steps),
+                   weight_decay=config.weight_decay,
+                   mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params))
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.trainable is None:
+    return tx
+  return optax.multi_transform(
+      {'train': tx, 'frozen': optax.set_to_zero()},
+      lambda params: {k: jax.tree.map(lambda _, k=k: 'train' if k in config.trainable else 'frozen',
+                                      v) for k, v in params.items()})
+
+
+def stop_frozen_gradients(params, trainable):
+  """params with every top-level entry not in `trainable` (None: all are) behind
+  stop_gradient: no backward pass runs through them (frozen encoders cost a forward pass)."""
+  if trainable is None:
+    return params
+  unknown = set(trainable) - set(params)
+  if unknown:
+    raise ValueError(f'optimizer.trainable names {sorted(unknown)}, which are not params of the '
+                     f'model; its params are {sorted(params)}.')
+  return {k: v if k in trainable else jax.lax.stop_gradient(v) for k, v in params.items()}
 
 
 def gradients(loss_fn, params, batch, rng, *, accumulate_steps, mesh):
@@ -104,14 +125,19 @@ def gradients(loss_fn, params, batch, rng, *, accumulate_steps, mesh):
   return jax.tree.map(lambda x: x / accumulate_steps, total)
 
 
-def train_step(state, batch, rng, *, loss_fn, optimizer, schedule, accumulate_steps, mesh):
+def train_step(state, batch, rng, *, loss_fn, optimizer, schedule, accumulate_steps, mesh,
+               trainable=None):
   """One optimizer step on a global batch; pure, jitted by `run_stage` with shardings.
 
   `rng` is the stage key; the step uses fold_in(rng, state.step), so a resumed run draws the
   same keys as an uninterrupted one. Returns the new state and scalar metrics.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  grads, metrics = gradients(loss_fn, state.params, batch, step_rng,
+
+  def trainable_loss_fn(params, *args):
+    return loss_fn(stop_frozen_gradients(params, trainable), *args)
+
+  grads, metrics = gradients(trainable_loss_fn, state.params, batch, step_rng,
                              accumulate_steps=accumulate_steps, mesh=mesh)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -269,7 +295,8 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
     step_fn = jax.jit(
         functools.partial(train_step, loss_fn=loss_fn, optimizer=tx,
                           schedule=learning_rate_schedule(optimizer, num_steps),
-                          accumulate_steps=optimizer.accumulate_steps, mesh=mesh),
+                          accumulate_steps=optimizer.accumulate_steps, mesh=mesh,
+                          trainable=optimizer.trainable),
         in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated), donate_argnums=0)
     stage_rng = sharding.replicate(jax.random.PRNGKey(seed), mesh)

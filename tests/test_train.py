@@ -103,6 +103,23 @@ def test_weight_decay_shrinks_matrices_only():
   np.testing.assert_array_equal(updates['bias'], 0.0)
 
 
+def test_params_outside_trainable_stay_bit_identical_while_the_rest_train(tmp_path):
+  """Frozen params get neither gradient steps nor weight decay; the others still train."""
+  mesh = sharding.make_mesh()
+  init = toy_task.init_params(toy_task.ToyMLP())
+  params = toy_task.run(str(tmp_path), mesh, num_steps=4,
+                        optimizer=toy_task.optimizer_config(trainable=('Dense_1',)))
+  for name in ('kernel', 'bias'):
+    np.testing.assert_array_equal(params['Dense_0'][name], init['Dense_0'][name])
+    assert not np.allclose(params['Dense_1'][name], init['Dense_1'][name])
+
+
+def test_an_unknown_trainable_param_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match=r"names \['encoder'\].*'Dense_0', 'Dense_1'"):
+    toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=2,
+                 optimizer=toy_task.optimizer_config(trainable=('Dense_1', 'encoder')))
+
+
 def _read_events(path):
   """Scalar (tag, step, value) records of a TensorBoard event file."""
   scalars = []

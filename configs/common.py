@@ -236,15 +236,16 @@ def pretrain_stage(size, modalities=('video', 'audio', 'imu'), num_steps=None):
                 learning_rate=1e-3, num_steps=num_steps)
 
 
-def align_stage(size):
+def align_stage(size, num_steps=None):
   """Multimodal unsupervised pre-training: L_align (temperature tau) on the unlabeled clips.
 
-  Gentler than the labeled stages: at learning rate 1e-3 and tau 0.1 the embeddings collapsed to
-  one point (L_align stuck at 2 ln B, the loss of identical embeddings) within 60 steps on the
-  small demo; at 3e-4 and tau 0.3, from pre-trained encoders, L_align keeps falling.
+  Gentler than the labeled stages: when every param trains, at learning rate 1e-3 and tau 0.1
+  the embeddings collapsed to one point (L_align stuck at 2 ln B, the loss of identical
+  embeddings) within 60 steps on the small demo; at 3e-4 and tau 0.3 L_align keeps falling.
   """
   return _stage(size, 'align', 'align', split='unlabeled',
-                modalities=('video', 'audio', 'imu'), learning_rate=3e-4, temperature=0.3)
+                modalities=('video', 'audio', 'imu'), learning_rate=3e-4, num_steps=num_steps,
+                temperature=0.3)
 
 
 def supervised_stage(size, modalities=('video', 'audio', 'imu'), align_weight=1.0,

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import common, fewshot, manyshot
@@ -240,3 +241,23 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(main_en
       'zeroshot_train_I/multimodal', 'zeroshot_train_V/multimodal']
   assert out.count("stage 'pretrain' is the same as zeroshot_train_A/pretrain") == 3
   assert out.count("stage 'align' is the same as zeroshot_train_A/align") == 3
+  # From the pre-trained encoders, L_align trains the fusion alone and L_CE the head alone.
+  pretrain, align, supervised = (_final_params(workdir, f'zeroshot_train_A/{stage}')
+                                 for stage in ('pretrain', 'align', 'multimodal'))
+  _assert_only_changed(pretrain, align, 'fusion')
+  _assert_only_changed(align, supervised, 'head')
+
+
+def _final_params(workdir, stage):
+  """The params of a stage's last checkpoint, as numpy arrays."""
+  directory = os.path.join(workdir, stage, 'checkpoints')
+  step = max((name for name in os.listdir(directory) if name.isdigit()), key=int)
+  return ocp.StandardCheckpointer().restore(os.path.join(directory, step, 'state'))['params']
+
+
+def _assert_only_changed(before, after, changed):
+  """Every top-level param entry but `changed` is bit-identical; `changed` moved."""
+  assert sorted(before) == sorted(after)
+  for name in before:
+    same = jax.tree.all(jax.tree.map(np.array_equal, before[name], after[name]))
+    assert same == (name != changed), name

@@ -170,8 +170,8 @@ def fusion_config(size):
 
 # Stages and evaluation (mmg_jax/pipeline.py, mmg_jax/evaluate.py). Step budgets: 'tiny' runs
 # in seconds for tests; 'small' is the CPU demo, measured on 2 cores from a fresh install:
-# configs/fewshot.py 8 min, configs/manyshot.py 13 min (its zero-shot pipelines train shorter,
-# configs/manyshot.py); 'paper' is a pod-scale schedule.
+# configs/fewshot.py 8 min, configs/manyshot.py 14 min (its zero-shot pipelines have budgets of
+# their own, configs/manyshot.py); 'paper' is a pod-scale schedule.
 _STAGE_STEPS = {
     'unimodal_ce': {'tiny': 2, 'small': 400, 'paper': 20_000},
     'align': {'tiny': 2, 'small': 300, 'paper': 50_000},

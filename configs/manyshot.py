@@ -11,9 +11,10 @@ paper's stage table):
 - `zeroshot_train_<A|I|AI|V>` (zero-shot rows, one per training subset): encoders pre-trained on
   the external `pretrain` split (other classes; the paper starts from Kinetics and AudioSet
   checkpoints; the 'paper' size has no such split, see zeroshot_pipeline), L_align pre-training
-  on the unlabeled split with every modality, then L_CE on the train modalities only; evaluated
-  on the disjoint test modalities. MMG data of a test modality enters only through the
-  unlabeled alignment stage: pipeline.validate refuses any stage that reads MMG labels with it.
+  of the fusion on the unlabeled split with every modality, then L_CE of the head on the train
+  modalities only; evaluated on the disjoint test modalities. MMG data of a test modality
+  enters only through the unlabeled alignment stage: pipeline.validate refuses any stage that
+  reads MMG labels with it.
   The first two stages are the same in the four pipelines, so they run once (in
   zeroshot_train_A/).
 """

@@ -14,9 +14,8 @@ paper's stage table):
   of the fusion on the unlabeled split with every modality, then L_CE of the head on the train
   modalities only; evaluated on the disjoint test modalities. MMG data of a test modality
   enters only through the unlabeled alignment stage: pipeline.validate refuses any stage that
-  reads MMG labels with it.
-  The first two stages are the same in the four pipelines, so they run once (in
-  zeroshot_train_A/).
+  reads MMG labels with it. The first two stages are the same in the four pipelines, so they run
+  once (in zeroshot_train_A/).
 """
 from configs import common
 from mmg_jax import modalities, report

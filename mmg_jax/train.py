@@ -70,22 +70,31 @@ def make_optimizer(config, num_steps):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.trainable is None:
     return tx
-  return optax.multi_transform(
-      {'train': tx, 'frozen': optax.set_to_zero()},
-      lambda params: {k: jax.tree.map(lambda _, k=k: 'train' if k in config.trainable else 'frozen',
-                                      v) for k, v in params.items()})
+
+  def labels(params):  # a prefix of the params tree: one label per top-level entry
+    frozen = frozen_names(params, config.trainable)
+    return {k: 'frozen' if k in frozen else 'train' for k in params}
+
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
-def stop_frozen_gradients(params, trainable):
-  """params with every top-level entry not in `trainable` (None: all are) behind
-  stop_gradient: no backward pass runs through them (frozen encoders cost a forward pass)."""
+def frozen_names(params, trainable):
+  """The top-level param names outside `trainable` (None: all are trainable); a name in
+  `trainable` that the params lack is an error, caught when the optimizer is initialized."""
   if trainable is None:
-    return params
+    return set()
   unknown = set(trainable) - set(params)
   if unknown:
     raise ValueError(f'optimizer.trainable names {sorted(unknown)}, which are not params of the '
                      f'model; its params are {sorted(params)}.')
-  return {k: v if k in trainable else jax.lax.stop_gradient(v) for k, v in params.items()}
+  return set(params) - set(trainable)
+
+
+def stop_frozen_gradients(params, trainable):
+  """params with the entries outside `trainable` behind stop_gradient: no backward pass runs
+  through them (frozen encoders cost a forward pass only)."""
+  frozen = frozen_names(params, trainable)
+  return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
 
 
 def gradients(loss_fn, params, batch, rng, *, accumulate_steps, mesh):

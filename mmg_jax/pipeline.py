@@ -90,6 +90,12 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
     raise ValueError(f'{where} ({stage.kind}) needs labels but reads the {UNLABELED_SPLIT!r} '
                      'split; use the train split.')
   subset = _subset(stage)
+  accumulate_steps = stage.optimizer.accumulate_steps
+  if stage.kind == 'meta' and stage.episodes_per_batch % accumulate_steps:
+    raise ValueError(f'{where} cuts its {stage.episodes_per_batch} episodes per batch into '
+                     f'optimizer.accumulate_steps={accumulate_steps} micro-batches, but an '
+                     'episode (its prototypes and queries) must lie whole inside one micro-batch; '
+                     'make episodes_per_batch a multiple of accumulate_steps.')
   if _uses_align(stage) and ('video' not in subset or len(subset) < 2):
     raise ValueError(f'{where} uses L_align, which pairs video with audio and IMU, but may see '
                      f'only {list(subset)}; allow video and another modality or set align_weight '
@@ -167,11 +173,12 @@ def make_loss_fn(model, stage):
     return loss, metrics
 
   def meta(params, batch, rng):
+    """Presence is drawn for the episodes of `batch` itself: a micro-batch holds fewer."""
     episode_rng, rng = jax.random.split(rng)
     present = batch['present'] & episodes.sample_episode_modalities(
-        episode_rng, num_episodes=stage.episodes_per_batch, n_way=stage.n_way, k_shot=stage.k_shot,
-        q_query=stage.q_query, support_subsets=stage.support_subsets,
-        query_subsets=stage.query_subsets)
+        episode_rng, num_episodes=_num_episodes(stage, batch['present'].shape[0]),
+        n_way=stage.n_way, k_shot=stage.k_shot, q_query=stage.q_query,
+        support_subsets=stage.support_subsets, query_subsets=stage.query_subsets)
     out = apply(params, {**batch, 'present': present}, rng)
     proto, accuracy = losses.cross_modal_proto_loss(
         evaluate.prototype_embedding(out['fused'], stage.temperature), n_way=stage.n_way,
@@ -190,6 +197,17 @@ def make_loss_fn(model, stage):
     return kind_loss(params, evaluate.restrict(batch, allowed), rng)
 
   return loss_fn
+
+
+def _num_episodes(stage, batch_size):
+  """The whole episodes in a (micro-)batch of `batch_size` rows of a meta stage."""
+  per_episode = stage.n_way * (stage.k_shot + stage.q_query)
+  if batch_size % per_episode:
+    raise ValueError(f'meta stage {stage.name!r} got a batch of {batch_size} rows, which is not '
+                     f'whole {stage.n_way}-way {stage.k_shot}-shot {stage.q_query}-query episodes '
+                     f'of {per_episode} rows; episodes_per_batch must be a multiple of '
+                     'optimizer.accumulate_steps.')
+  return batch_size // per_episode
 
 
 def make_loader(dataset, stage, seed):

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common, fewshot, manyshot
-from mmg_jax import pipeline, report
+from mmg_jax import pipeline, report, sharding, train
 from mmg_jax.models import mmg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +183,45 @@ def test_alignment_trains_the_fusion_that_evaluation_reads():
     assert np.abs(grads['fusion'][f'proj_{m}']['kernel']).max() > 0, m
   # The class head is not part of L_align.
   assert np.abs(grads['head']['kernel']).max() == 0
+
+
+def test_meta_training_accumulates_whole_episodes():
+  """With accumulate_steps=2 a meta step's gradient is the mean of its two micro-batches'
+  gradients, each micro-batch drawing modality presence for its own episodes (it crashed:
+  presence drawn for the global batch met a micro-batch)."""
+  config = fewshot.get_config('tiny')
+  stage = config.pipelines.train_VAI.stages[2]
+  stage.episodes_per_batch = 4  # 80 clips: micro-batches of 40 split over the 8 devices
+  stage.optimizer.accumulate_steps = 2
+  pipeline.validate(config)
+  model = mmg.MMGModel(config=config.model)
+  rng = np.random.default_rng(3)
+  batch = _random_batch(rng, config, 80)
+  params = _random_params(model, batch, rng)
+  loss_fn = pipeline.make_loss_fn(model, stage)
+  step_rng = jax.random.fold_in(jax.random.PRNGKey(5), 0)  # train_step's key at step 0
+  # What train_step runs: the global batch sharded over the 8 devices, cut into 2 micro-batches.
+  mesh = sharding.make_mesh()
+  grads, metrics = jax.jit(functools.partial(train.gradients, loss_fn, accumulate_steps=2,
+                                             mesh=mesh))(
+      sharding.replicate(params, mesh), sharding.shard_batch(batch, mesh), step_rng)
+  # Each half alone, with the key the accumulation gives it.
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  halves = [grad_fn(params, {k: v[40 * i:40 * (i + 1)] for k, v in batch.items()},
+                    jax.random.fold_in(step_rng, i)) for i in range(2)]
+  np.testing.assert_allclose(metrics['loss'], np.mean([loss for (loss, _), _ in halves]),
+                             rtol=1e-5)
+  assert np.isfinite(metrics['loss'])
+  want = jax.tree.map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7), grads, want)
+
+
+def test_meta_accumulation_that_would_cut_an_episode_is_refused():
+  config = fewshot.get_config('tiny')
+  config.pipelines.train_VAI.stages[2].optimizer.accumulate_steps = 3  # 2 episodes per batch
+  with pytest.raises(ValueError, match="stage 'meta' of pipeline 'train_VAI' cuts its 2 "
+                                       'episodes per batch into optimizer.accumulate_steps=3'):
+    pipeline.validate(config)
 
 
 def test_stage_directory_refuses_another_config(tmp_path):

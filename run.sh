@@ -11,6 +11,10 @@ usage: ./run.sh COMMAND [ARGS...] [main flags...]
   demo                          few-shot pipeline on the embedded dataset, CPU-sized (small)
   paper                         many-shot and few-shot tables at paper size (needs the
                                 mmg_ego4d dataset built: data_pipeline/mmg_ego4d/README.md)
+  paper-smoke [WORKDIR]         every stage and evaluation of the paper configs on CPU, at
+                                paper sizes, for 2 steps a stage on generated media; prints
+                                both tables and each part's time and peak memory
+                                (mmg_jax/tools/paper_smoke.py; default runs/paper_smoke)
   tpu-pod NAME ZONE CONFIG      CONFIG (e.g. configs/fewshot.py:paper) on every worker of the
                                 TPU VM NAME; the repo must be at ~/mmg-jax on each worker with
                                 requirements.txt and jax[tpu] installed, and --workdir a path
@@ -31,6 +35,9 @@ case "$command" in
   paper)
     "${main_py[@]}" --config=configs/manyshot.py:paper "$@"
     "${main_py[@]}" --config=configs/fewshot.py:paper "$@"
+    ;;
+  paper-smoke)
+    python -m mmg_jax.tools.paper_smoke --workdir="${1:-runs/paper_smoke}"
     ;;
   tpu-pod)
     [[ $# -ge 3 ]] || { usage >&2; exit 2; }

@@ -69,4 +69,4 @@ def get_config(arg=None):
       rows.append(common.eval_row({**setting, 'paper': paper_fewshot}, '5w5s_acc', fewshot,
                                   **variant))
   config.eval = common.eval_config(size, 'ablation', rows)
-  return config
+  return common.finish(config, arg)

@@ -3,18 +3,23 @@
 The `arg` of every config file picks a size:
   'tiny'   seconds on CPU, for tests (dataset mmg_synthetic/tiny);
   'small'  the default: the CPU demo on the embedded dataset (mmg_synthetic/small);
-  'paper'  the paper's model sizes, checked by shapes, parameters and FLOPs (dataset mmg_ego4d).
+  'paper'  the paper's model sizes, checked by shapes, parameters and FLOPs (dataset mmg_ego4d);
+  'paper_smoke'  'paper' (model, input shapes, dataset, every stage and row) on a smoke
+           schedule: 2 steps a stage, batches of 2, tiny episodes (`smoke_schedule`).
 """
 import ml_collections
 
 SIZES = ('tiny', 'small', 'paper')
+PAPER_SMOKE = 'paper_smoke'
+ARGS = (*SIZES, PAPER_SMOKE)
 
 
 def parse_size(arg):
+  """The size of a config arg: PAPER_SMOKE is the 'paper' size."""
   size = arg or 'small'
-  if size not in SIZES:
-    raise ValueError(f'config arg {arg!r} is not one of {SIZES}')
-  return size
+  if size not in ARGS:
+    raise ValueError(f'config arg {arg!r} is not one of {ARGS}')
+  return 'paper' if size == PAPER_SMOKE else size
 
 
 def base(arg=None):
@@ -310,6 +315,41 @@ def eval_config(size, kind, rows):
 def eval_row(row, metric, pipeline, **extra):
   """One evaluation row: a paper table row (mmg_jax/report.py), its metric and its pipeline."""
   return ml_collections.ConfigDict({**row, 'metric': metric, 'pipeline': pipeline, **extra})
+
+
+# The smoke schedule (PAPER_SMOKE): enough to run every stage's train step twice (the second
+# reuses the compiled step on updated state) and every evaluation, at the size's shapes.
+_SMOKE_STEPS = 2
+_SMOKE_BATCH_SIZE = 2  # global; L_align needs two clips for a negative
+# Meta-training episodes: 2-way 1-shot 1-query, one a batch (4 clips); few-shot evaluation:
+# the paper's 5 ways, 1-shot 1-query (10 novel clips of 5 classes).
+_SMOKE_META = {'n_way': 2, 'k_shot': 1, 'q_query': 1, 'episodes_per_batch': 1}
+_SMOKE_FEWSHOT_EVAL = {'n_way': 5, 'k_shot': 1, 'q_query': 1, 'num_episodes': 10}
+
+
+def finish(config, arg):
+  """The last step of every experiment's get_config: the arg's schedule (PAPER_SMOKE:
+  `smoke_schedule`) over the stages and evaluation the experiment built for its size."""
+  if arg == PAPER_SMOKE:
+    smoke_schedule(config)
+  return config
+
+
+def smoke_schedule(config):
+  """Shrinks steps, batches and episodes in place; keeps every pipeline, stage, row and shape.
+
+  Fits the data of data_pipeline/mmg_ego4d/sample_media.py. Warmups follow num_steps (0).
+  """
+  for pipeline in config.pipelines.values():
+    for stage in pipeline.stages:
+      stage.num_steps = _SMOKE_STEPS
+      stage.update({'batch_size': _SMOKE_BATCH_SIZE, 'log_every': 1,
+                    'checkpoint_every': _SMOKE_STEPS})
+      if stage.kind == 'meta':
+        stage.update(_SMOKE_META)
+  config.eval.batch_size = _SMOKE_BATCH_SIZE
+  config.eval.fewshot.update(_SMOKE_FEWSHOT_EVAL)
+  return config
 
 
 def table_rows(table, metric, pipeline_of):

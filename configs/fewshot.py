@@ -23,4 +23,4 @@ def get_config(arg=None):
       common.meta_stage(size, modalities.ALL_SUBSETS))}
   config.eval = common.eval_config(
       size, 'few-shot', common.table_rows(report.FEWSHOT, '5w5s_acc', lambda row: 'train_VAI'))
-  return config
+  return common.finish(config, arg)

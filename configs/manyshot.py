@@ -76,4 +76,4 @@ def get_config(arg=None):
   config.eval = common.eval_config(
       size, 'many-shot', common.table_rows(report.MANYSHOT, 'top1', _pipeline_of))
   config.eval.unimodal_baselines = 'train_VAI'
-  return config
+  return common.finish(config, arg)

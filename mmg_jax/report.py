@@ -6,9 +6,16 @@ A result row is a dict with the keys of `results.json` (see `write`): `setting`,
 `paper`, and the ablation's `fusion`, `alignment`, `proto_loss`). Means and intervals are in
 percent, as the paper prints them. This module also holds the paper's numbers (MISSION.md), which
 the experiment configs turn into evaluation rows and the tables print beside ours.
+
+  python -m mmg_jax.report --workdir=runs/fewshot    # redraws the plots of a finished run
+
+results.md links the plots (mmg_jax/plots.py) that `write` draws in workdir/plots/.
 """
 import json
 import os
+
+from absl import app, flags
+from ml_collections import config_flags
 
 from mmg_jax import modalities
 
@@ -167,16 +174,72 @@ def to_json(kind, rows, unimodal=None):
   return doc
 
 
-def write(kind, rows, workdir, *, process_index, unimodal=None):
-  """Prints the table and writes workdir/results.md and workdir/results.json (process 0 only)."""
+def plot_links(paths, workdir):
+  """The Markdown section of results.md that shows the plots at `paths` (inside workdir)."""
+  if not paths:
+    return ''
+  images = '\n\n'.join(f'![{os.path.splitext(os.path.basename(p))[0]}]'
+                        f'({os.path.relpath(p, workdir)})' for p in paths)
+  return f'\n## Plots\n\n{images}\n'
+
+
+def _write_markdown(workdir, text):
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(text)
+
+
+def redraw(workdir, models=None):
+  """Draws the plots of a finished workdir (mmg_jax.plots) and writes results.md with links to
+  them; prints what it wrote and what it could not draw. Returns the plot paths."""
+  from mmg_jax import plots  # matplotlib and the models: configs import this module too
+  paths, notes = plots.draw_run(workdir, models)
+  doc = plots.read_results(workdir)
+  _write_markdown(workdir, markdown(doc['kind'], doc['rows'], doc.get('unimodal')) +
+                  plot_links(paths, workdir))
+  for path in paths:
+    print(f'wrote {path}', flush=True)
+  for note in notes:
+    print(f'not drawn: {note}', flush=True)
+  return paths
+
+
+def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
+  """Prints the table and writes workdir/results.md and workdir/results.json (process 0 only),
+  then, with `plots`, the plots in workdir/plots/ and their links in results.md."""
   text = markdown(kind, rows, unimodal)
   if process_index != 0:
     return text
   print(text, flush=True)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(text)
+  _write_markdown(workdir, text)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(to_json(kind, rows, unimodal), f, indent=2)
     f.write('\n')
+  if plots:
+    redraw(workdir)
   return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = flags.FLAGS.config
+  models = None
+  if config is not None:
+    from mmg_jax import pipeline
+    models = {name: pipeline.model_config(config, p) for name, p in config.pipelines.items()}
+  try:
+    redraw(flags.FLAGS.workdir, models)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from e
+
+
+if __name__ == '__main__':
+  # Flags are defined here, not at import: configs import this module, and mmg_jax.main defines
+  # its own --config.
+  flags.DEFINE_string('workdir', None, 'the workdir of a finished run (holds results.json)')
+  config_flags.DEFINE_config_file(
+      'config', None, "the run's config, e.g. configs/fewshot.py:tiny; only needed for the cost "
+      'plot of pipelines whose stage.json is missing')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)

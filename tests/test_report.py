@@ -69,15 +69,33 @@ def test_write_produces_schema_json_and_markdown(tmp_path, capsys):
     assert got['metric'] == '5w5s_acc'
     assert isinstance(got['mean'], float) and isinstance(got['n'], int)
     assert got['mean'] == row['mean'] and got['ci95'] == 1.5
-  assert (tmp_path / 'results.md').read_text() == report.markdown('few-shot', rows)
-  assert '| zero-shot | A | V |' in capsys.readouterr().out
+  assert (tmp_path / 'results.md').read_text() == (
+      report.markdown('few-shot', rows) + '\n## Plots\n\n![matrix](plots/matrix.png)\n')
+  assert (tmp_path / 'plots' / 'matrix.png').is_file()
+  out = capsys.readouterr().out
+  assert '| zero-shot | A | V |' in out and 'not drawn: cost plot' in out
+
+
+def test_write_without_plots_writes_the_tables_only(tmp_path):
+  rows = _rows(report.MANYSHOT, 'top1', 0)
+  report.write('many-shot', rows, str(tmp_path), process_index=0, plots=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json', 'results.md']
+  assert (tmp_path / 'results.md').read_text() == report.markdown('many-shot', rows)
+
+
+def test_plot_links_are_images_relative_to_the_workdir(tmp_path):
+  paths = [str(tmp_path / 'plots' / 'matrix.png'), str(tmp_path / 'plots' / 'curves_p.png')]
+  assert report.plot_links(paths, str(tmp_path)) == (
+      '\n## Plots\n\n![matrix](plots/matrix.png)\n\n![curves_p](plots/curves_p.png)\n')
+  assert report.plot_links([], str(tmp_path)) == ''
 
 
 def test_unimodal_baselines_are_written_beside_the_table(tmp_path):
   unimodal = [{'modality': m, 'metric': 'top1', 'mean': 30.0 - i, 'ci95': 2.0, 'n': 1040,
                'paper': report.UNIMODAL_PAPER[m]} for i, m in enumerate((VIDEO, AUDIO, IMU))]
   rows = _rows(report.MANYSHOT, 'top1', 0)
-  report.write('many-shot', rows, str(tmp_path), process_index=0, unimodal=unimodal)
+  report.write('many-shot', rows, str(tmp_path), process_index=0, unimodal=unimodal,
+               plots=False)
   doc = json.loads((tmp_path / 'results.json').read_text())
   assert doc['unimodal'] == unimodal and len(doc['rows']) == 10
   text = (tmp_path / 'results.md').read_text()

@@ -1,0 +1,428 @@
+"""Plots of a finished run, drawn only from what it leaves in its workdir, as PNGs in W/plots/.
+
+- `matrix.png`: the evaluation matrix in the paper's layout, train (few-shot: support) subsets
+  down, test (query) subsets across, ours beside the paper's (results.json); the ablation's is
+  variants down, settings across, one pair of panels per metric.
+- `curves_<pipeline>.png`: each stage's loss parts, accuracy and learning rate against the step
+  (W/<pipeline>/<stage>/metrics.jsonl), one line of panels per stage.
+- `cost.png`: each row's accuracy against the GFLOPs of the model on its test modalities
+  (`model_stats.fusion_stats` of the pipeline's model, read from its stage.json) and against
+  the memory per second of those modalities (the paper's MEMORY_KB_PER_SEC, summed).
+- `embeddings.png`: a 2-D PCA of the fused embeddings in W/embeddings.npz (`save_embeddings`),
+  colored by class, one marker per modality subset: the closer the markers of one color, the
+  better the modalities are aligned.
+
+W/embeddings.npz holds, for one pipeline's trained model on one split:
+  `embeddings` float [N, D]  the fused embeddings (`out['fused']`, before normalization);
+  `labels`     int [N]       the class of each clip;
+  `subset`     str [N]       the modality subset each was embedded with, as 'V A I' short names;
+  `pipeline`, `split`        str scalars, for the title.
+Clip i appears once per subset. Every figure is drawn with matplotlib's Agg canvas (no display).
+"""
+import glob
+import json
+import math
+import os
+
+import ml_collections
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from mmg_jax import modalities
+
+PLOTS_DIR = 'plots'
+EMBEDDINGS_FILE = 'embeddings.npz'
+# The paper's memory per second of data of each modality, KB/s (MISSION.md).
+MEMORY_KB_PER_SEC = {'video': 593.92, 'audio': 62.76, 'imu': 9.44}
+METRIC_NAMES = {'5w5s_acc': '5-way 5-shot accuracy (%)', 'top1': 'top-1 accuracy (%)'}
+_AXES = {'few-shot': ('support modalities', 'query modalities'),
+         'many-shot': ('train modalities', 'test modalities')}
+_NOT_LOSSES = ('step', 'examples_per_sec', 'lr', 'grad_norm')
+_SETTING_MARKERS = {'regular': 'o', 'missing': 's', 'zero-shot': '^'}
+_SUBSET_MARKERS = dict(zip(modalities.ALL_SUBSETS, 'osD^v<>', strict=True))
+_DPI = 100
+
+
+def _subset_order(subsets):
+  """The distinct subsets among `subsets`, in the paper's order (largest first)."""
+  present = {modalities.check(s) for s in subsets}
+  return [s for s in modalities.ALL_SUBSETS if s in present]
+
+
+def _grid(cells, row_keys, col_keys):
+  """{(row key, col key): value or None} -> [R, C] float array, NaN where no value."""
+  values = np.full((len(row_keys), len(col_keys)), np.nan)
+  for (r, c), value in cells.items():
+    if value is not None:
+      values[row_keys.index(r), col_keys.index(c)] = value
+  return values
+
+
+def _unique_cells(rows, key_of, what):
+  cells = {}
+  for row in rows:
+    key = key_of(row)
+    if key in cells:
+      raise ValueError(f'two result rows fill the same cell {key} of the {what}; a matrix holds '
+                       'one row per cell: plot one kind of results (and one metric) at a time.')
+    cells[key] = row
+  return cells
+
+
+def matrix_layout(rows, value='mean'):
+  """(row labels, column labels, values [R, C] with NaN) of few-shot or many-shot result rows.
+
+  Rows are the train (support) subsets, columns the test (query) subsets, both in the paper's
+  order and only those some row uses; `value` is the row key to place ('mean' or 'paper').
+  """
+  rows = list(rows)
+  train = _subset_order(r['train'] for r in rows)
+  test = _subset_order(r['test'] for r in rows)
+  cells = _unique_cells(rows, lambda r: (modalities.check(r['train']),
+                                         modalities.check(r['test'])), 'evaluation matrix')
+  values = _grid({key: row.get(value) for key, row in cells.items()}, train, test)
+  return ([modalities.short_name(s) for s in train], [modalities.short_name(s) for s in test],
+          values)
+
+
+def _variant_label(row):
+  parts = [row['fusion']] + [f'no {name}' for name in ('alignment', 'proto_loss')
+                             if not row[name]]
+  return ', '.join(parts).replace('proto_loss', 'proto loss')
+
+
+def _setting_label(row):
+  return (f'{row["setting"]}\n{modalities.short_name(row["train"])} -> '
+          f'{modalities.short_name(row["test"])}')
+
+
+def ablation_layout(rows, metric, value='mean'):
+  """(row labels, column labels, values with NaN) of the ablation rows of one metric: variants
+  (fusion, alignment, proto loss) down, settings across, each in the order rows first use it."""
+  rows = [r for r in rows if r['metric'] == metric]
+  variants = list(dict.fromkeys(_variant_label(r) for r in rows))
+  settings = list(dict.fromkeys(_setting_label(r) for r in rows))
+  cells = _unique_cells(rows, lambda r: (_variant_label(r), _setting_label(r)), 'ablation')
+  return variants, settings, _grid({k: r.get(value) for k, r in cells.items()}, variants,
+                                   settings)
+
+
+def _heatmap(ax, labels, values, *, vmin, vmax, title, axis_names):
+  row_labels, col_labels = labels
+  ax.imshow(np.ma.masked_invalid(values), cmap='viridis', vmin=vmin, vmax=vmax, aspect='auto')
+  ax.set_xticks(range(len(col_labels)), col_labels)
+  ax.set_yticks(range(len(row_labels)), row_labels)
+  ax.set_xlabel(axis_names[1])
+  ax.set_ylabel(axis_names[0])
+  ax.set_title(title)
+  for (i, j), v in np.ndenumerate(values):
+    if np.isfinite(v):
+      light = (v - vmin) / max(vmax - vmin, 1e-9) > 0.6
+      ax.text(j, i, f'{v:.1f}', ha='center', va='center', color='black' if light else 'white')
+
+
+def _matrix_panels(kind, rows):
+  """[(title, metric, axis names, (row labels, col labels), ours, paper)] of one results kind."""
+  if kind == 'ablation':
+    metrics = [m for m in METRIC_NAMES if any(r['metric'] == m for r in rows)]
+    layouts = [(m, ablation_layout(rows, m), ablation_layout(rows, m, 'paper')) for m in metrics]
+    axis_names = ('variant', 'setting')
+  else:
+    layouts = [(rows[0]['metric'], matrix_layout(rows), matrix_layout(rows, 'paper'))]
+    axis_names = _AXES[kind]
+  return [(METRIC_NAMES[metric], metric, axis_names, ours[:2], ours[2], paper[2])
+          for metric, ours, paper in layouts]
+
+
+def draw_matrix(kind, rows, path):
+  """The evaluation matrix as heatmaps, ours | paper's, one line per metric; blank cells have no
+  row. Returns {metric: {'rows', 'columns', 'ours', 'paper'}}: the matrices drawn."""
+  panels = _matrix_panels(kind, rows)
+  num_rows = max(len(labels[0]) for _, _, _, labels, _, _ in panels)
+  num_cols = max(len(labels[1]) for _, _, _, labels, _, _ in panels)
+  fig = Figure(figsize=(2 * (2 + 1.1 * num_cols), len(panels) * (1.5 + 0.6 * num_rows)),
+               layout='constrained')
+  axes = fig.subplots(len(panels), 2, squeeze=False)
+  drawn = {}
+  for (title, metric, axis_names, labels, ours, paper), line in zip(panels, axes, strict=True):
+    both = np.concatenate([ours.ravel(), paper.ravel()])
+    finite = both[np.isfinite(both)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    for ax, values, who in zip(line, (ours, paper), ('ours', 'paper'), strict=True):
+      _heatmap(ax, labels, values, vmin=vmin, vmax=vmax, title=f'{title}, {who}',
+               axis_names=axis_names)
+    drawn[metric] = {'rows': labels[0], 'columns': labels[1], 'ours': ours, 'paper': paper}
+  fig.suptitle(f'MMG {kind} results')
+  fig.savefig(path, dpi=_DPI)
+  return drawn
+
+
+def read_metrics(path):
+  """The records of a metrics.jsonl, [{'step': int, <metric>: float, ...}], in file order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def stage_order(stage_dir):
+  """A stage's position in its pipeline (the number of stages in its stage.json identity), or
+  None when the directory has no stage.json."""
+  path = os.path.join(stage_dir, 'stage.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return len(json.load(f)['stages'])
+
+
+def pipeline_stages(workdir):
+  """{pipeline: [(stage name, stage dir)]} of every stage that logged metrics, in stage order."""
+  found = {}
+  for path in sorted(glob.glob(os.path.join(workdir, '*', '*', 'metrics.jsonl'))):
+    stage_dir = os.path.dirname(path)
+    pipeline = os.path.basename(os.path.dirname(stage_dir))
+    found.setdefault(pipeline, []).append(stage_dir)
+  return {name: [(os.path.basename(d), d) for d in sorted(
+      dirs, key=lambda d: (stage_order(d) or math.inf, os.path.basename(d)))]
+          for name, dirs in found.items()}
+
+
+def curve_groups(records):
+  """{'losses' | 'accuracy' | 'learning rate': {metric: (steps, values)}} of metric records."""
+  keys = list(dict.fromkeys(k for record in records for k in record))
+  groups = {'losses': [k for k in keys if k not in _NOT_LOSSES and 'accuracy' not in k],
+            'accuracy': [k for k in keys if 'accuracy' in k],
+            'learning rate': [k for k in keys if k == 'lr']}
+  return {group: {k: (np.array([r['step'] for r in records if k in r]),
+                      np.array([r[k] for r in records if k in r], np.float64)) for k in names}
+          for group, names in groups.items()}
+
+
+def draw_curves(pipeline, stages, path):
+  """One line of panels per stage (losses, accuracy, learning rate against the step).
+
+  stages: [(name, stage dir)] as `pipeline_stages`. Returns {stage: curve_groups}: what was drawn.
+  """
+  fig = Figure(figsize=(13, 2.8 * len(stages)), layout='constrained')
+  axes = fig.subplots(len(stages), 3, squeeze=False)
+  drawn = {}
+  for (stage, stage_dir), line in zip(stages, axes, strict=True):
+    groups = curve_groups(read_metrics(os.path.join(stage_dir, 'metrics.jsonl')))
+    for ax, (group, curves) in zip(line, groups.items(), strict=True):
+      for name, (steps, values) in curves.items():
+        ax.plot(steps, values, marker='.', label=name)
+      if curves:
+        ax.legend(fontsize='small')
+      else:
+        ax.text(0.5, 0.5, f'no {group} logged', ha='center', va='center', transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+      ax.set_title(f'{stage}: {group}')
+      ax.set_xlabel('step')
+    drawn[stage] = groups
+  fig.suptitle(f'training curves of pipeline {pipeline}')
+  fig.savefig(path, dpi=_DPI)
+  return drawn
+
+
+def subset_memory(subset):
+  """KB per second of data of a modality subset: the sum of its modalities' (the paper's)."""
+  return sum(MEMORY_KB_PER_SEC[m] for m in modalities.check(subset))
+
+
+def read_model_configs(workdir):
+  """{pipeline: model ConfigDict} from the stage.json each trained stage leaves in its dir."""
+  models = {}
+  for path in sorted(glob.glob(os.path.join(workdir, '*', '*', 'stage.json'))):
+    pipeline = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    with open(path) as f:
+      models.setdefault(pipeline, ml_collections.ConfigDict(json.load(f)['model']))
+  return models
+
+
+def subset_gflops(model_config):
+  """{'V A I': GFLOPs, ...} of the model deployed on each modality subset (one clip)."""
+  from mmg_jax.tools import model_stats  # traces the models: only when a cost plot is drawn
+  return {name: stats['gflops']
+          for name, stats in model_stats.fusion_stats(model_config, xla=False).items()}
+
+
+def cost_points(rows, models):
+  """[{'label', 'setting', 'metric', 'gflops', 'memory_kb_s', 'mean', 'ci95', 'paper'}], one per
+  row whose pipeline has a model in `models` ({pipeline: model config}); cost of its test subset."""
+  gflops = {}
+  points = []
+  for row in rows:
+    model = models.get(row.get('pipeline'))
+    if model is None:
+      continue
+    key = model.to_json(sort_keys=True)
+    if key not in gflops:
+      gflops[key] = subset_gflops(model)
+    test = modalities.short_name(row['test'])
+    points.append({'label': f'{modalities.short_name(row["train"])} -> {test}',
+                   'setting': row['setting'], 'metric': row['metric'],
+                   'gflops': gflops[key][test], 'memory_kb_s': subset_memory(row['test']),
+                   'mean': row['mean'], 'ci95': row.get('ci95'), 'paper': row.get('paper')})
+  return points
+
+
+def _cost_panel(ax, points, x, xlabel, *, with_paper):
+  for setting, marker in _SETTING_MARKERS.items():
+    mine = [p for p in points if p['setting'] == setting]
+    if not mine:
+      continue
+    ax.errorbar([p[x] for p in mine], [p['mean'] for p in mine],
+                yerr=[p['ci95'] or 0.0 for p in mine], fmt=marker, capsize=3,
+                label=f'{setting} (ours)')
+    paper = [p for p in mine if p['paper'] is not None]
+    if with_paper and paper:
+      ax.scatter([p[x] for p in paper], [p['paper'] for p in paper], marker=marker,
+                 facecolors='none', edgecolors='gray', label=f'{setting} (paper)')
+  for p in points:
+    ax.annotate(p['label'], (p[x], p['mean']), textcoords='offset points', xytext=(4, 4),
+                fontsize='x-small')
+  ax.set_xscale('log')
+  ax.set_xlabel(xlabel)
+  ax.legend(fontsize='x-small')
+
+
+def draw_cost(points, path):
+  """Accuracy against GFLOPs (ours) and against memory per second (ours and the paper's
+  accuracy), one line of panels per metric. Returns the points drawn."""
+  metrics = [m for m in METRIC_NAMES if any(p['metric'] == m for p in points)]
+  fig = Figure(figsize=(12, 4.5 * len(metrics)), layout='constrained')
+  axes = fig.subplots(len(metrics), 2, squeeze=False)
+  for metric, (left, right) in zip(metrics, axes, strict=True):
+    mine = [p for p in points if p['metric'] == metric]
+    _cost_panel(left, mine, 'gflops', 'GFLOPs of our model on the test modalities (one clip)',
+                with_paper=False)
+    _cost_panel(right, mine, 'memory_kb_s', 'memory per second of the test modalities (KB/s)',
+                with_paper=True)
+    for ax in (left, right):
+      ax.set_ylabel(METRIC_NAMES[metric])
+  fig.suptitle('accuracy against cost, per modality subset')
+  fig.savefig(path, dpi=_DPI)
+  return points
+
+
+def save_embeddings(path, outputs, labels, *, pipeline, split):
+  """Writes the embeddings file of `draw_embeddings` from `evaluate.predict_split` outputs.
+
+  outputs: {subset: {'fused': [n, D], ...}}; labels: [n].
+  """
+  subsets = [modalities.check(s) for s in outputs]
+  np.savez(path,
+           embeddings=np.concatenate([np.asarray(outputs[s]['fused'], np.float32)
+                                      for s in subsets]),
+           labels=np.concatenate([np.asarray(labels)] * len(subsets)),
+           subset=np.array([modalities.short_name(s) for s in subsets
+                            for _ in range(len(labels))]),
+           pipeline=np.array(pipeline), split=np.array(split))
+
+
+def load_embeddings(path):
+  """The arrays of an embeddings file, checked: {'embeddings', 'labels', 'subset', 'pipeline',
+  'split'}."""
+  with np.load(path) as data:
+    arrays = {k: data[k] for k in data.files}
+  missing = {'embeddings', 'labels', 'subset'} - arrays.keys()
+  n = len(arrays.get('embeddings', ()))
+  if missing or arrays['embeddings'].ndim != 2 or any(
+      len(arrays[k]) != n for k in ('labels', 'subset')):
+    raise ValueError(f'{path} is not an embeddings file: it needs arrays embeddings [N, D], '
+                     f'labels [N] and subset [N] (missing: {sorted(missing)}); write it with '
+                     'mmg_jax.plots.save_embeddings.')
+  return {'pipeline': '', 'split': ''} | arrays
+
+
+def pca_2d(x):
+  """The rows of x [N, D] on their first two principal axes (centered), [N, 2]."""
+  x = np.asarray(x, np.float64)
+  centered = x - x.mean(axis=0)
+  _, _, vt = np.linalg.svd(centered, full_matrices=False)
+  return centered @ vt[:2].T
+
+
+def embedding_points(arrays):
+  """(points [N, 2], labels [N], subsets [N]): the L2-normalized embeddings (the space where
+  prototypes are compared, evaluate.prototype_embedding) projected by `pca_2d`."""
+  x = np.asarray(arrays['embeddings'], np.float64)
+  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return pca_2d(x), np.asarray(arrays['labels']), np.asarray(arrays['subset']).astype(str)
+
+
+def _parse_short(name):
+  """'V A I' -> ('video', 'audio', 'imu')."""
+  by_short = {short: m for m, short in modalities.SHORT.items()}
+  return modalities.check(by_short[c] for c in name.split())
+
+
+def draw_embeddings(arrays, path):
+  """The embedding map: a point per (clip, subset), color by class, marker by subset. Returns
+  (points, labels, subsets) as drawn."""
+  points, labels, subsets = embedding_points(arrays)
+  classes = sorted(set(labels.tolist()))
+  palette = colormaps['tab10' if len(classes) <= 10 else 'tab20']
+  colors = {c: palette(i % palette.N) for i, c in enumerate(classes)}
+  fig = Figure(figsize=(8, 7), layout='constrained')
+  ax = fig.subplots()
+  for subset in _subset_order(_parse_short(name) for name in set(subsets.tolist())):
+    keep = subsets == modalities.short_name(subset)
+    marker = _SUBSET_MARKERS[subset]
+    ax.scatter(points[keep, 0], points[keep, 1], color=[colors[c] for c in labels[keep]],
+               marker=marker, s=25, alpha=0.8)
+    ax.scatter([], [], color='gray', marker=marker, label=modalities.short_name(subset))
+  ax.legend(title='modalities', fontsize='small')
+  ax.set_xlabel('principal axis 1')
+  ax.set_ylabel('principal axis 2')
+  where = ' '.join(str(arrays[k]) for k in ('pipeline', 'split') if str(arrays[k]))
+  ax.set_title(f'fused embeddings {where}: color = class ({len(classes)}), marker = modalities')
+  fig.savefig(path, dpi=_DPI)
+  return points, labels, subsets
+
+
+def read_results(workdir):
+  """The results.json document of a finished run ({'kind', 'rows'[, 'unimodal']})."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    raise ValueError(f'{path} does not exist: {workdir} is not a finished run (results.json is '
+                     'written once every row is evaluated); run its training command first, or '
+                     'give the workdir of a finished run.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def draw_run(workdir, models=None):
+  """Redraws every plot the workdir has the data for, in workdir/plots/.
+
+  models: {pipeline: model config} for pipelines whose stage.json is missing (the cost plot).
+  Returns ([paths written], [notes on what was not drawn and why]).
+  """
+  results = read_results(workdir)
+  rows = results['rows']
+  out = os.path.join(workdir, PLOTS_DIR)
+  os.makedirs(out, exist_ok=True)
+  paths, notes = [], []
+
+  def target(name):
+    paths.append(os.path.join(out, name))
+    return paths[-1]
+
+  if rows:
+    draw_matrix(results['kind'], rows, target('matrix.png'))
+  for pipeline, stages in pipeline_stages(workdir).items():
+    draw_curves(pipeline, stages, target(f'curves_{pipeline}.png'))
+  models = {**(models or {}), **read_model_configs(workdir)}
+  unknown = sorted({row.get('pipeline') for row in rows} - models.keys(), key=str)
+  if unknown:
+    notes.append(f'cost plot: no model config for pipelines {unknown} (no stage.json in '
+                 f'{workdir}/<pipeline>/); their rows are left out.')
+  points = cost_points(rows, models)
+  if points:
+    draw_cost(points, target('cost.png'))
+  embeddings = os.path.join(workdir, EMBEDDINGS_FILE)
+  if os.path.exists(embeddings):
+    draw_embeddings(load_embeddings(embeddings), target('embeddings.png'))
+  else:
+    notes.append(f'embedding map: no {embeddings} (see mmg_jax.plots for its format).')
+  return paths, notes

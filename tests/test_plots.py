@@ -1,0 +1,234 @@
+"""Plots of a finished run: the matrix layout, and PNGs whose data is the workdir's files."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import image
+
+from configs import common, fewshot
+from mmg_jax import modalities, pipeline, plots, report
+from mmg_jax.tools import model_stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VAI, VA, AI, V, A, IMU = (('video', 'audio', 'imu'), ('video', 'audio'), ('audio', 'imu'),
+                        ('video',), ('audio',), ('imu',))
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _row(setting, train, test, mean, paper, pipeline_name='train_VAI'):
+  return {'setting': setting, 'train': list(train), 'test': list(test), 'metric': '5w5s_acc',
+          'mean': mean, 'ci95': 1.25, 'n': 20, 'pipeline': pipeline_name, 'paper': paper}
+
+
+# Few-shot rows as results.json holds them, in config order (not the matrix's order); no row
+# has support A with query A I, nor support V A I with query V.
+ROWS = [_row('zero-shot', A, V, 31.0, 46.90), _row('regular', VAI, VAI, 60.0, 63.00),
+        _row('missing', VAI, AI, 52.5, 50.77), _row('zero-shot', V, AI, 40.0, None),
+        _row('missing', VAI, VA, 58.0, 61.76)]
+
+
+def _png_size(path):
+  """(width, height) from the IHDR chunk, after checking the PNG signature."""
+  with open(path, 'rb') as f:
+    head = f.read(24)
+  assert head[:8] == PNG_SIGNATURE, f'{path} is not a PNG'
+  assert head[12:16] == b'IHDR'
+  return struct.unpack('>II', head[16:24])
+
+
+def _write_jsonl(path, records):
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(record) + '\n' for record in records)
+
+
+def _records(parts, num_steps, seed):
+  """metrics.jsonl records as train.StageLog writes them: parts, loss, lr, grad_norm, rate."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for step in range(1, num_steps + 1):
+    metrics = {part: float(rng.uniform(0.5, 2.0)) for part in parts}
+    records.append({'step': step, **metrics, 'loss': sum(metrics.values()),
+                    'lr': 1e-3 * step / num_steps, 'grad_norm': float(rng.uniform()),
+                    'examples_per_sec': 100.0})
+  return records
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  """A finished tiny few-shot run in the real formats: results.json, two stages of pipeline
+  train_VAI with stage.json (pipeline.py's identity) and metrics.jsonl, and embeddings.npz."""
+  config = fewshot.get_config('tiny')
+  stages = config.pipelines.train_VAI.stages
+  model = pipeline.model_config(config, config.pipelines.train_VAI)
+  logged = {stages[0].name: ['ce_video', 'ce_audio', 'ce_imu'], stages[2].name: ['proto',
+                                                                                 'accuracy']}
+  for i, stage in enumerate(stages):
+    if stage.name not in logged:
+      continue
+    stage_dir = tmp_path / 'train_VAI' / stage.name
+    stage_dir.mkdir(parents=True)
+    (stage_dir / 'stage.json').write_text(
+        pipeline._stage_identity(config, model, stages[:i + 1]))
+    _write_jsonl(stage_dir / 'metrics.jsonl', _records(logged[stage.name], 4 + i, i))
+  (tmp_path / 'results.json').write_text(json.dumps({'kind': 'few-shot', 'rows': ROWS}))
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(5), 3)
+  outputs = {s: {'fused': rng.normal(size=(15, 8)) + labels[:, None]} for s in (VAI, V, AI)}
+  plots.save_embeddings(str(tmp_path / plots.EMBEDDINGS_FILE), outputs, labels,
+                        pipeline='train_VAI', split='novel')
+  return tmp_path
+
+
+def test_matrix_layout_puts_train_subsets_down_and_test_subsets_across_in_paper_order():
+  row_labels, col_labels, values = plots.matrix_layout(ROWS)
+  assert row_labels == ['V A I', 'V', 'A']
+  assert col_labels == ['V A I', 'V A', 'A I', 'V']
+  nan = math.nan
+  expected = np.array([[60.0, 58.0, 52.5, nan],
+                       [nan, nan, 40.0, nan],
+                       [nan, nan, nan, 31.0]])
+  np.testing.assert_array_equal(values, expected)
+  _, _, paper = plots.matrix_layout(ROWS, 'paper')
+  np.testing.assert_array_equal(paper, [[63.00, 61.76, 50.77, nan], [nan, nan, nan, nan],
+                                        [nan, nan, nan, 46.90]])
+
+
+def test_matrix_layout_refuses_two_rows_in_one_cell():
+  with pytest.raises(ValueError, match='same cell'):
+    plots.matrix_layout([ROWS[0], {**ROWS[0], 'mean': 1.0}])
+
+
+def test_ablation_layout_puts_variants_down_and_settings_across():
+  rows = [{**setting, **variant, 'metric': metric, 'mean': 10.0 * i + j, 'paper': None}
+          for i, setting in enumerate(report.ABLATION_SETTINGS)
+          for j, variant in enumerate(report.ABLATION_VARIANTS)
+          for metric in report.METRICS]
+  variants, settings, values = plots.ablation_layout(rows, 'top1')
+  assert variants == ['attention', 'attention, no alignment', 'mlp', 'attention, no proto loss']
+  assert settings == ['regular\nV A I -> V A I', 'missing\nV A I -> A I', 'zero-shot\nA I -> V']
+  np.testing.assert_array_equal(values, [[0, 10, 20], [1, 11, 21], [2, 12, 22], [3, 13, 23]])
+
+
+def test_every_plot_is_a_png_of_sensible_size(workdir):
+  paths, notes = plots.draw_run(str(workdir))
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == ['cost.png', 'curves_train_VAI.png', 'embeddings.png', 'matrix.png']
+  assert notes == []
+  for path in paths:
+    assert os.path.dirname(path) == str(workdir / plots.PLOTS_DIR)
+    width, height = _png_size(path)
+    assert 400 <= width <= 3000 and 300 <= height <= 3000, (path, width, height)
+    pixels = image.imread(path)
+    assert pixels.shape[:2] == (height, width)
+    assert pixels.std() > 0.05, f'{path} is nearly blank'
+
+
+def test_matrix_plot_draws_the_means_and_paper_numbers_of_results_json(workdir, tmp_path):
+  doc = json.loads((workdir / 'results.json').read_text())
+  drawn = plots.draw_matrix(doc['kind'], doc['rows'], str(tmp_path / 'm.png'))['5w5s_acc']
+  for row in doc['rows']:
+    i = drawn['rows'].index(modalities.short_name(row['train']))
+    j = drawn['columns'].index(modalities.short_name(row['test']))
+    assert drawn['ours'][i, j] == row['mean']
+    paper = drawn['paper'][i, j]
+    assert math.isnan(paper) if row['paper'] is None else paper == row['paper']
+  assert np.isfinite(drawn['ours']).sum() == len(doc['rows'])
+
+
+def test_curves_are_the_records_of_each_stage_in_stage_order(workdir, tmp_path):
+  stages = plots.pipeline_stages(str(workdir))
+  assert [name for name, _ in stages['train_VAI']] == ['unimodal', 'meta']
+  drawn = plots.draw_curves('train_VAI', stages['train_VAI'], str(tmp_path / 'c.png'))
+  for stage, groups in drawn.items():
+    records = plots.read_metrics(str(workdir / 'train_VAI' / stage / 'metrics.jsonl'))
+    steps = [r['step'] for r in records]
+    curves = {name: curve for group in groups.values() for name, curve in group.items()}
+    assert set(curves) == set(records[0]) - {'step', 'examples_per_sec', 'grad_norm'}
+    for name, (x, y) in curves.items():
+      assert x.tolist() == steps and y.tolist() == [r[name] for r in records]
+  assert set(drawn['unimodal']['losses']) == {'ce_video', 'ce_audio', 'ce_imu', 'loss'}
+  assert set(drawn['meta']['accuracy']) == {'accuracy'}
+  assert set(drawn['meta']['learning rate']) == {'lr'}
+
+
+def test_cost_points_are_the_model_flops_and_the_paper_memory_of_the_test_subset(workdir):
+  models = plots.read_model_configs(str(workdir))
+  assert set(models) == {'train_VAI'}
+  points = plots.cost_points(ROWS, models)
+  flops = model_stats.fusion_stats(common.model_config('tiny'), xla=False)
+  memory = {'V': 593.92, 'A I': 62.76 + 9.44, 'V A I': 593.92 + 62.76 + 9.44,
+            'V A': 593.92 + 62.76}
+  for point, row in zip(points, ROWS, strict=True):
+    test = modalities.short_name(row['test'])
+    assert point['gflops'] == flops[test]['gflops']
+    assert point['memory_kb_s'] == pytest.approx(memory[test])
+    assert (point['mean'], point['paper'], point['setting']) == (row['mean'], row['paper'],
+                                                                 row['setting'])
+
+
+def test_cost_plot_leaves_out_rows_of_pipelines_without_a_model(workdir):
+  doc = json.loads((workdir / 'results.json').read_text())
+  doc['rows'].append(_row('zero-shot', IMU, V, 20.0, 42.07, pipeline_name='elsewhere'))
+  (workdir / 'results.json').write_text(json.dumps(doc))
+  _, notes = plots.draw_run(str(workdir))
+  assert any("['elsewhere']" in note for note in notes)
+  assert len(plots.cost_points(doc['rows'], plots.read_model_configs(str(workdir)))) == 5
+
+
+def test_pca_matches_the_eigenvectors_of_the_covariance():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(200, 6)) * np.array([5.0, 3.0, 1.0, 0.5, 0.2, 0.1]) + 7.0
+  eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x, rowvar=False))
+  top = eigenvectors[:, np.argsort(eigenvalues)[::-1][:2]]
+  expected = (x - x.mean(axis=0)) @ top
+  got = plots.pca_2d(x)
+  signs = np.sign(np.sum(got * expected, axis=0))
+  np.testing.assert_allclose(got * signs, expected, atol=1e-9)
+
+
+def test_embedding_map_draws_each_clip_once_per_subset_normalized(workdir, tmp_path):
+  arrays = plots.load_embeddings(str(workdir / plots.EMBEDDINGS_FILE))
+  assert arrays['embeddings'].shape == (45, 8) and str(arrays['split']) == 'novel'
+  points, labels, subsets = plots.draw_embeddings(arrays, str(tmp_path / 'e.png'))
+  assert sorted(set(subsets)) == ['A I', 'V', 'V A I']
+  assert all((subsets == name).sum() == 15 for name in ('A I', 'V', 'V A I'))
+  np.testing.assert_array_equal(labels, np.tile(np.repeat(np.arange(5), 3), 3))
+  x = arrays['embeddings'].astype(np.float64)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.abs(points), np.abs(plots.pca_2d(x)), atol=1e-9)
+
+
+def test_a_file_without_the_embedding_arrays_is_refused(tmp_path):
+  path = tmp_path / 'e.npz'
+  np.savez(path, embeddings=np.zeros((3, 2)), labels=np.zeros(3))
+  with pytest.raises(ValueError, match=r"missing: \['subset'\]"):
+    plots.load_embeddings(str(path))
+
+
+def test_report_command_redraws_the_plots_and_links_them_from_results_md(workdir):
+  (workdir / plots.EMBEDDINGS_FILE).unlink()
+  result = subprocess.run([sys.executable, '-m', 'mmg_jax.report', f'--workdir={workdir}'],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = [line.removeprefix('wrote ') for line in result.stdout.splitlines()
+             if line.startswith('wrote ')]
+  assert sorted(os.path.basename(p) for p in written) == ['cost.png', 'curves_train_VAI.png',
+                                                          'matrix.png']
+  assert 'not drawn: embedding map' in result.stdout
+  text = (workdir / 'results.md').read_text()
+  assert text.startswith(report.markdown('few-shot', ROWS))
+  for path in written:
+    link = os.path.relpath(path, workdir)
+    assert f']({link})' in text and (workdir / link).is_file()
+
+
+def test_report_command_on_a_workdir_without_results_says_so(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'mmg_jax.report', f'--workdir={tmp_path}'],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode != 0
+  assert 'is not a finished run' in result.stderr

@@ -9,8 +9,8 @@
   (`model_stats.fusion_stats` of the pipeline's model, read from its stage.json) and against
   the memory per second of those modalities (the paper's MEMORY_KB_PER_SEC, summed).
 - `embeddings.png`: a 2-D PCA of the fused embeddings in W/embeddings.npz (`save_embeddings`),
-  colored by class, one marker per modality subset: the closer the markers of one color, the
-  better the modalities are aligned.
+  colored by class (the MAX_CLASSES lowest labels), one marker per modality subset: the closer
+  the markers of one color, the better the modalities are aligned.
 
 W/embeddings.npz holds, for one pipeline's trained model on one split:
   `embeddings` float [N, D]  the fused embeddings (`out['fused']`, before normalization);
@@ -42,6 +42,7 @@ _NOT_LOSSES = ('step', 'examples_per_sec', 'lr', 'grad_norm')
 _SETTING_MARKERS = {'regular': 'o', 'missing': 's', 'zero-shot': '^'}
 _SUBSET_MARKERS = dict(zip(modalities.ALL_SUBSETS, 'osD^v<>', strict=True))
 _DPI = 100
+MAX_CLASSES = 10  # of the embedding map: the colors of tab10
 
 
 def _subset_order(subsets):
@@ -343,12 +344,15 @@ def pca_2d(x):
   return centered @ vt[:2].T
 
 
-def embedding_points(arrays):
-  """(points [N, 2], labels [N], subsets [N]): the L2-normalized embeddings (the space where
-  prototypes are compared, evaluate.prototype_embedding) projected by `pca_2d`."""
-  x = np.asarray(arrays['embeddings'], np.float64)
+def embedding_points(arrays, max_classes=MAX_CLASSES):
+  """(points [n, 2], labels [n], subsets [n]) of the clips of the `max_classes` lowest labels:
+  their L2-normalized embeddings (the space where prototypes are compared,
+  evaluate.prototype_embedding) projected by `pca_2d`."""
+  labels = np.asarray(arrays['labels'])
+  keep = np.isin(labels, np.unique(labels)[:max_classes])
+  x = np.asarray(arrays['embeddings'], np.float64)[keep]
   x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return pca_2d(x), np.asarray(arrays['labels']), np.asarray(arrays['subset']).astype(str)
+  return pca_2d(x), labels[keep], np.asarray(arrays['subset']).astype(str)[keep]
 
 
 def _parse_short(name):
@@ -357,11 +361,13 @@ def _parse_short(name):
   return modalities.check(by_short[c] for c in name.split())
 
 
-def draw_embeddings(arrays, path):
-  """The embedding map: a point per (clip, subset), color by class, marker by subset. Returns
+def draw_embeddings(arrays, path, max_classes=MAX_CLASSES):
+  """The embedding map: a point per (clip, subset), color by class, marker by subset, for the
+  `max_classes` lowest labels (more colors would not tell classes apart). Returns
   (points, labels, subsets) as drawn."""
-  points, labels, subsets = embedding_points(arrays)
+  points, labels, subsets = embedding_points(arrays, max_classes)
   classes = sorted(set(labels.tolist()))
+  num_classes = len(np.unique(arrays['labels']))
   palette = colormaps['tab10' if len(classes) <= 10 else 'tab20']
   colors = {c: palette(i % palette.N) for i, c in enumerate(classes)}
   fig = Figure(figsize=(8, 7), layout='constrained')
@@ -376,7 +382,8 @@ def draw_embeddings(arrays, path):
   ax.set_xlabel('principal axis 1')
   ax.set_ylabel('principal axis 2')
   where = ' '.join(str(arrays[k]) for k in ('pipeline', 'split') if str(arrays[k]))
-  ax.set_title(f'fused embeddings {where}: color = class ({len(classes)}), marker = modalities')
+  ax.set_title(f'fused embeddings {where}: color = class ({len(classes)} of {num_classes}), '
+               'marker = modalities')
   fig.savefig(path, dpi=_DPI)
   return points, labels, subsets
 

@@ -203,6 +203,17 @@ def test_embedding_map_draws_each_clip_once_per_subset_normalized(workdir, tmp_p
   np.testing.assert_allclose(np.abs(points), np.abs(plots.pca_2d(x)), atol=1e-9)
 
 
+def test_embedding_map_keeps_the_lowest_labels_only(workdir):
+  arrays = plots.load_embeddings(str(workdir / plots.EMBEDDINGS_FILE))
+  points, labels, subsets = plots.embedding_points(arrays, max_classes=3)
+  keep = arrays['labels'] < 3
+  assert labels.tolist() == arrays['labels'][keep].tolist() and keep.sum() == 27
+  assert subsets.tolist() == arrays['subset'][keep].tolist()
+  x = arrays['embeddings'][keep].astype(np.float64)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.abs(points), np.abs(plots.pca_2d(x)), atol=1e-9)
+
+
 def test_a_file_without_the_embedding_arrays_is_refused(tmp_path):
   path = tmp_path / 'e.npz'
   np.savez(path, embeddings=np.zeros((3, 2)), labels=np.zeros(3))

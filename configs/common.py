@@ -69,6 +69,19 @@ def video_config(size):
   values are pooled from `pool_kv_stride` on, divided by every query stride so they keep their
   grid. 'small' (0.14 M params, 18 M multiply-adds a clip) is the CPU demo on [8,32,32,3]
   clips, 'tiny' the tests' model on [4,16,16,3].
+
+  `init_from`: the paper's MViT-B 16x4 starts from Kinetics-400 weights. Either of two files:
+  pytorchvideo's model zoo `MVIT_B_16x4.pyth` (facebookresearch/pytorchvideo, the SlowFast /
+  pytorchvideo layout: --source=pytorchvideo_mvit_b_16x4), or torchvision's `mvit_v1_b` weights
+  `MViT_V1_B_Weights.KINETICS400_V1` (pytorch/vision; the state dict file `mvit_v1_b-dbeb1030.pth`
+  that torchvision downloads into its cache: --source=torchvision_mvit_v1_b). Convert once, then
+  pass the directory:
+    python -m mmg_jax.tools.convert_weights --source=pytorchvideo_mvit_b_16x4 \
+        --checkpoint=MVIT_B_16x4.pyth --output=checkpoints/mvit_b_k400
+    python -m mmg_jax.main --config=configs/manyshot.py:paper \
+        --config.model.video.init_from=checkpoints/mvit_b_k400 ...
+  Position embeddings are adapted to `input_shape`; every other key and shape must match this
+  config (the 'paper' size does).
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -88,6 +101,8 @@ def video_config(size):
       'mlp_ratio': 4.0,
       'drop_path': {'tiny': 0.1, 'small': 0.1, 'paper': 0.2}[size],  # last block; linear from 0
       'remat': False,  # rematerialize each block in the backward pass (saves activations)
+      # A converted checkpoint directory (see the docstring) to start from; None: random init.
+      'init_from': ml_collections.config_dict.placeholder(str),
   })
 
 
@@ -108,6 +123,16 @@ def audio_config(size):
   10 ms frames; AST's loader crops or zero-pads the fbank to this target length) and keeps the
   checkpoint's 1024-frame pos-embed, both numbers within 2%. 'small' (0.16 M params) is the CPU
   demo on [128, 32], 'tiny' the tests' model on [48, 16]; both keep AST's overlapping patches.
+
+  `init_from`: the paper's AST starts from AudioSet weights (ImageNet-pretrained, trained on
+  full AudioSet, mAP 0.4593). Either of two files: the AST repository's (YuanGongND/ast)
+  `audioset_10_10_0.4593.pth` (--source=ast_official), or the transformers checkpoint
+  `MIT/ast-finetuned-audioset-10-10-0.4593` on the Hugging Face Hub, a directory with
+  model.safetensors or pytorch_model.bin (--source=hf_ast). Convert once, then pass the directory:
+    python -m mmg_jax.tools.convert_weights --source=ast_official \
+        --checkpoint=audioset_10_10_0.4593.pth --output=checkpoints/ast_audioset
+    python -m mmg_jax.main ... --config.model.audio.init_from=checkpoints/ast_audioset
+  The checkpoint's 1024-frame position embeddings are adapted to `input_shape`.
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -123,6 +148,8 @@ def audio_config(size):
       'dropout': 0.0,
       'drop_path': 0.1,  # last block; linear from 0 (AST's reference training uses none)
       'remat': False,  # rematerialize each block in the backward pass (saves activations)
+      # A converted checkpoint directory (see the docstring) to start from; None: random init.
+      'init_from': ml_collections.config_dict.placeholder(str),
   })
 
 
@@ -133,7 +160,9 @@ def imu_config(size):
   200 Hz cut into 100 patches of 10 samples (50 ms), a cls token, learned position embeddings,
   5 pre-norm blocks of width 512 (8 heads, MLP 2048): 15.85 M params (paper 15.55 M, +1.9%) and
   1.644 G multiply-adds (paper 1.65 G, -0.4%). 'small' (0.16 M) is the CPU demo on [400, 6],
-  'tiny' the tests' model on [100, 6].
+  'tiny' the tests' model on [100, 6]. The IMU encoder has no public checkpoint (the paper does
+  not say where it starts): `init_from` takes a directory that mmg_jax.tools.convert_weights.save
+  wrote with modality 'imu'.
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -147,6 +176,8 @@ def imu_config(size):
       'dropout': 0.0,
       'drop_path': 0.1,  # last block; linear from 0
       'remat': False,  # rematerialize each block in the backward pass (saves activations)
+      # A converted checkpoint directory to start from; None: random init.
+      'init_from': ml_collections.config_dict.placeholder(str),
   })
 
 
@@ -339,7 +370,11 @@ def smoke_schedule(config):
   """Shrinks steps, batches and episodes in place; keeps every pipeline, stage, row and shape.
 
   Fits the data of data_pipeline/mmg_ego4d/sample_media.py. Warmups follow num_steps (0).
+  MViT recomputes its blocks' activations in the backward pass (`remat`, the model's math
+  unchanged): without it, on CPU, a train step held 15 GB for 2 clips and meta-training's
+  4-clip episodes were killed for memory on a 23 GB machine.
   """
+  config.model.video.remat = True
   for pipeline in config.pipelines.values():
     for stage in pipeline.stages:
       stage.num_steps = _SMOKE_STEPS

@@ -114,6 +114,19 @@ def test_ablation_layout_puts_variants_down_and_settings_across():
   np.testing.assert_array_equal(values, [[0, 10, 20], [1, 11, 21], [2, 12, 22], [3, 13, 23]])
 
 
+def test_ablation_matrix_draws_each_metric_with_the_paper_beside(tmp_path):
+  rows = [{**setting, **variant, 'metric': metric, 'mean': 5.0, 'paper': paper[j][k]}
+          for setting, paper in zip(report.ABLATION_SETTINGS, report.ABLATION_PAPER, strict=True)
+          for j, variant in enumerate(report.ABLATION_VARIANTS)
+          for k, metric in enumerate(report.METRICS) if paper[j][k] is not None]
+  drawn = plots.draw_matrix('ablation', rows, str(tmp_path / 'a.png'))
+  assert set(drawn) == {'top1', '5w5s_acc'}
+  np.testing.assert_array_equal(drawn['5w5s_acc']['paper'][:, 2], [51.40, 33.93, 51.08, 50.80])
+  assert drawn['top1']['rows'] == ['attention', 'attention, no alignment', 'mlp']
+  assert np.isfinite(drawn['top1']['ours']).sum() == 9
+  assert min(_png_size(tmp_path / 'a.png')) >= 300
+
+
 def test_every_plot_is_a_png_of_sensible_size(workdir):
   paths, notes = plots.draw_run(str(workdir))
   names = sorted(os.path.basename(p) for p in paths)

@@ -19,6 +19,7 @@ W/embeddings.npz holds, for one pipeline's trained model on one split:
   `pipeline`, `split`        str scalars, for the title.
 Clip i appears once per subset. Every figure is drawn with matplotlib's Agg canvas (no display).
 """
+import functools
 import glob
 import json
 import math
@@ -242,27 +243,30 @@ def read_model_configs(workdir):
 
 def subset_gflops(model_config):
   """{'V A I': GFLOPs, ...} of the model deployed on each modality subset (one clip)."""
-  from mmg_jax.tools import model_stats  # traces the models: only when a cost plot is drawn
-  return {name: stats['gflops']
-          for name, stats in model_stats.fusion_stats(model_config, xla=False).items()}
+  return dict(_subset_gflops(model_config.to_json(sort_keys=True)))
+
+
+@functools.cache
+def _subset_gflops(model_json):
+  """Cached by config: one process may redraw the plots several times (results written after
+  each pipeline), and tracing a paper-size model takes seconds."""
+  from mmg_jax.tools import model_stats  # imports the models: only when a cost plot is drawn
+  stats = model_stats.fusion_stats(ml_collections.ConfigDict(json.loads(model_json)), xla=False)
+  return tuple((name, row['gflops']) for name, row in stats.items())
 
 
 def cost_points(rows, models):
   """[{'label', 'setting', 'metric', 'gflops', 'memory_kb_s', 'mean', 'ci95', 'paper'}], one per
   row whose pipeline has a model in `models` ({pipeline: model config}); cost of its test subset."""
-  gflops = {}
   points = []
   for row in rows:
     model = models.get(row.get('pipeline'))
     if model is None:
       continue
-    key = model.to_json(sort_keys=True)
-    if key not in gflops:
-      gflops[key] = subset_gflops(model)
     test = modalities.short_name(row['test'])
     points.append({'label': f'{modalities.short_name(row["train"])} -> {test}',
                    'setting': row['setting'], 'metric': row['metric'],
-                   'gflops': gflops[key][test], 'memory_kb_s': subset_memory(row['test']),
+                   'gflops': subset_gflops(model)[test], 'memory_kb_s': subset_memory(row['test']),
                    'mean': row['mean'], 'ci95': row.get('ci95'), 'paper': row.get('paper')})
   return points
 

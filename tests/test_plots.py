@@ -251,6 +251,21 @@ def test_report_command_redraws_the_plots_and_links_them_from_results_md(workdir
     assert f']({link})' in text and (workdir / link).is_file()
 
 
+def test_report_command_takes_the_models_from_the_config_when_stage_json_is_missing(workdir):
+  for path in workdir.glob('*/*/stage.json'):
+    path.unlink()
+  command = [sys.executable, '-m', 'mmg_jax.report', f'--workdir={workdir}']
+  without = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+  assert without.returncode == 0, without.stderr[-3000:]
+  assert "cost plot: no model config for pipelines ['train_VAI']" in without.stdout
+  assert not (workdir / 'plots' / 'cost.png').exists()
+  result = subprocess.run(command + ['--config=configs/fewshot.py:tiny'], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'wrote {workdir / "plots" / "cost.png"}' in result.stdout
+  assert 'cost plot' not in result.stdout
+
+
 def test_report_command_on_a_workdir_without_results_says_so(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'mmg_jax.report', f'--workdir={tmp_path}'],
                           cwd=ROOT, capture_output=True, text=True, check=False)

@@ -38,9 +38,19 @@ def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None)
   encoders, L_align trains the fusion alone and L_CE the head alone: the encoders keep their
   general features, and the L_CE stage cannot pull the train modalities out of the aligned
   space, which the test modality reaches only through the fusion. (Training everything in both
-  stages gave zero-shot top-1 of 2-3%, chance 1.5%, on the 'small' demo.) mmg_ego4d ('paper')
-  has no `pretrain` split: there the encoders should start from Kinetics/AudioSet checkpoints,
-  which the code does not load yet, so 'paper' starts from a fresh init and trains everything.
+  stages gave zero-shot top-1 of 2-3%, chance 1.5%, on the 'small' demo.)
+
+  mmg_ego4d ('paper') has no `pretrain` split: there the encoders start, as in the paper, from
+  the Kinetics-400 MViT-B 16x4 and AudioSet AST checkpoints, converted once and passed with
+  `init_from` (configs/common.py video_config and audio_config name the exact files, where to
+  get them and how to convert them):
+    python -m mmg_jax.main --config=configs/manyshot.py:paper --workdir=runs/manyshot_paper \
+        --config.dataset.manual_dir=EGO4D_DIR \
+        --config.model.video.init_from=checkpoints/mvit_b_k400 \
+        --config.model.audio.init_from=checkpoints/ast_audioset
+  The 'paper' pipelines keep their stage structure (L_align, then L_CE, each training every
+  param); with init_from their encoders simply start pretrained, without it from a fresh init.
+  The IMU encoder has no public checkpoint and starts from a fresh init.
   """
   pretrained = size in _ZEROSHOT_PRETRAIN_STEPS
   stages = []

@@ -10,7 +10,9 @@ Stage i of a pipeline starts from the params of stage i - 1 (the first from a fr
 checkpoints in `workdir/<pipeline>/<stage>/` (train.run_stage), so re-running a command resumes
 an interrupted stage and skips finished ones. Pipelines that begin with the same stages (same
 model, same stage configs) share them: a shared stage runs once, in the directory of the first
-pipeline (in name order) that lists it.
+pipeline (in name order) that lists it, and later pipelines restore its params from its final
+checkpoint. The devices hold the params of one pipeline at a time (at paper size a param set is
+~0.6 GB and the ablation has ~15 stages).
 
 Modality discipline is enforced, not assumed:
 - every stage sees its batches through `evaluate.restrict` with its own `modalities`: the others
@@ -32,6 +34,7 @@ import numpy as np
 from data_pipeline import features, loaders
 from mmg_jax import episodes, evaluate, losses, modalities, report, sharding, train
 from mmg_jax.models import mmg
+from mmg_jax.tools import convert_weights
 
 STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
 UNLABELED_SPLIT = 'unlabeled'
@@ -73,6 +76,7 @@ def validate(config):
     if not any(_is_mmg_unimodal(s) and len(_subset(s)) == 3 for s in stages):
       raise ValueError(f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
                        'with a unimodal_ce stage over video, audio and IMU on MMG labels.')
+  _validate_pretrained(config)
   unused = sorted(set(config.pipelines) - used)
   if unused:
     raise ValueError(f'pipelines {unused} are not evaluated by any row; remove them or add rows '
@@ -102,6 +106,29 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
                      'to 0.')
 
 
+def _validate_pretrained(config):
+  """Every `init_from` holds a converted encoder of its field's modality that fits the encoder
+  config of each pipeline (convert_weights.load checks every key and shape)."""
+  checked = set()
+  for pipeline in config.pipelines.values():
+    model_cfg = model_config(config, pipeline)
+    for m in modalities.MODALITIES:
+      directory = model_cfg[m].init_from
+      if directory is None or (m, model_cfg[m].to_json()) in checked:
+        continue
+      checked.add((m, model_cfg[m].to_json()))
+      provenance = convert_weights.read_provenance(directory)
+      if provenance['modality'] != m:
+        raise ValueError(f'model.{m}.init_from={directory!r} holds a converted '
+                         f'{provenance["modality"]} encoder ({provenance["source"]}), not a {m} '
+                         f'one; give it to model.{provenance["modality"]}.init_from, or convert a '
+                         f'{m} checkpoint for model.{m}.init_from.')
+      try:
+        convert_weights.load(directory, encoder_config=model_cfg[m])
+      except ValueError as e:
+        raise ValueError(f'model.{m}.init_from: {e}') from None
+
+
 def _validate_labeled_stages(row, pipeline, train_subset):
   """A stage that reads labeled MMG clips may only see the row's train modalities."""
   for stage in pipeline.stages:
@@ -127,7 +154,8 @@ def _uses_align(stage):
 
 
 def make_loss_fn(model, stage):
-  """loss_fn(params, batch, rng) -> (loss, metrics) of one stage, over the global batch.
+  """loss_fn(params, batch, rng) -> (loss, metrics) of one stage, over the batch it is given
+  (the global batch, or one micro-batch of it under gradient accumulation).
 
   The batch is first restricted to the stage's modalities (others absent and zeroed), and only
   their encoders run.
@@ -241,11 +269,36 @@ def init_params(model, batch, seed):
   return jax.jit(lambda rngs, batch: model.init(rngs, batch, train=False))(rngs, batch)['params']
 
 
+def pretrained_encoders(name, model_cfg):
+  """{'<modality>_encoder': params} of the converted checkpoint of every encoder of pipeline
+  `name` whose `init_from` is set, adapted to and checked against its config
+  (mmg_jax.tools.convert_weights)."""
+  loaded = {}
+  for m in modalities.MODALITIES:
+    directory = model_cfg[m].init_from
+    if directory is not None:
+      params = convert_weights.load(directory, encoder_config=model_cfg[m])['params']
+      loaded[f'{m}_encoder'] = params
+      provenance = convert_weights.read_provenance(directory)
+      _say(name, f'{m} encoder loaded from {directory} ({provenance["source"]}, sha256 '
+                 f'{provenance["sha256"][:12]}).')
+  return loaded
+
+
 def _stage_identity(config, model_cfg, stages):
-  """What a stage's result depends on: data, model, seed and every stage up to it."""
-  return json.dumps({'dataset': config.dataset.to_dict(), 'model': model_cfg.to_dict(),
-                     'seed': config.seed, 'stages': [s.to_dict() for s in stages]},
-                    sort_keys=True, default=str)
+  """What a stage's result depends on: data, model, seed and every stage up to it.
+
+  A pretrained encoder counts by its checkpoint's content (source and sha256), not by the
+  directory it is read from: another checkpoint in the same place is another stage.
+  """
+  model = model_cfg.to_dict()
+  for m in modalities.MODALITIES:
+    directory = model[m].pop('init_from', None)
+    if directory is not None:
+      provenance = convert_weights.read_provenance(directory)
+      model[m]['init_from'] = {k: provenance[k] for k in ('source', 'sha256')}
+  return json.dumps({'dataset': config.dataset.to_dict(), 'model': model, 'seed': config.seed,
+                     'stages': [s.to_dict() for s in stages]}, sort_keys=True, default=str)
 
 
 def _claim_stage_dir(stage_dir, identity):
@@ -265,24 +318,27 @@ def _claim_stage_dir(stage_dir, identity):
 
 
 def train_pipeline(config, name, workdir, mesh, trained):
-  """Runs the stages of pipeline `name` in order; returns (model, [params after each stage]).
+  """Runs the stages of pipeline `name` in order; returns (model, its final params).
 
-  trained: identity -> (params, directory) of every stage run so far in this process, so that
-  a stage shared with an earlier pipeline is not run again.
+  trained: identity -> directory ('<pipeline>/<stage>' in `workdir`) of every stage run so far
+  in this process. A stage shared with an earlier pipeline is not run again; the params of the
+  last shared stage are restored from its final checkpoint, and only when needed, so that the
+  devices hold the params of one pipeline at a time.
   """
   pipeline = config.pipelines[name]
   model_cfg = model_config(config, pipeline)
   model = mmg.MMGModel(config=model_cfg)
-  params, stage_params = None, []
+  params, shared = None, None
   for i, stage in enumerate(pipeline.stages):
     identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
     if identity in trained:
-      params, directory = trained[identity]
-      stage_params.append(params)
-      _say(name, f'stage {stage.name!r} is the same as {directory}: reusing its params.')
+      shared = (stage, trained[identity])
+      _say(name, f'stage {stage.name!r} is the same as {trained[identity]}: reusing it.')
       continue
     if params is None:
-      params = init_params(model, example_batch(config.dataset), config.seed)
+      params = (_restore(config, model, *shared, workdir, mesh) if shared else
+                init_params(model, example_batch(config.dataset), config.seed)
+                | pretrained_encoders(name, model_cfg))
     _claim_stage_dir(os.path.join(workdir, name, stage.name), identity)
     seed = config.seed + i
     params = train.run_stage(
@@ -291,9 +347,19 @@ def train_pipeline(config, name, workdir, mesh, trained):
         loader=make_loader(config.dataset, stage, seed), optimizer=stage.optimizer,
         num_steps=stage.num_steps, mesh=mesh, seed=seed, log_every=stage.log_every,
         checkpoint_every=stage.checkpoint_every)
-    trained[identity] = (params, f'{name}/{stage.name}')
-    stage_params.append(params)
-  return model, stage_params
+    trained[identity] = f'{name}/{stage.name}'
+  if params is None:  # every stage is shared
+    params = _restore(config, model, *shared, workdir, mesh)
+  return model, params
+
+
+def _restore(config, model, stage, directory, workdir, mesh):
+  """The final params of `stage`, trained in `workdir/directory`, from its checkpoint."""
+  owner, name = os.path.split(directory)
+  params_shape = jax.eval_shape(
+      functools.partial(init_params, model, example_batch(config.dataset), config.seed))
+  return train.final_params(name, workdir=os.path.join(workdir, owner), params_shape=params_shape,
+                            optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh)
 
 
 def run(config, workdir):
@@ -302,14 +368,13 @@ def run(config, workdir):
   mesh = sharding.make_mesh()
   trained, forwards, episode_cache, results, unimodal = {}, {}, {}, {}, None
   for name in sorted(config.pipelines):
-    model, stage_params = train_pipeline(config, name, workdir, mesh, trained)
-    params = stage_params[-1]
+    model, params = train_pipeline(config, name, workdir, mesh, trained)
     forward = forwards.setdefault(model_config(config, config.pipelines[name]).to_json(),
                                   evaluate.make_forward(model))
     if name == config.eval.unimodal_baselines:
       _say(name, 'evaluating the unimodal baselines.')
       unimodal = evaluate.unimodal_rows(*evaluate.predict_split(
-          forward, _unimodal_params(config.pipelines[name], stage_params), config.dataset,
+          forward, _unimodal_params(config, name, model, workdir, mesh, trained), config.dataset,
           config.eval.manyshot_split, [modalities.MODALITIES], batch_size=config.eval.batch_size,
           mesh=mesh), report.UNIMODAL_PAPER)
     indices = [i for i, row in enumerate(config.eval.rows) if row.pipeline == name]
@@ -319,6 +384,7 @@ def run(config, workdir):
     rows = [_result_row(config.eval.rows[i]) for i in indices]
     results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache),
                        strict=True))
+    del params, predict  # the next pipeline trains with only its own params on the devices
   rows = [results[i] for i in range(len(config.eval.rows))]
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
                unimodal=unimodal)
@@ -330,10 +396,14 @@ def _is_mmg_unimodal(stage):
   return stage.kind == 'unimodal_ce' and stage.split not in EXTERNAL_SPLITS
 
 
-def _unimodal_params(pipeline, stage_params):
-  """The params after the pipeline's unimodal pre-training on MMG labels: encoders and heads."""
-  index = next(i for i, stage in enumerate(pipeline.stages) if _is_mmg_unimodal(stage))
-  return stage_params[index]
+def _unimodal_params(config, name, model, workdir, mesh, trained):
+  """The params after pipeline `name`'s unimodal pre-training on MMG labels (encoders and
+  heads), restored from that stage's checkpoint."""
+  stages = config.pipelines[name].stages
+  index = next(i for i, stage in enumerate(stages) if _is_mmg_unimodal(stage))
+  identity = _stage_identity(config, model_config(config, config.pipelines[name]),
+                             stages[:index + 1])
+  return _restore(config, model, stages[index], trained[identity], workdir, mesh)
 
 
 def _say(name, text):

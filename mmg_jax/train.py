@@ -279,9 +279,7 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   tx = make_optimizer(optimizer, num_steps)
   replicated = sharding.replicated(mesh)
   state_init = jax.jit(functools.partial(init_state, optimizer=tx), out_shardings=replicated)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(state_init, init_params))
+  abstract_state = _abstract_state(state_init, init_params, replicated)
 
   with checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=keep) as ckpt:
     start_step = ckpt.latest_step() or 0
@@ -339,3 +337,31 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
                           f'checkpoint is saved: rerun the same command to resume.')
     log.close()
   return state.params
+
+
+def _abstract_state(state_init, params, state_sharding):
+  """The train state's shapes and dtypes, laid out with `state_sharding`, for a restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
+                      jax.eval_shape(state_init, params))
+
+
+def final_params(name, *, workdir, params_shape, optimizer, num_steps, mesh):
+  """The params of stage `name` of `run_stage`, restored from its final checkpoint
+  (replicated); the stage must have finished.
+
+  params_shape: a tree of jax.ShapeDtypeStruct (or arrays) of the params, e.g. an eval_shape of
+  the model's init. Lets a caller drop a finished stage's params from the devices and get them
+  back when needed.
+  """
+  tx = make_optimizer(optimizer, num_steps)
+  replicated = sharding.replicated(mesh)
+  abstract_state = _abstract_state(functools.partial(init_state, optimizer=tx), params_shape,
+                                   replicated)
+  directory = os.path.join(workdir, name, 'checkpoints')
+  with checkpoint.Checkpointer(directory, keep=None) as ckpt:
+    if ckpt.latest_step() != num_steps:
+      raise ValueError(f'stage {name!r} has no final checkpoint (step {num_steps}) in '
+                       f'{directory} (latest: {ckpt.latest_step()}); rerun the command to '
+                       'finish the stage.')
+    _message(name, f'restoring its final params (step {num_steps}).')
+    return ckpt.restore(num_steps, abstract_state).params

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from configs import common, fewshot, manyshot
 from mmg_jax import pipeline, report, sharding, train
 from mmg_jax.models import mmg
+from mmg_jax.tools import convert_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,6 +231,85 @@ def test_stage_directory_refuses_another_config(tmp_path):
   pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
   with pytest.raises(ValueError, match='different config'):
     pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 2}')
+
+
+def test_a_shared_stage_is_restored_from_its_checkpoint_not_retrained(tmp_path, capsys):
+  """A pipeline whose stages all ran in an earlier pipeline trains nothing: its params are the
+  earlier pipeline's final params, restored bit for bit from the checkpoint."""
+  config = fewshot.get_config('tiny')
+  stage = common.unimodal_stage('tiny')
+  config.pipelines = {'first': common.pipeline(stage), 'second': common.pipeline(stage)}
+  mesh, trained = sharding.make_mesh(), {}
+  _, first = pipeline.train_pipeline(config, 'first', str(tmp_path), mesh, trained)
+  _, second = pipeline.train_pipeline(config, 'second', str(tmp_path), mesh, trained)
+  out = capsys.readouterr().out
+  assert "[second] stage 'unimodal' is the same as first/unimodal" in out
+  assert '[unimodal] restoring its final params (step 2)' in out
+  assert out.count('training MMGModel') == 1 and not (tmp_path / 'second').exists()
+  jax.tree.map(np.testing.assert_array_equal, sharding.gather(first), sharding.gather(second))
+
+
+def _save_random_encoder(directory, modality, encoder_config, seed):
+  """A converted-checkpoint directory of random params of the encoder; returns the params."""
+  shapes = convert_weights.expected_params(modality, encoder_config)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), shapes)
+  convert_weights.save(str(directory), params, {'modality': modality, 'source': 'random',
+                                                'sha256': f'{seed:064x}'})
+  return params
+
+
+def test_a_pipeline_starts_from_the_converted_encoder(tmp_path, capsys):
+  """model.video.init_from replaces the fresh video encoder, and only it, in the first stage."""
+  config = fewshot.get_config('tiny')
+  video = _save_random_encoder(tmp_path / 'video', 'video', config.model.video, seed=0)
+  config.model.video.init_from = str(tmp_path / 'video')
+  stage = common.unimodal_stage('tiny', modalities=('video',))
+  stage.optimizer.learning_rate = 0.0  # the stage ends where it starts, bit for bit
+  config.pipelines = {'train_V': common.pipeline(stage)}
+  _, params = pipeline.train_pipeline(config, 'train_V', str(tmp_path / 'run'),
+                                      sharding.make_mesh(), {})
+  assert f'[train_V] video encoder loaded from {tmp_path / "video"} (random' in (
+      capsys.readouterr().out)
+  params = sharding.gather(params)
+  jax.tree.map(np.testing.assert_array_equal, params['video_encoder'], video)
+  config.model.video.init_from = None
+  fresh = pipeline.init_params(mmg.MMGModel(config=config.model),
+                               pipeline.example_batch(config.dataset), config.seed)
+  assert sorted(fresh) == sorted(params)
+  for name in sorted(set(fresh) - {'video_encoder'}):
+    jax.tree.map(np.testing.assert_array_equal, params[name], fresh[name])
+
+
+def test_a_converted_encoder_of_another_modality_or_shape_is_refused(tmp_path):
+  """Both are found by validate, before anything trains."""
+  config = fewshot.get_config('tiny')
+  _save_random_encoder(tmp_path / 'audio', 'audio', config.model.audio, seed=0)
+  config.model.video.init_from = str(tmp_path / 'audio')
+  with pytest.raises(ValueError, match=r'model\.video\.init_from=.* holds a converted audio '
+                                       r'encoder \(random\), not a video one'):
+    pipeline.validate(config)
+  wider = config.model.video.copy_and_resolve_references()
+  wider.embed_dim *= 2
+  _save_random_encoder(tmp_path / 'wider', 'video', wider, seed=1)
+  config.model.video.init_from = str(tmp_path / 'wider')
+  with pytest.raises(ValueError, match=r'model\.video\.init_from: .* does not fit the encoder'):
+    pipeline.validate(config)
+
+
+def test_the_stage_identity_follows_the_checkpoint_content_not_its_path(tmp_path):
+  config = fewshot.get_config('tiny')
+  _save_random_encoder(tmp_path / 'a', 'video', config.model.video, seed=0)
+  shutil.copytree(tmp_path / 'a', tmp_path / 'a_moved')
+  _save_random_encoder(tmp_path / 'b', 'video', config.model.video, seed=1)
+
+  def identity(init_from):
+    config.model.video.init_from = init_from
+    return pipeline._stage_identity(config, config.model, config.pipelines.train_VAI.stages[:1])
+
+  random_init = identity(None)
+  assert identity(str(tmp_path / 'a')) == identity(str(tmp_path / 'a_moved')) != random_init
+  assert identity(str(tmp_path / 'b')) not in (identity(str(tmp_path / 'a')), random_init)
 
 
 def _check_results(workdir, kind, table, metric):

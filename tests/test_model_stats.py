@@ -1,6 +1,7 @@
 """Parameter and multiply-add counts against hand computations; the model_stats report."""
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import pytest
 from flax import linen as nn
 
-from configs import common
-from mmg_jax import modalities
+from configs import common, fewshot
+from mmg_jax import modalities, train
 from mmg_jax.models import layers, mmg
 from mmg_jax.tools import model_stats
 
@@ -148,3 +149,101 @@ def test_text_report_states_the_convention_and_has_a_row_per_model(tiny_stats):
   assert lines[0].split()[:4] == ['model', 'params', '(M)', 'GFLOPs']
   assert [line[:16].strip() for line in lines[1:]] == ['video', 'audio', 'imu'] + [
       f'fusion {modalities.short_name(s)}' for s in modalities.ALL_SUBSETS]
+
+
+@pytest.fixture(scope='module')
+def tiny_memory():
+  """(config, report document with 'memory') of the tiny few-shot config: 16 compilations."""
+  config = fewshot.get_config('tiny')
+  return config, model_stats.report(config, xla=False, memory=True)
+
+
+def _rows_by_variant(document):
+  return {(r['per_device_batch'], r['dtype'], r['remat']): r['bytes'] for r in document['memory']}
+
+
+def test_memory_rows_have_the_schema_and_every_variant(tiny_memory):
+  config, document = tiny_memory
+  rows = json.loads(model_stats.render(config, document, 'json'))['memory']
+  for row in rows:
+    assert set(row) == {'per_device_batch', 'dtype', 'remat', 'bytes'}
+    assert [type(row[k]) for k in ('per_device_batch', 'dtype', 'remat', 'bytes')] == [
+        int, str, bool, int]
+  variants = [(r['per_device_batch'], r['dtype'], r['remat']) for r in rows]
+  assert sorted(variants) == sorted(itertools.product((1, 2, 4, 8), ('float32', 'bfloat16'),
+                                                      (False, True)))
+
+
+def test_memory_grows_with_the_per_device_batch(tiny_memory):
+  by_variant = _rows_by_variant(tiny_memory[1])
+  for dtype, remat in itertools.product(('float32', 'bfloat16'), (False, True)):
+    sizes = [by_variant[batch, dtype, remat] for batch in (1, 2, 4, 8)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4, (dtype, remat, sizes)
+
+
+def test_remat_changes_the_temporaries(tiny_memory):
+  by_variant = _rows_by_variant(tiny_memory[1])
+  for batch, dtype in itertools.product((1, 2, 4, 8), ('float32', 'bfloat16')):
+    assert by_variant[batch, dtype, True] != by_variant[batch, dtype, False], (batch, dtype)
+
+
+def _tree_bytes(tree):
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_memory_is_the_compiled_step_and_holds_state_and_gradients(tiny_memory):
+  """The reported bytes are the analysis of the compiled step; its arguments are the state,
+  batch and key counted leaf by leaf; every row holds params, two AdamW moments and grads."""
+  config, document = tiny_memory
+  _, model_config, stage = model_stats.memory_stage(config)
+  variant = model_stats.memory_variant(model_config, dtype='float32', remat=False)
+  analysis = model_stats.train_step_memory(variant, stage, 2)
+  assert _rows_by_variant(document)[2, 'float32', False] == (
+      analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+  batch = model_stats.abstract_batch(variant, 2)
+  model = mmg.MMGModel(config=variant)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)['params']
+  optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
+  state = jax.eval_shape(lambda p: train.init_state(p, optimizer), params)
+  key_bytes = 2 * 4  # jax.random.PRNGKey: uint32[2]
+  # jit drops arguments the step never reads: the supervised loss has no use for 'mask'.
+  read = {k: v for k, v in batch.items() if k != 'mask'}
+  assert analysis.argument_size_in_bytes == _tree_bytes(state) + _tree_bytes(read) + key_bytes
+  assert analysis.alias_size_in_bytes == _tree_bytes(state)  # the donated state is reused
+  params_bytes = 4 * model_stats.count_params(params)  # float32
+  for row in document['memory']:
+    assert row['bytes'] >= 4 * params_bytes  # params, AdamW mu and nu, gradients
+
+
+def test_fitting_devices_compare_bytes_with_capacity():
+  gib = 2**30
+  assert model_stats.fitting_devices(16 * gib) == (16, 32, 80, 141)
+  assert model_stats.fitting_devices(16 * gib + 1) == (32, 80, 141)
+  assert model_stats.fitting_devices(80 * gib + 1) == (141,)
+  assert model_stats.fitting_devices(141 * gib + 1) == ()
+
+
+def test_memory_table_has_a_row_per_variant_and_its_fits_follow_the_bytes():
+  gib = 2**30
+  rows = [{'per_device_batch': b, 'dtype': d, 'remat': r, 'bytes': n} for b, d, r, n in (
+      (1, 'float32', False, 3 * gib), (2, 'float32', True, 20 * gib),
+      (4, 'bfloat16', False, 100 * gib), (8, 'bfloat16', True, 150 * gib))]
+  lines = [line for line in model_stats.format_memory(rows, 'p/s').splitlines()
+           if not line.startswith('#')]
+  assert lines[0].split() == ['batch/device', 'dtype', 'remat', 'GiB', 'fits', '(GiB)']
+  assert [line.split() for line in lines[1:]] == [
+      ['1', 'float32', 'off', '3.00', '16', '32', '80', '141'],
+      ['2', 'float32', 'on', '20.00', '32', '80', '141'],
+      ['4', 'bfloat16', 'off', '100.00', '141'],
+      ['8', 'bfloat16', 'on', '150.00', '-']]
+
+
+def test_memory_needs_a_full_model_supervised_stage():
+  config = fewshot.get_config('tiny')
+  for stage in config.pipelines['train_VAI'].stages:
+    if stage.kind == 'supervised':
+      stage.align_weight = 0.0
+  with pytest.raises(ValueError, match='align_weight > 0'):
+    model_stats.memory_rows(config)

@@ -1,7 +1,9 @@
-"""Parameter and FLOP counts of the encoders and the fusion model, measured from the code.
+"""Parameter and FLOP counts of the encoders and the fusion model, measured from the code, and
+the device memory of the full-model train step.
 
   python -m mmg_jax.tools.model_stats --config=configs/fewshot.py:paper
   python -m mmg_jax.tools.model_stats --config=configs/fewshot.py:paper --format=json
+  python -m mmg_jax.tools.model_stats --config=configs/fewshot.py:paper --memory
 
 Rows: each encoder alone, then the full MMGModel applied with `modalities=subset` for each of
 the 7 modality subsets (only those encoders run; its params are the ones that subset reads).
@@ -10,9 +12,17 @@ matrix products (`dot_general`) and convolutions (`conv_general_dilated`) are co
 from the jaxpr on abstract inputs (nothing is run). Next to them, XLA's cost analysis of the
 lowered program (two FLOPs per multiply-add, elementwise ops included). One clip (batch 1),
 `train=False`, input shapes from `config.model.<modality>.input_shape`.
+
+`--memory` adds the memory plan for pods (`memory_rows`): bytes of one device running the
+full-model train step, for per-device batches 1, 2, 4, 8, float32 and bfloat16 compute, remat off
+and on, from XLA's compiled memory analysis on abstract inputs (nothing runs).
 """
+import functools
+import itertools
 import json
 import math
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +31,22 @@ from absl import app, flags
 from jax.extend import core as jex_core
 from ml_collections import config_flags
 
-from mmg_jax import modalities
+from mmg_jax import modalities, pipeline, sharding, train
 from mmg_jax.models import mmg
 
 # The paper's table (params M, GFLOPs as multiply-adds) and the tolerances we hold them to.
 PAPER = {'video': (36.50, 70.50), 'audio': (87.03, 42.08), 'imu': (15.55, 1.65)}
 PAPER_TOLERANCE = {'video': 0.02, 'audio': 0.02, 'imu': 0.05}
+
+# The memory plan's variants, and the device memory sizes it checks them against (GiB: 16 GB
+# V100 / TPU v5e, 32 GB V100 / TPU v4, 80 GB A100 / H100, 141 GB H200).
+PER_DEVICE_BATCHES = (1, 2, 4, 8)
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+DEVICE_GIB = (16, 32, 80, 141)
+# On CPU, LLVM's optimization level of the generated code. Buffer assignment is done on the
+# optimized HLO before LLVM runs, so the bytes do not change (checked on the tiny and the paper
+# step) while the compile is about 3x faster.
+CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 def count_params(params):
@@ -190,17 +210,137 @@ def format_text(stats, size):
   return '\n'.join(lines)
 
 
-def render(config, output_format='text', *, xla=True):
-  """The report of `config`'s models as text or JSON."""
+def memory_stage(config):
+  """(pipeline name, model config, stage) of the full-model train step of `config`.
+
+  The most memory-hungry stage that trains every param: the first (pipelines in name order)
+  multimodal supervised stage with L_align over video, audio and IMU, all params trainable. It
+  runs every encoder once and the fusion four times (fused, and each modality alone for L_align).
+  """
+  for name in sorted(config.get('pipelines', {})):
+    for stage in config.pipelines[name].stages:
+      if (stage.kind == 'supervised' and set(stage.modalities) == set(modalities.MODALITIES)
+          and stage.align_weight > 0 and stage.optimizer.trainable is None):
+        return name, pipeline.model_config(config, config.pipelines[name]), stage
+  raise ValueError('--memory needs a supervised stage with align_weight > 0 over video, audio '
+                   'and IMU that trains every param (common.supervised_stage), and the config '
+                   'has none; use configs/fewshot.py, configs/manyshot.py or configs/ablation.py.')
+
+
+def memory_variant(model_config, *, dtype, remat):
+  """`model_config` computing in `dtype` (params stay float32), every encoder's remat set."""
+  variant = model_config.copy_and_resolve_references()
+  variant.dtype = dtype
+  for m in modalities.MODALITIES:
+    variant[m].remat = remat
+  return variant
+
+
+def train_step_memory(model_config, stage, per_device_batch):
+  """XLA's memory analysis of one compiled optimizer step of `stage` on one device.
+
+  The step is the one run_stage jits (train.train_step with pipeline.make_loss_fn and
+  train.make_optimizer; state donated, no gradient accumulation), lowered on abstract inputs
+  and compiled for the first device of the default backend; nothing runs. Under the data
+  parallelism of sharding.py (params and optimizer state replicated, the batch split) each
+  device runs this program on its share of the batch, plus the gradient all-reduce.
+  """
+  model = mmg.MMGModel(config=model_config)
+  batch = abstract_batch(model_config, per_device_batch)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
+                          batch)['params']
+  optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
+  state = jax.eval_shape(functools.partial(train.init_state, optimizer=optimizer), params)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(
+      functools.partial(train.train_step, loss_fn=pipeline.make_loss_fn(model, stage),
+                        optimizer=optimizer,
+                        schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
+                        accumulate_steps=1, mesh=mesh, trainable=stage.optimizer.trainable),
+      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  stage_rng = jax.eval_shape(jax.random.PRNGKey, 0)
+  options = CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+  return step.lower(state, batch, stage_rng).compile(options).memory_analysis()
+
+
+def step_bytes(analysis):
+  """Bytes a device holds while the step runs: arguments (state, batch, key) + outputs +
+  temporaries - the outputs written into donated argument buffers.
+
+  XLA's temporaries are one heap already packed by buffer liveness, so this is the peak of the
+  program as compiled, counting arguments and outputs as live for the whole step.
+  """
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def memory_rows(config, progress=None):
+  """[{'per_device_batch', 'dtype', 'remat', 'bytes'}] of the full-model train step of `config`
+  for every per-device batch, compute dtype and remat setting; `progress(text)` after each."""
+  _, model_config, stage = memory_stage(config)
+  rows = []
+  for batch_size, dtype, remat in itertools.product(PER_DEVICE_BATCHES, COMPUTE_DTYPES,
+                                                    (False, True)):
+    start = time.perf_counter()
+    analysis = train_step_memory(memory_variant(model_config, dtype=dtype, remat=remat), stage,
+                                 batch_size)
+    rows.append({'per_device_batch': batch_size, 'dtype': dtype, 'remat': remat,
+                 'bytes': step_bytes(analysis)})
+    if progress:
+      progress(f'memory {len(rows)}/{len(PER_DEVICE_BATCHES) * len(COMPUTE_DTYPES) * 2}: batch '
+               f'{batch_size} {dtype} remat {remat}: {rows[-1]["bytes"] / 2**30:.2f} GiB '
+               f'({time.perf_counter() - start:.0f} s)')
+  return rows
+
+
+def fitting_devices(num_bytes):
+  """The device sizes of DEVICE_GIB (GiB) that hold `num_bytes`: bytes <= capacity."""
+  return tuple(gib for gib in DEVICE_GIB if num_bytes <= gib * 2**30)
+
+
+def format_memory(rows, stage_name):
+  lines = [f'# Full-model train step ({stage_name}: L_CE + L_align over video, audio, IMU, every',
+           '# param training, AdamW), bytes of one device from XLA\'s compiled memory analysis:',
+           '# arguments + outputs + temporaries - donated. Data parallel: the per-device batch.',
+           '# fits: the device sizes (GiB) with bytes <= capacity, no headroom.',
+           f'{"batch/device":>12}  {"dtype":<9}{"remat":<6}{"GiB":>8}   fits (GiB)']
+  for row in rows:
+    fits = ' '.join(str(gib) for gib in fitting_devices(row['bytes'])) or '-'
+    lines.append(f'{row["per_device_batch"]:>12}  {row["dtype"]:<9}'
+                 f'{"on" if row["remat"] else "off":<6}{row["bytes"] / 2**30:>8.2f}   {fits}')
+  return '\n'.join(lines)
+
+
+def report(config, *, xla=True, memory=False, progress=None):
+  """The JSON-ready document: all_stats, plus 'memory' (memory_rows) when asked."""
   stats = all_stats(config, xla=xla)
+  if memory:
+    stats['memory'] = memory_rows(config, progress)
+  return stats
+
+
+def render(config, document, output_format='text'):
+  """`document` (from `report`) as JSON or as the text tables."""
   if output_format == 'json':
-    return json.dumps(stats, indent=2)
-  return format_text(stats, config.get('size', '?'))
+    return json.dumps(document, indent=2)
+  text = format_text(document, config.get('size', '?'))
+  if 'memory' in document:
+    name, _, stage = memory_stage(config)
+    text += '\n\n' + format_memory(document['memory'], f'{name}/{stage.name}')
+  return text
+
+
+def _stderr(text):
+  print(text, file=sys.stderr, flush=True)
 
 
 def main(argv):
   del argv
-  print(render(flags.FLAGS.config, flags.FLAGS.format, xla=flags.FLAGS.xla))
+  config = flags.FLAGS.config
+  document = report(config, xla=flags.FLAGS.xla, memory=flags.FLAGS.memory, progress=_stderr)
+  print(render(config, document, flags.FLAGS.format))
 
 
 if __name__ == '__main__':
@@ -210,5 +350,7 @@ if __name__ == '__main__':
                                   'configs/fewshot.py:paper.')
   flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output format.')
   flags.DEFINE_bool('xla', True, 'Also report XLA cost-analysis FLOPs (abstract lowering).')
+  flags.DEFINE_bool('memory', False, 'Also report the per-device bytes of the full-model train '
+                    'step (16 compilations; minutes at paper size).')
   flags.mark_flag_as_required('config')
   app.run(main)

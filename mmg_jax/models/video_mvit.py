@@ -6,26 +6,17 @@ spatial + temporal position embeddings, 16 blocks in 4 stages (96/192/384/768 wi
 grids 8x56x56 / 8x28x28 / 8x14x14 / 8x7x7 for [16,224,224] clips), and a final LayerNorm. The
 reference classifier is left out: the full model has its own heads.
 
-Parameter names follow torchvision's, so loading its weights is a name mapping (`i` = block):
-  torchvision                              this module                          transform
-  conv_proj.{weight,bias}                  conv_proj/{kernel,bias}              w.permute(2,3,4,1,0)
-  pos_encoding.{class_token,spatial_pos,   pos_encoding/(same names)            none
-    temporal_pos,class_pos}
-  blocks.i.norm{1,2}.{weight,bias}         blocks_i/norm{1,2}/{scale,bias}      none
-  blocks.i.attn.qkv.{weight,bias}          blocks_i/attn/qkv/{kernel,bias}      w.T
-  blocks.i.attn.project.0.{weight,bias}    blocks_i/attn/project/{kernel,bias}  w.T
-  blocks.i.attn.pool_{q,k,v}.pool.weight   blocks_i/attn/pool_{q,k,v}/conv/kernel
-                                                                                w.permute(2,3,4,1,0)
-  blocks.i.attn.pool_{q,k,v}.norm_act.0.*  blocks_i/attn/pool_{q,k,v}/norm/*   weight -> scale
-  blocks.i.mlp.{0,3}.{weight,bias}         blocks_i/mlp/{fc1,fc2}/{kernel,bias} w.T
-  blocks.i.project.{weight,bias}           blocks_i/project/{kernel,bias}       w.T
-  norm.{weight,bias}                       norm/{scale,bias}                    none
+Parameter names follow torchvision's; the mapping from torchvision's and pytorchvideo/SlowFast's
+checkpoints (names, transposes, fused q/k/v) is the layout table of
+mmg_jax/tools/mvit_checkpoints.py, and `python -m mmg_jax.tools.convert_weights` applies it.
 Torch video is [B,3,T,H,W]; ours is [B,T,H,W,3] and tokens are flattened in the same (t, h, w)
-order, so outputs match without any permutation (checked with torchvision 0.28's MViT at random
-weights on tiny, small and paper block settings: max abs difference 4e-6). Both convolutions are
-written in forms XLA:CPU runs fast (PatchEmbed3d, DepthwiseConv3d), with the same multiply-adds.
+order, so outputs match without any permutation (tests/test_mvit_checkpoints.py converts
+torchvision's and pytorchvideo's MViT-B at random weights and compares features at paper size).
+Both convolutions are written in forms XLA:CPU runs fast (PatchEmbed3d, DepthwiseConv3d), with
+the same multiply-adds.
 """
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -76,6 +67,49 @@ def pooled_grid(grid, kernel, stride):
 
 def _padding(kernel):
   return [(k // 2, k // 2) for k in kernel]
+
+
+def patch_grid(config):
+  """Token grid (T', H', W') the patch embedding makes of `config.input_shape` clips."""
+  return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(
+      config.input_shape[:3], config.patch_kernel, config.patch_stride, config.patch_padding,
+      strict=True))
+
+
+def resize_position_embeddings(pos_encoding, grid):
+  """`pos_encoding` params (spatial_pos [H*W, D] on a square H x W grid, temporal_pos [T, D])
+  for the token grid `grid` = (T', H', W'); class_token and class_pos are kept.
+
+  The rule is SlowFast's (MViT `_get_pos_embed`): torch `F.interpolate(mode='trilinear')`,
+  align_corners=False, no antialiasing, of the patch position embeddings to the new grid. Its
+  weights along each axis sum to one, so on our separable embeddings it is exactly linear
+  interpolation of temporal_pos plus bilinear interpolation of spatial_pos, which is what this
+  computes. torchvision and pytorchvideo have no rule (their embeddings are fixed to 8x56x56).
+  """
+  spatial = np.asarray(pos_encoding['spatial_pos'], np.float64)
+  temporal = np.asarray(pos_encoding['temporal_pos'], np.float64)
+  side = math.isqrt(spatial.shape[0])
+  if side * side != spatial.shape[0]:
+    raise ValueError(f'spatial_pos has {spatial.shape[0]} rows, not a square grid; the MViT '
+                     'checkpoints this resizes are all square (224 x 224 clips, 56 x 56 tokens).')
+  t, h, w = grid
+  spatial = np.einsum('ai,bj,ijd->abd', _linear_weights(side, h), _linear_weights(side, w),
+                      spatial.reshape(side, side, -1))
+  return dict(pos_encoding,
+              spatial_pos=spatial.reshape(h * w, -1).astype(np.float32),
+              temporal_pos=(_linear_weights(temporal.shape[0], t) @ temporal).astype(np.float32))
+
+
+def _linear_weights(size_in, size_out):
+  """[size_out, size_in] matrix of torch's linear interpolation, align_corners=False: output i
+  samples input (i + 0.5) * size_in / size_out - 0.5, clamped to the first and last input."""
+  source = np.maximum((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0.0)
+  lower = np.floor(source).astype(int)
+  upper = np.minimum(lower + 1, size_in - 1)
+  weights = np.zeros((size_out, size_in))
+  np.add.at(weights, (np.arange(size_out), lower), 1.0 - (source - lower))
+  np.add.at(weights, (np.arange(size_out), upper), source - lower)
+  return weights
 
 
 class PatchEmbed3d(nn.Module):

@@ -8,6 +8,7 @@ import pytest
 
 from configs import common
 from mmg_jax.models import audio_ast
+from mmg_jax.tools import ast_checkpoints, weight_layout
 from tests.test_layers import normal, np_block, np_layer_norm, np_tree, random_params
 
 
@@ -124,36 +125,9 @@ def test_ast_drop_path_in_training_and_remat_gives_the_same_function():
   np.testing.assert_allclose(pooled_remat, pooled_train, rtol=1e-5, atol=1e-5)
 
 
-def _params_from_hf(state_dict, depth):
-  """Our param tree from a transformers ASTModel state dict (transformers >= 5 names)."""
-  w = {k: v.detach().numpy() for k, v in state_dict.items()}
-  dense = lambda name: {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}  # noqa: E731
-  norm = lambda name: {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}  # noqa: E731
-  params = {
-      'patch_embed': {'proj': {
-          'kernel': w['embeddings.patch_embeddings.projection.weight'].transpose(2, 3, 1, 0),
-          'bias': w['embeddings.patch_embeddings.projection.bias']}},
-      'cls_token': w['embeddings.cls_token'],
-      'dist_token': w['embeddings.distillation_token'],
-      'pos_embed': w['embeddings.position_embeddings'],
-      'norm': norm('layernorm'),
-  }
-  for i in range(depth):
-    layer = f'layers.{i}'
-    qkv = [dense(f'{layer}.attention.{x}_proj') for x in 'qkv']
-    params[f'blocks_{i}'] = {
-        'norm1': norm(f'{layer}.layernorm_before'),
-        'attn': {'qkv': {'kernel': np.concatenate([d['kernel'] for d in qkv], 1),
-                         'bias': np.concatenate([d['bias'] for d in qkv])},
-                 'proj': dense(f'{layer}.attention.o_proj')},
-        'norm2': norm(f'{layer}.layernorm_after'),
-        'mlp': {'fc1': dense(f'{layer}.mlp.fc1'), 'fc2': dense(f'{layer}.mlp.fc2')},
-    }
-  return params
-
-
 def test_ast_matches_hf_transformers_ast_model():
-  """Same outputs as HF's ASTModel given its random weights through a pure name mapping."""
+  """Same outputs as HF's ASTModel given its random weights mapped by the converter's hf_ast
+  layout (tests/test_ast_checkpoints.py checks paper-size files end to end)."""
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   config = common.audio_config('tiny')
@@ -172,7 +146,9 @@ def test_ast_matches_hf_transformers_ast_model():
   x = normal((2, 48, 16))
   with torch.no_grad():
     hf_out = hf_model(torch.from_numpy(x))
-  params = _params_from_hf(hf_model.state_dict(), config.depth)
+  layout = ast_checkpoints.hf_ast
+  state_dict = {name: p.numpy() for name, p in hf_model.state_dict().items()}
+  params, _ = weight_layout.apply(layout, layout.prepare(state_dict))
   pooled, tokens = _apply(audio_ast.AudioAST(config), params, x)
   np.testing.assert_allclose(tokens, hf_out.last_hidden_state[:, 2:].numpy(), rtol=1e-4,
                              atol=1e-4)

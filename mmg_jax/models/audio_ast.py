@@ -15,23 +15,10 @@ resized to the input's patch grid as AST does when it loads that checkpoint for 
 length: center-cropped along time when the input is shorter, bilinearly interpolated when it
 is longer (and along frequency if the grid differs there).
 
-Parameter names, so loading either checkpoint is a name mapping (`i` = block; Linear kernels
-are transposed, `w.T`; conv kernel `w.permute(2, 3, 1, 0)`; LayerNorm weight -> scale). HF names
-below drop the prefixes `embeddings.` (first three rows) and `encoder.layer.i.` (block rows):
-  this module              YuanGongND/ast (module.v.*)   HF ASTModel
-  patch_embed/proj/*       patch_embed.proj.*            patch_embeddings.projection.*
-  cls_token, dist_token    cls_token, dist_token         cls_token, distillation_token
-  pos_embed                pos_embed                     position_embeddings
-  blocks_i/norm1, norm2    blocks.i.norm1, norm2         layernorm_before, layernorm_after
-  blocks_i/attn/qkv        blocks.i.attn.qkv             concat of attention.attention.{query,
-                                                         key,value} along the output axis
-  blocks_i/attn/proj       blocks.i.attn.proj            attention.output.dense
-  blocks_i/mlp/fc1, fc2    blocks.i.mlp.fc1, fc2         intermediate.dense, output.dense
-  norm                     norm                          layernorm (top level)
-Those HF names are the published checkpoints' (transformers 4); transformers >= 5 names the
-block ones `layers.i.attention.{q,k,v,o}_proj` and `layers.i.mlp.fc{1,2}`
-(tests/test_audio_ast.py maps them and checks outputs against ASTModel). The LayerNorm epsilon
-is `norm_eps` (timm/AST: 1e-6; HF's config: 1e-12).
+Loading the AST repository's or transformers' checkpoints is a name mapping onto this module's
+params: the tables are mmg_jax/tools/ast_checkpoints.py (`python -m
+mmg_jax.tools.convert_weights --source=ast_official|hf_ast`). The LayerNorm epsilon is
+`norm_eps` (timm/AST: 1e-6; transformers' ASTConfig: 1e-12).
 """
 from typing import Any
 

@@ -34,6 +34,7 @@ from mmg_jax import modalities
 
 PLOTS_DIR = 'plots'
 EMBEDDINGS_FILE = 'embeddings.npz'
+MAX_CLASSES = 10  # classes of the embedding map: the colors of tab10
 # The paper's memory per second of data of each modality, KB/s (MISSION.md).
 MEMORY_KB_PER_SEC = {'video': 593.92, 'audio': 62.76, 'imu': 9.44}
 METRIC_NAMES = {'5w5s_acc': '5-way 5-shot accuracy (%)', 'top1': 'top-1 accuracy (%)'}
@@ -43,7 +44,6 @@ _NOT_LOSSES = ('step', 'examples_per_sec', 'lr', 'grad_norm')
 _SETTING_MARKERS = {'regular': 'o', 'missing': 's', 'zero-shot': '^'}
 _SUBSET_MARKERS = dict(zip(modalities.ALL_SUBSETS, 'osD^v<>', strict=True))
 _DPI = 100
-MAX_CLASSES = 10  # of the embedding map: the colors of tab10
 
 
 def _subset_order(subsets):
@@ -62,6 +62,7 @@ def _grid(cells, row_keys, col_keys):
 
 
 def _unique_cells(rows, key_of, what):
+  """{key_of(row): row}; refuses two rows with one key."""
   cells = {}
   for row in rows:
     key = key_of(row)
@@ -89,9 +90,10 @@ def matrix_layout(rows, value='mean'):
 
 
 def _variant_label(row):
-  parts = [row['fusion']] + [f'no {name}' for name in ('alignment', 'proto_loss')
-                             if not row[name]]
-  return ', '.join(parts).replace('proto_loss', 'proto loss')
+  """'attention', 'mlp', 'attention, no alignment', 'attention, no proto loss'."""
+  off = [f'no {name}' for key, name in (('alignment', 'alignment'), ('proto_loss', 'proto loss'))
+         if not row[key]]
+  return ', '.join([row['fusion'], *off])
 
 
 def _setting_label(row):

@@ -285,10 +285,14 @@ def _cost_panel(ax, points, x, xlabel, *, with_paper):
     if with_paper and paper:
       ax.scatter([p[x] for p in paper], [p['paper'] for p in paper], marker=marker,
                  facecolors='none', edgecolors='gray', label=f'{setting} (paper)')
-  for p in points:
-    ax.annotate(p['label'], (p[x], p['mean']), textcoords='offset points', xytext=(4, 4),
-                fontsize='x-small')
+  shared = {}  # points at one cost (rows with one test subset) are labeled right, left, ...
+  for p in sorted(points, key=lambda p: (p[x], p['mean'])):
+    left = shared.setdefault(p[x], 0) % 2
+    shared[p[x]] += 1
+    ax.annotate(p['label'], (p[x], p['mean']), textcoords='offset points',
+                xytext=(-6 if left else 6, 2), ha='right' if left else 'left', fontsize='x-small')
   ax.set_xscale('log')
+  ax.margins(x=0.12)
   ax.set_xlabel(xlabel)
   ax.legend(fontsize='x-small')
 

@@ -32,8 +32,6 @@ def _stages(config):
 def test_paper_smoke_is_paper_with_a_shorter_schedule(module):
   paper, smoke = module.get_config('paper'), module.get_config(common.PAPER_SMOKE)
   assert smoke.size == 'paper'
-  assert smoke.model.video.remat and not paper.model.video.remat  # memory only, same math
-  smoke.model.video.remat = False
   assert smoke.model.to_dict() == paper.model.to_dict()
   assert smoke.dataset.to_dict() == paper.dataset.to_dict() and smoke.dataset.name == 'mmg_ego4d'
   assert smoke.model.video.input_shape == (16, 224, 224, 3)

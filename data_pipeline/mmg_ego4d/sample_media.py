@@ -135,7 +135,7 @@ class Layout:
   splits: (split, number of classes, clips per class); the labeled splits take the first
     classes of their kind (novel for 'novel', base otherwise), 'unlabeled' has no class (0)
     and `clips_per_class` clips. The default serves configs/*.py:paper_smoke: 5-way 1-shot
-    1-query episodes on the novel split, 2-way ones for meta-training, and batches of 2.
+    1-query episodes on the novel split, 1-way ones for meta-training, and batches of 2.
   Each video holds `clips_per_video` back-to-back clips of `clip_seconds`, from 0.5 s, plus
   0.5 s after the last; IMU at `imu_rate_hz` covers the whole video. Media sizes are small
   (the builder resizes to the config's input), audio 48 kHz stereo AAC as in Ego4D.

@@ -184,6 +184,17 @@ def test_cost_points_are_the_model_flops_and_the_paper_memory_of_the_test_subset
                                                                  row['setting'])
 
 
+def test_a_model_with_a_pretrained_encoder_is_costed_as_its_architecture(workdir):
+  """stage.json names a pretrained encoder by its checkpoint's content, not a directory."""
+  for path in workdir.glob('train_VAI/*/stage.json'):
+    identity = json.loads(path.read_text())
+    identity['model']['video']['init_from'] = {'source': 'torchvision mvit_v1_b', 'sha256': '0f'}
+    path.write_text(json.dumps(identity))
+  model = plots.read_model_configs(str(workdir))['train_VAI']
+  flops = model_stats.fusion_stats(common.model_config('tiny'), xla=False)
+  assert plots.subset_gflops(model) == {name: row['gflops'] for name, row in flops.items()}
+
+
 def test_cost_plot_leaves_out_rows_of_pipelines_without_a_model(workdir):
   doc = json.loads((workdir / 'results.json').read_text())
   doc['rows'].append(_row('zero-shot', IMU, V, 20.0, 42.07, pipeline_name='elsewhere'))

@@ -98,11 +98,12 @@ def test_generated_manual_dir_builds_with_every_modality_of_every_clip(tmp_path)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / 'raw'))
   spec = preprocess.CLIP_SPECS['small']
+  offsets = sample_media.video_offsets(manifests)
   for split, rows in manifests.items():
     source = builder.as_data_source(split=split)
     examples = {e['clip_id'].decode(): e for e in source}
     assert sorted(examples) == sorted(row[0] for row in rows)
-    for clip_uid, _, start, end, label, _ in rows:
+    for clip_uid, video_uid, start, end, label, _ in rows:
       example = examples[clip_uid]
       assert example['present'].tolist() == [True, True, True], clip_uid
       kind_offset = features.NUM_BASE_CLASSES if split == 'novel' else 0
@@ -111,7 +112,13 @@ def test_generated_manual_dir_builds_with_every_modality_of_every_clip(tmp_path)
       times = preprocess.frame_times((float(start) + float(end)) / 2,
                                      num_frames=spec.num_frames, frame_stride=spec.frame_stride)
       got = [sample_media.frame_index(frame) for frame in example['video']]
-      assert got == [round(t * TINY.fps) % 256 for t in times], clip_uid
+      first = round(offsets[video_uid] * TINY.fps)
+      assert got == [(first + round(t * TINY.fps)) % 256 for t in times], clip_uid
+  every = [e for split in manifests for e in builder.as_data_source(split=split)]
+  for modality in ('video', 'audio', 'imu'):  # No two clips alike: no ties in distances.
+    x = np.stack([e[modality].astype(np.float32).ravel() for e in every])
+    gaps = np.abs(x[:, None] - x[None]).mean(-1)[np.triu_indices(len(x), 1)]
+    assert gaps.min() > 0.01, modality
   videos = {split: {row[1] for row in rows} for split, rows in manifests.items()}
   assert not videos['train'] & videos['test'] and not videos['train'] & videos['novel']
 

@@ -28,6 +28,12 @@ TONES_HZ = (500.0, 1000.0, 2000.0, 4000.0)  # One per second, cycling.
 IMU_COLUMNS = ('component_idx', 'component_timestamp_ms', 'canonical_timestamp_ms',
                'gyro_x', 'gyro_y', 'gyro_z', 'accl_x', 'accl_y', 'accl_z')
 CLIP_COLUMNS = ('clip_uid', 'video_uid', 'start_sec', 'end_sec', 'label', 'participant_id')
+# In a manual_dir, clips are `_CLIP_GAP_S` apart and video v shows the content from
+# v * VIDEO_OFFSET_S on: times that are no multiple of the content's periods (tone 4 s, IMU
+# 2/(k+1) s, frame colours 256 frames), so that no two clips hold the same frames, audio or
+# IMU. (Back-to-back 4 s clips of identical videos did, and tied every few-shot distance.)
+_CLIP_GAP_S = 0.37
+VIDEO_OFFSET_S = 37.37
 
 
 def frame_color(i):
@@ -55,11 +61,15 @@ def tone(t):
 
 
 def write_video(path, *, seconds=3.0, fps=30, width=64, height=48, band=8, codec='libx264',
-                audio_rate=None, audio_layout='mono', audio_codec='aac', faststart=False):
+                audio_rate=None, audio_layout='mono', audio_codec='aac', faststart=False,
+                content_offset_s=0.0):
   """mp4 of `seconds` with frame_color frames (side bands `band` px wide) and optional tone.
 
   faststart puts the index first, so that a truncated copy still opens (and fails later).
+  content_offset_s: the file at time t shows the content of time t + offset (frame colour of
+  frame i + offset * fps, the tone at t + offset), so that videos differ.
   """
+  first_frame = int(round(content_offset_s * fps))
   options = {'movflags': 'faststart'} if faststart else {}
   with av.open(str(path), 'w', format='mp4', options=options) as container:
     video = container.add_stream(codec, rate=fps)
@@ -69,14 +79,15 @@ def write_video(path, *, seconds=3.0, fps=30, width=64, height=48, band=8, codec
       audio = container.add_stream(audio_codec, rate=audio_rate, layout=audio_layout)
     for i in range(int(round(seconds * fps))):
       image = np.empty((height, width, 3), np.uint8)
-      image[:] = frame_color(i)
+      image[:] = frame_color(first_frame + i)
       image[:, :band] = image[:, width - band:] = BAND_COLOR
       frame = av.VideoFrame.from_ndarray(image, format='rgb24')
       frame.pts = i
       container.mux(video.encode(frame))
     container.mux(video.encode(None))
     if audio is not None:
-      samples = tone(np.arange(int(seconds * audio_rate)) / audio_rate).astype(np.float32)
+      t = np.arange(int(seconds * audio_rate)) / audio_rate + content_offset_s
+      samples = tone(t).astype(np.float32)
       channels = len(av.AudioLayout(audio_layout).channels)
       for start in range(0, len(samples), 1024):
         chunk = np.repeat(samples[None, start:start + 1024], channels, axis=0)
@@ -94,15 +105,15 @@ def imu_signal(t_ms):
 
 
 def write_imu_csv(path, t_ms, *, null_time_rows=(), missing_value_rows=(), shuffle_seed=None,
-                  duplicate_rows=()):
-  """Ego4D-style IMU CSV of `imu_signal` at `t_ms`, with optional faults.
+                  duplicate_rows=(), content_offset_ms=0.0):
+  """Ego4D-style IMU CSV of `imu_signal` at `t_ms` (+ content_offset_ms), with optional faults.
 
   null_time_rows: rows whose canonical timestamp is NULL (their values are garbage);
   missing_value_rows: rows with an empty gyro_y; duplicate_rows: rows written twice;
   shuffle_seed: rows written in a random order.
   """
   t_ms = np.asarray(t_ms, np.float64)
-  values = imu_signal(t_ms)
+  values = imu_signal(t_ms + content_offset_ms)
   rows = []
   for i, (t, v) in enumerate(zip(t_ms, values, strict=True)):
     accl, gyro = v[:3], v[3:]
@@ -136,8 +147,8 @@ class Layout:
     classes of their kind (novel for 'novel', base otherwise), 'unlabeled' has no class (0)
     and `clips_per_class` clips. The default serves configs/*.py:paper_smoke: 5-way 1-shot
     1-query episodes on the novel split, 1-way ones for meta-training, and batches of 2.
-  Each video holds `clips_per_video` back-to-back clips of `clip_seconds`, from 0.5 s, plus
-  0.5 s after the last; IMU at `imu_rate_hz` covers the whole video. Media sizes are small
+  Each video holds `clips_per_video` clips of `clip_seconds`, from 0.5 s, plus 0.5 s after
+  the last; IMU at `imu_rate_hz` covers the whole video. Media sizes are small
   (the builder resizes to the config's input), audio 48 kHz stereo AAC as in Ego4D.
   """
   splits: tuple = (('train', 3, 2), ('val', 1, 2), ('test', 2, 2), ('novel', 5, 2),
@@ -166,10 +177,17 @@ def split_clips(split, num_classes, clips_per_class, layout):
   rows = []
   for i, label in enumerate(labels):
     video, slot = divmod(i, layout.clips_per_video)
-    start = 0.5 + slot * layout.clip_seconds
+    start = 0.5 + slot * (layout.clip_seconds + _CLIP_GAP_S)
     rows.append((f'{split}_{i:03d}', f'{split}_v{video:02d}', f'{start:.3f}',
                  f'{start + layout.clip_seconds:.3f}', label, f'participant_{split}'))
   return rows
+
+
+def video_offsets(manifests):
+  """video_uid -> content_offset_s of its media: VIDEO_OFFSET_S times its order in the
+  manifests ({split: rows}, as write_manual_dir returns them)."""
+  uids = dict.fromkeys(row[1] for rows in manifests.values() for row in rows)
+  return {uid: VIDEO_OFFSET_S * i for i, uid in enumerate(uids)}
 
 
 def write_manual_dir(root, layout=Layout(), *, log=None):
@@ -184,22 +202,23 @@ def write_manual_dir(root, layout=Layout(), *, log=None):
   with open(root / 'classes.csv', 'w', newline='') as f:
     csv.writer(f).writerows([('name', 'kind'), *((n, 'base') for n in base),
                              *((n, 'novel') for n in novel)])
-  manifests = {}
-  for split, num_classes, clips_per_class in layout.splits:
-    rows = split_clips(split, num_classes, clips_per_class, layout)
-    manifests[split] = rows
+  manifests = {split: split_clips(split, num_classes, clips_per_class, layout)
+               for split, num_classes, clips_per_class in layout.splits}
+  for split, rows in manifests.items():
     with open(root / 'clips' / f'{split}.csv', 'w', newline='') as f:
       csv.writer(f).writerows([CLIP_COLUMNS, *rows])
-    for video_uid in sorted({row[1] for row in rows}):
-      num_clips = sum(row[1] == video_uid for row in rows)
-      seconds = 1.0 + num_clips * layout.clip_seconds
-      write_video(root / 'videos' / f'{video_uid}.mp4', seconds=seconds, fps=layout.fps,
-                  width=layout.width, height=layout.height, band=layout.width // 20,
-                  audio_rate=layout.audio_rate, audio_layout='stereo')
-      write_imu_csv(root / 'imu' / f'{video_uid}.csv',
-                    np.arange(0.0, seconds * 1000.0, 1000.0 / layout.imu_rate_hz))
-      if log:
-        log(f'{video_uid}: {seconds:.1f} s, {num_clips} clips')
+  for video_uid, offset in video_offsets(manifests).items():
+    end = max(float(row[3]) for rows in manifests.values() for row in rows
+              if row[1] == video_uid)
+    seconds = end + 0.5
+    write_video(root / 'videos' / f'{video_uid}.mp4', seconds=seconds, fps=layout.fps,
+                width=layout.width, height=layout.height, band=layout.width // 20,
+                audio_rate=layout.audio_rate, audio_layout='stereo', content_offset_s=offset)
+    write_imu_csv(root / 'imu' / f'{video_uid}.csv',
+                  np.arange(0.0, seconds * 1000.0, 1000.0 / layout.imu_rate_hz),
+                  content_offset_ms=1000.0 * offset)
+    if log:
+      log(f'{video_uid}: {seconds:.2f} s')
   return manifests
 
 

@@ -99,6 +99,10 @@ def video_config(size):
       'pool_q_stride': (1, 2, 2),
       'pool_kv_stride': {'tiny': (1, 2, 2), 'small': (1, 4, 4), 'paper': (1, 8, 8)}[size],
       'mlp_ratio': 4.0,
+      # LayerNorm epsilon after each q/k/v pooling (every other LayerNorm: 1e-6). torchvision's
+      # mvit_v1_b: 1e-6; pytorchvideo's mvit_base_16x4 and SlowFast's MViT v1 (which trained the
+      # Kinetics-400 MVIT_B_16x4 weights): torch's default 1e-5. Weights convert either way.
+      'pool_norm_eps': 1e-6,
       'drop_path': {'tiny': 0.1, 'small': 0.1, 'paper': 0.2}[size],  # last block; linear from 0
       'remat': False,  # rematerialize each block in the backward pass (saves activations)
       # A converted checkpoint directory (see the docstring) to start from; None: random init.

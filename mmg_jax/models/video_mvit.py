@@ -198,6 +198,7 @@ class AttentionPool(nn.Module):
   pool_kernel: tuple[int, int, int]
   stride: tuple[int, int, int]
   dtype: Any = jnp.float32
+  norm_eps: float = LN_EPSILON  # config.pool_norm_eps
 
   @nn.compact
   def __call__(self, x, grid):
@@ -205,7 +206,7 @@ class AttentionPool(nn.Module):
     cls, patches = x[:, :, :1], x[:, :, 1:].reshape(b * h, *grid, c)
     patches = DepthwiseConv3d(self.pool_kernel, self.stride, self.dtype, name='conv')(patches)
     x = jnp.concatenate([cls, patches.reshape(b, h, -1, c)], axis=2)
-    return layers.layer_norm(LN_EPSILON, self.dtype, 'norm')(x)
+    return layers.layer_norm(self.norm_eps, self.dtype, 'norm')(x)
 
 
 class MultiscaleAttention(nn.Module):
@@ -216,6 +217,7 @@ class MultiscaleAttention(nn.Module):
   stride_q: tuple[int, int, int] | None
   stride_kv: tuple[int, int, int]
   dtype: Any = jnp.float32
+  pool_norm_eps: float = LN_EPSILON
 
   @nn.compact
   def __call__(self, x):
@@ -223,10 +225,13 @@ class MultiscaleAttention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=layers.dense_init, name='qkv')(x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    k = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, name='pool_k')(k, self.grid)
-    v = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, name='pool_v')(v, self.grid)
+    k = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, self.pool_norm_eps,
+                      name='pool_k')(k, self.grid)
+    v = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, self.pool_norm_eps,
+                      name='pool_v')(v, self.grid)
     if self.stride_q is not None:
-      q = AttentionPool(self.pool_kernel, self.stride_q, self.dtype, name='pool_q')(q, self.grid)
+      q = AttentionPool(self.pool_kernel, self.stride_q, self.dtype, self.pool_norm_eps,
+                      name='pool_q')(q, self.grid)
     logits = jnp.einsum('bhqc,bhkc->bhqk', q * head_dim**-0.5, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     x = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, -1, d)
@@ -245,13 +250,14 @@ class MultiscaleBlock(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  pool_norm_eps: float = LN_EPSILON
 
   @nn.compact
   def __call__(self, x, train=False):
     s = self.setting
     y = layers.layer_norm(LN_EPSILON, self.dtype, 'norm1')(x)
     y = MultiscaleAttention(s.num_heads, self.grid, self.pool_kernel, s.stride_q, s.stride_kv,
-                            self.dtype, name='attn')(y)
+                            self.dtype, self.pool_norm_eps, name='attn')(y)
     if s.stride_q is not None:
       x = _skip_pool(x, self.grid, s.stride_q)
     x = x + layers.DropPath(self.drop_path)(y, train=train)
@@ -291,7 +297,7 @@ class VideoMViT(nn.Module):
     rates = layers.stochastic_depth_rates(config.drop_path, config.depth)
     for i, (setting, rate) in enumerate(zip(block_settings(config), rates, strict=True)):
       x = block_cls(setting, grid, tuple(config.pool_kernel), config.mlp_ratio, rate, self.dtype,
-                    name=f'blocks_{i}')(x, train)
+                    config.pool_norm_eps, name=f'blocks_{i}')(x, train)
       if setting.stride_q is not None:
         grid = pooled_grid(grid, config.pool_kernel, setting.stride_q)
     x = layers.layer_norm(LN_EPSILON, self.dtype, 'norm')(x)

@@ -5,9 +5,10 @@ Both references compute the same network as ours (pre-norm blocks, pooled q/k/v 
 after each pooling, max-pooled skip path, exact GELU, LayerNorm epsilon 1e-6) except for one
 epsilon: pytorchvideo's MultiScaleBlock (and SlowFast's MViT v1 code the Kinetics-400 MVIT_B_16x4
 weights were trained with) builds the q/k/v pooling LayerNorms as `nn.LayerNorm` with torch's
-default epsilon 1e-5, while torchvision (which ported those weights), today's SlowFast and ours
-use 1e-6 there too. The converter keeps the weights as they are; the LayerNorm epsilon is part of
-the model, not of the checkpoint (tests/test_mvit_checkpoints.py measures what it changes).
+default epsilon 1e-5, while torchvision (whose Kinetics-400 weights were ported from
+pytorchvideo's model zoo), today's SlowFast and our default use 1e-6. The weights convert the
+same either way; the epsilon is the video config's `pool_norm_eps` (1e-5 computes exactly as
+pytorchvideo does; at random weights the two differ by ~3e-4 in the final features).
 
 Torch video is [B, 3, T, H, W], ours [B, T, H, W, 3]; tokens are flattened in the same (t, h, w)
 order in all three, so no permutation of tokens or position embeddings is needed. A torch
@@ -68,7 +69,7 @@ torchvision_mvit_v1_b = weight_layout.Layout(
     ),
     ignore=(r'head\.1\.(weight|bias)',),  # the 400-class Kinetics classifier (after dropout)
     prepare=lambda contents: weight_layout.strip_prefix(weight_layout.flatten(contents),
-                                                        'module.'),
+                                                        'module.'),  # DataParallel's prefix
 )
 
 
@@ -97,7 +98,8 @@ pytorchvideo_mvit_b_16x4 = weight_layout.Layout(
         'pytorchvideo mvit_base_16x4 / SlowFast MViT v1 MVIT_B_16x4_CONV (a .pyth dict with the '
         "state dict under 'model_state'; pytorchvideo names as in the model zoo's "
         'kinetics/MVIT_B_16x4.pyth, or SlowFast names: patch_embed.proj, top-level cls_token '
-        'and pos_embed_*, norm, head.projection; separate q/k/v or a fused qkv)'),
+        'and pos_embed_*, norm, head.projection; separate q/k/v or a fused qkv). Its q/k/v '
+        'pooling norms use epsilon 1e-5: config pool_norm_eps=1e-5 computes as it does'),
     rules=(
         *_rows(r'patch_embed\.(?:patch_model|proj)', 'conv_proj',
                (('weight', 'kernel', conv_kernel), ('bias', 'bias', identity))),

@@ -13,9 +13,19 @@ from the jaxpr on abstract inputs (nothing is run). Next to them, XLA's cost ana
 lowered program (two FLOPs per multiply-add, elementwise ops included). One clip (batch 1),
 `train=False`, input shapes from `config.model.<modality>.input_shape`.
 
-`--memory` adds the memory plan for pods (`memory_rows`): bytes of one device running the
-full-model train step, for per-device batches 1, 2, 4, 8, float32 and bfloat16 compute, remat off
-and on, from XLA's compiled memory analysis on abstract inputs (nothing runs).
+`--memory` adds the memory plan for pods (`memory_rows`): the bytes one device holds while it runs
+the full-model train step (`memory_stage`), for per-device batches 1, 2, 4, 8, float32 and
+bfloat16 compute (`config.model.dtype`; params and AdamW state stay float32), every encoder's
+remat off and on. Each variant is compiled on abstract inputs and read from XLA's memory analysis
+(`step_bytes`); nothing runs. Under the data parallelism of sharding.py every device runs that
+one-device program on its share of the batch (the gradient all-reduce aside), so the per-device
+batch is what matters: global batch 256 on 64 devices is the batch-4 row. With
+`optimizer.accumulate_steps = k` read the row of the per-device micro-batch, plus one gradient
+tree for the accumulator. "Fits" is bytes <= the device's memory, without headroom. The bytes
+come from the compiler of the backend it runs on: on a CPU host, XLA:CPU's fusion and buffer
+assignment (with remat kept, CPU_COMPILER_OPTIONS; no bfloat16 matmuls: they are computed in
+float32), not TPU's or GPU's, which fuse more, pad layouts and reserve workspace; run it on the
+target to plan a pod.
 """
 import functools
 import itertools
@@ -43,10 +53,15 @@ PAPER_TOLERANCE = {'video': 0.02, 'audio': 0.02, 'imu': 0.05}
 PER_DEVICE_BATCHES = (1, 2, 4, 8)
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 DEVICE_GIB = (16, 32, 80, 141)
-# On CPU, LLVM's optimization level of the generated code. Buffer assignment is done on the
-# optimized HLO before LLVM runs, so the bytes do not change (checked on the tiny and the paper
-# step) while the compile is about 3x faster.
-CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+# XLA:CPU options of the memory plan. `cse_barrier_expander` off: XLA:CPU drops jax.checkpoint's
+# optimization barriers before its CSE, which merges the recomputation back into the forward pass
+# and remat then saves nothing (a 12-layer toy: 196 MiB of temporaries with and without remat; 64
+# MiB with remat and the barriers kept). Kept, the backward pass recomputes each block as remat
+# intends; programs without remat have no barriers and do not change. LLVM's optimization level 0:
+# it runs after buffer assignment, so the bytes do not change (checked on the tiny and the paper
+# step), and the tiny step compiles about 3x faster.
+CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'cse_barrier_expander',
+                        'xla_backend_optimization_level': 0}
 
 
 def count_params(params):
@@ -267,10 +282,11 @@ def train_step_memory(model_config, stage, per_device_batch):
 
 def step_bytes(analysis):
   """Bytes a device holds while the step runs: arguments (state, batch, key) + outputs +
-  temporaries - the outputs written into donated argument buffers.
+  temporaries - the outputs written into donated argument buffers (the new state).
 
-  XLA's temporaries are one heap already packed by buffer liveness, so this is the peak of the
-  program as compiled, counting arguments and outputs as live for the whole step.
+  The temporaries are the heap that XLA's buffer assignment packed by liveness; arguments and
+  outputs are counted as live for the whole step, so this bounds the program's peak from above
+  (by at most the small metric outputs).
   """
   return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
           + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)

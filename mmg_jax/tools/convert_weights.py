@@ -19,7 +19,9 @@ shape its position embeddings are laid out for, key counts). The reference class
 dropped. `load(DIR)` gives {'params': tree} for `mmg.ENCODERS[modality](config)` of the 'paper'
 config as it is; `load(DIR, encoder_config=cfg)` first adapts the position embeddings to cfg's
 input (see each module's `adapt_to_config`) and checks every key and shape against cfg's
-encoder. Training starts from it with `config.model.<modality>.init_from = DIR`.
+encoder. Training starts from it with `config.model.<modality>.init_from = DIR`. The weights do
+not carry a reference's epsilons: pytorchvideo/SlowFast MViT computes with
+`config.model.video.pool_norm_eps=1e-5`, HF's AST with `config.model.audio.norm_eps=1e-12`.
 """
 import datetime
 import hashlib

@@ -340,6 +340,7 @@ def train_pipeline(config, name, workdir, mesh, trained):
                 init_params(model, example_batch(config.dataset), config.seed)
                 | pretrained_encoders(name, model_cfg))
     _claim_stage_dir(os.path.join(workdir, name, stage.name), identity)
+    params = jax.device_get(params)  # while the stage trains, its state is the only device copy
     seed = config.seed + i
     params = train.run_stage(
         stage.name, workdir=os.path.join(workdir, name), model=model,

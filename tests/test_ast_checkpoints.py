@@ -235,6 +235,30 @@ def test_ast_official_checkpoint_matches_the_reference(reference_1024, tmp_path)
   _assert_parity(_our_outputs(output, config, ref['x']), expected, 'ast_official, 1024 frames')
 
 
+def test_the_audioset_grid_in_the_paper_config_runs_384_frames_as_ast_does(reference_1024,
+                                                                          tmp_path):
+  """The paper's use: a 1024-frame checkpoint in the 'paper' config (384-frame inputs, positions
+  stored for 1024) gives the features of AST's own loader for input_tdim=384, which crops the
+  12 x 101 grid to 37 time steps from 50 - int(37 / 2) (ast_models.py, audioset_pretrain)."""
+  import torch
+  transformers = _transformers()
+  ref = reference_1024
+  state = ref['model'].audio_spectrogram_transformer.state_dict()
+  pos = state['embeddings.position_embeddings']
+  start = 50 - int(37 / 2)
+  cropped = pos[:, 2:].reshape(1, 12, 101, -1)[:, :, start:start + 37].reshape(1, 12 * 37, -1)
+  state['embeddings.position_embeddings'] = torch.cat([pos[:, :2], cropped], 1)
+  ast_384 = transformers.ASTModel(transformers.ASTConfig(max_length=384)).eval()
+  ast_384.load_state_dict(state)
+  x = normal((1, 384, 128), seed=3)
+  output = _convert('hf_ast', ref['dir'], str(tmp_path / 'converted'))
+  config = common.audio_config('paper')
+  assert (config.input_shape, config.pos_embed_frames) == ((384, 128), 1024)
+  config.norm_eps = ref['config'].layer_norm_eps
+  _assert_parity(_our_outputs(output, config, x), _hf_outputs(ast_384, x),
+                 'hf_ast 1024-frame checkpoint, paper config, 384 frames')
+
+
 def test_a_384_frame_checkpoint_loads_into_the_paper_config_interpolated_as_ast_does(
     reference_384, tmp_path):
   """The paper config stores positions for 1024 frames (12 x 101); a checkpoint stored for 384

@@ -359,8 +359,9 @@ _SMOKE_BATCH_SIZE = 2  # global; L_align needs two clips for a negative
 # Meta-training episodes: 1-way 1-shot 1-query, one a batch (2 clips; L_proto is then 0 and
 # its gradients too, but the whole step runs at paper size). A 2-way episode (4 clips) does not
 # fit a 23 GB CPU host: it was killed for memory at 24 GB resident, with MViT's remat on and
-# off (XLA's CPU memory analysis, model_stats --memory, shows no saving from remat or bfloat16
-# either). Few-shot evaluation (forward only): the paper's 5 ways, 1-shot 1-query (10 clips).
+# off (model_stats --memory found why: XLA:CPU's cse_barrier_expander undoes remat, and
+# training does not switch it off). Few-shot evaluation (forward only): the paper's 5 ways,
+# 1-shot 1-query (10 clips).
 _SMOKE_META = {'n_way': 1, 'k_shot': 1, 'q_query': 1, 'episodes_per_batch': 1}
 _SMOKE_FEWSHOT_EVAL = {'n_way': 5, 'k_shot': 1, 'q_query': 1, 'num_episodes': 10}
 

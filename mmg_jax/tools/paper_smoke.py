@@ -57,7 +57,9 @@ def measure(argv):
   Returns (exit status, wall s, CPU s, peak RSS in bytes of its largest process).
 
   os.wait4 gives the child's own resource use, its waited-for descendants included (the
-  builder's decoding processes), whatever ran before it in this process.
+  builder's decoding processes), whatever ran before it in this process. Call it from a small
+  process (this command's is): until it execs, a child forked from a large one counts its
+  parent's pages in its peak.
   """
   started = time.perf_counter()
   process = subprocess.Popen(argv, cwd=REPO)

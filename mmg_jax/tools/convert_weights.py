@@ -14,8 +14,9 @@ Sources (`SOURCES`; each a table of key patterns in mvit_checkpoints.py / ast_ch
 Reading needs no torch: torch zip files and safetensors are read by torch_checkpoint.py.
 
 The output directory holds `params.msgpack` (flax.serialization msgpack of the encoder's param
-tree, float32) and `provenance.json` (source, the file read and its sha256, modality, the input
-shape its position embeddings are laid out for, key counts). The reference classifier heads are
+tree, float32) and `provenance.json` (source, the file read and its sha256, modality, the
+input shape of the 'paper' encoder the params were checked against, key counts after `prepare`:
+fused q/k/v count once). The reference classifier heads are
 dropped. `load(DIR)` gives {'params': tree} for `mmg.ENCODERS[modality](config)` of the 'paper'
 config as it is; `load(DIR, encoder_config=cfg)` first adapts the position embeddings to cfg's
 input (see each module's `adapt_to_config`) and checks every key and shape against cfg's

@@ -10,7 +10,6 @@ dropped. Named differences from our 'paper' config:
     AST's rule; the model then adapts them to each input's frames at call time.
 """
 import os
-import re
 
 import numpy as np
 
@@ -83,24 +82,7 @@ HF_PREFIX = 'audio_spectrogram_transformer.'
 HF_WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin')  # in the order looked for
 
 # Separate projections -> the fused name the rows use: {q: (k, v, fused)} (transformers 4 | 5).
-_QKV = {'query': ('key', 'value', 'qkv'), 'q_proj': ('k_proj', 'v_proj', 'qkv_proj')}
-
-
-def fuse_qkv(state_dict):
-  """Each block's separate q, k, v Linear weights and biases -> one, stacked along the output
-  axis in that order: timm's fused qkv, whose output axis [3, heads, head_dim] is ours."""
-  fused = dict(state_dict)
-  for key in state_dict:
-    match = re.fullmatch(r'(.*\.)(query|q_proj)\.(weight|bias)', key)
-    if not match:
-      continue
-    prefix, query, suffix = match.groups()
-    names = [f'{prefix}{name}.{suffix}' for name in (query, *_QKV[query][:2])]
-    if all(name in state_dict for name in names):  # else left for apply to report
-      fused[f'{prefix}{_QKV[query][2]}.{suffix}'] = np.concatenate([state_dict[n] for n in names])
-      for name in names:
-        del fused[name]
-  return fused
+QKV_SPELLINGS = {'query': ('key', 'value', 'qkv'), 'q_proj': ('k_proj', 'v_proj', 'qkv_proj')}
 
 
 def prepare_official(contents):
@@ -108,7 +90,8 @@ def prepare_official(contents):
 
 
 def prepare_hf(contents):
-  return fuse_qkv(weight_layout.strip_prefix(weight_layout.flatten(contents), HF_PREFIX))
+  return weight_layout.fuse_qkv(
+      weight_layout.strip_prefix(weight_layout.flatten(contents), HF_PREFIX), QKV_SPELLINGS)
 
 
 def hf_weights_file(path):

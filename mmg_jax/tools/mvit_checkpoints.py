@@ -15,10 +15,6 @@ order in all three, so no permutation of tokens or position embeddings is needed
 Conv3d kernel [out, in, kt, kh, kw] becomes [kt, kh, kw, in, out] (the depthwise pooling kernels
 [C, 1, kt, kh, kw] become [kt, kh, kw, 1, C]), a Linear weight [out, in] becomes [in, out].
 """
-import re
-
-import numpy as np
-
 from mmg_jax.models import video_mvit
 from mmg_jax.tools import weight_layout
 from mmg_jax.tools.weight_layout import conv_kernel, identity, linear_kernel
@@ -26,7 +22,6 @@ from mmg_jax.tools.weight_layout import conv_kernel, identity, linear_kernel
 _BLOCK = r'blocks\.(\d+)\.'
 _NORM = (('weight', 'scale', identity), ('bias', 'bias', identity))
 _LINEAR = (('weight', 'kernel', linear_kernel), ('bias', 'bias', identity))
-_SEPARATE_Q = re.compile(r'(.*\.attn\.)q\.(weight|bias)')
 
 
 def _rows(their, ours, pairs):
@@ -79,16 +74,7 @@ def _prepare_pytorchvideo(contents):
   v: the order torchvision's qkv and our reshape to [3, heads, head_dim] read them in)."""
   state = contents.get('model_state', contents)
   state = weight_layout.strip_prefix(weight_layout.flatten(state), 'module.')
-  fused = dict(state)
-  for key in state:
-    if match := _SEPARATE_Q.fullmatch(key):
-      prefix, leaf = match.groups()
-      parts = [f'{prefix}{name}.{leaf}' for name in 'qkv']
-      if all(part in state for part in parts):
-        fused[f'{prefix}qkv.{leaf}'] = np.concatenate([np.asarray(state[p]) for p in parts])
-        for part in parts:
-          del fused[part]
-  return fused
+  return weight_layout.fuse_qkv(state, {'q': ('k', 'v', 'qkv')})
 
 
 pytorchvideo_mvit_b_16x4 = weight_layout.Layout(

@@ -49,6 +49,30 @@ def strip_prefix(state_dict, prefix):
   return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
+def fuse_qkv(state_dict, spellings):
+  """Each block's separate query, key and value Linears -> one, stacked along the output axis in
+  that order: timm's fused qkv, whose output axis [3, heads, head_dim] is ours.
+
+  spellings: {query name: (key name, value name, fused name)}, e.g. {'q': ('k', 'v', 'qkv')}. A
+  block missing one of the three is left as it is, for `apply` to report.
+  """
+  queries = '|'.join(re.escape(query) for query in spellings)
+  fused = dict(state_dict)
+  for key in state_dict:
+    match = re.fullmatch(rf'(.*\.)({queries})\.(weight|bias)', key)
+    if not match:
+      continue
+    prefix, query, suffix = match.groups()
+    *others, fused_name = spellings[query]
+    names = [f'{prefix}{name}.{suffix}' for name in (query, *others)]
+    if all(name in state_dict for name in names):
+      fused[f'{prefix}{fused_name}.{suffix}'] = np.concatenate(
+          [np.asarray(state_dict[name]) for name in names])
+      for name in names:
+        del fused[name]
+  return fused
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How the checkpoints of one reference implementation map onto one of our encoders.

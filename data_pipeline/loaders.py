@@ -3,9 +3,15 @@
 A batch is `{'video': uint8 [B,T,H,W,3], 'audio': f32 [B,T_a,F], 'imu': f32 [B,L,6],
 'present': bool [B,3], 'label': int32 [B], 'mask': bool [B]}` with B the host-local batch
 (global batch // process count); `mask` is False only on padding rows of the last evaluation
-batch, and clip ids stay on the host. Every process reads its own shard; with the same
-arguments all processes see batches of the same size in the same number, as jitted global
-steps require. `dataset` is `config.dataset` (`name`, `data_dir`, `num_workers`).
+batch, and clip ids stay on the host. `dataset` is `config.dataset` (`name`, `data_dir`,
+`num_workers`).
+
+Every loader defines one sequence of global batches, whatever the process count P, and process
+p reads only rows [p * B, (p + 1) * B) of each: the rows its devices hold
+(`mmg_jax.sharding.shard_batch`). So 1 process and P processes step through the same global
+batches, same examples in the same rows, and every process yields as many batches as jitted
+global steps require. A grain record is a whole process-local batch, so the batches are also
+the same for any number of workers, and an iterator's checkpoint state is the batch index.
 
 grain worker processes (`dataset.num_workers > 0`) need absl flags parsed (`app.run`) and a
 `__main__` guard in the program that iterates; 0, the default, reads in the calling process.
@@ -24,7 +30,8 @@ BATCH_KEYS = ('video', 'audio', 'imu', 'present', 'label', 'mask')
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
 _LABEL_CHUNK = 256
-# For sources whose record is a whole batch: one at a time, a couple of batches ahead.
+_ENDLESS = np.iinfo(np.int32).max  # Records of an endless loader: one per training step.
+# A record is a whole batch: read one at a time, a couple of batches ahead.
 _BATCH_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
@@ -39,42 +46,32 @@ def data_source(dataset, split):
 
 def train_batches(dataset, split, *, global_batch_size, seed, process_index=None,
                   process_count=None):
-  """Shuffled, endlessly repeated batches of this process's shard; a grain DataLoader.
+  """Shuffled, endlessly repeated batches; a grain DataLoader.
 
-  Its iterator (`iter(loader)`) has get_state/set_state for checkpoints. Each grain worker
-  batches its own examples, so the batches depend on `dataset.num_workers` (not the coverage).
+  The global order is the split reshuffled every epoch with `seed` (grain's shuffle), cut into
+  consecutive global batches that may span two epochs; each process reads its rows of them.
+  Its iterator (`iter(loader)`) has get_state/set_state for checkpoints.
   """
-  shard = _shard(process_index, process_count, drop_remainder=True)
-  batch_size = _local_batch_size(global_batch_size, shard.shard_count)
+  rows = _process_rows(global_batch_size, process_index, process_count)
   source = data_source(dataset, split)
-  if len(source) // shard.shard_count < batch_size:
+  if len(source) < global_batch_size:
     raise ValueError(f'split {split!r} of {dataset.name} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower global_batch_size.')
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
-                                        shuffle=True, num_epochs=None, seed=seed)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, worker_count=dataset.num_workers,
-      operations=[ModelExample(), grain.transforms.Batch(batch_size, drop_remainder=True)],
-      read_options=_read_options(batch_size))
+  batches = TrainSource(source, seed=seed, global_batch_size=global_batch_size, rows=rows)
+  return _batch_loader(batches, dataset)
 
 
 def eval_batches(dataset, split, *, global_batch_size, process_index=None, process_count=None):
   """Batches that cover every example of the split exactly once, in order; a grain DataLoader.
 
-  The split is padded to whole global batches (padding rows repeat example 0 with `mask`
-  False) and cut into one contiguous block per process, so every process yields
-  ceil(len / global_batch_size) batches. A record is a whole batch, so batches are the same
-  for any number of workers.
+  Global batch n holds examples [n * global_batch_size, (n + 1) * global_batch_size); the last
+  is padded (padding rows repeat example 0 with `mask` False), so every process yields
+  ceil(len / global_batch_size) batches and the gathered outputs come in split order.
   """
-  shard = _shard(process_index, process_count, drop_remainder=False)
-  batch_size = _local_batch_size(global_batch_size, shard.shard_count)
-  source = data_source(dataset, split)
-  num_batches = -(-len(source) // global_batch_size)
-  batches = EvalSource(source, start=shard.shard_index * num_batches * batch_size,
-                       batch_size=batch_size, num_batches=num_batches)
-  sampler = grain.samplers.IndexSampler(num_records=num_batches, shuffle=False, num_epochs=1)
-  return grain.DataLoader(data_source=batches, sampler=sampler,
-                          worker_count=dataset.num_workers, read_options=_BATCH_READ_OPTIONS)
+  rows = _process_rows(global_batch_size, process_index, process_count)
+  batches = EvalSource(data_source(dataset, split), global_batch_size=global_batch_size,
+                       rows=rows)
+  return _batch_loader(batches, dataset)
 
 
 def episode_batches(dataset, split, *, n_way, k_shot, q_query, episodes_per_batch, seed,
@@ -84,21 +81,16 @@ def episode_batches(dataset, split, *, n_way, k_shot, q_query, episodes_per_batc
   Batch `step` holds the episodes `episodes.sample_episodes` draws from the split's labels with
   `fold_in(key(seed), step)`, laid out [E, N, K+Q] and flattened on the batch axis (each class
   row: K support then Q query examples). Every process draws the same episodes and keeps its
-  contiguous E / process_count of them, so the iterator state is just the step.
+  contiguous E / process_count of them: its rows of the global batch.
   """
-  shard = _shard(process_index, process_count, drop_remainder=True)
-  local_episodes = _local_batch_size(episodes_per_batch, shard.shard_count, what='episodes')
+  episode_rows = _process_rows(episodes_per_batch, process_index, process_count,
+                               what='episodes')
   source = data_source(dataset, split)
   labels = split_labels(source)
   sampler = EpisodeSampler(labels, n_way=n_way, k_shot=k_shot, q_query=q_query,
                            episodes_per_batch=episodes_per_batch, seed=seed)
   sampler(0)  # Fails now, not in the training loop, if the split cannot make such episodes.
-  first = shard.shard_index * local_episodes
-  episode_source = EpisodeSource(source, sampler, first, first + local_episodes)
-  return grain.DataLoader(
-      data_source=episode_source, sampler=grain.samplers.IndexSampler(
-          num_records=len(episode_source), shuffle=False, num_epochs=1),
-      worker_count=dataset.num_workers, read_options=_BATCH_READ_OPTIONS)
+  return _batch_loader(EpisodeSource(source, sampler, episode_rows), dataset)
 
 
 def split_labels(source):
@@ -110,36 +102,52 @@ def split_labels(source):
   return labels
 
 
-class ModelExample(grain.transforms.Map):
-  """A TFDS example -> the model's example: no clip id, int32 label, `mask` True."""
+class TrainSource:
+  """Record n is this process's `rows` of global batch n of the shuffled, repeated split."""
 
-  def map(self, element):
-    return to_model_example(element)
+  def __init__(self, source, *, seed, global_batch_size, rows):
+    self._source = source
+    self._seed = seed
+    self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed)
+    self._global_batch_size = global_batch_size
+    self._rows = rows
+
+  def __len__(self):
+    return _ENDLESS
+
+  def __repr__(self):  # grain checks it when restoring an iterator state.
+    return (f'TrainSource({self._source!r}, seed={self._seed}, '
+            f'global_batch_size={self._global_batch_size}, rows={_rows_repr(self._rows)})')
+
+  def __getitem__(self, step):
+    first = step * self._global_batch_size
+    keys = [self._order[i] for i in range(first + self._rows.start, first + self._rows.stop)]
+    return stack([to_model_example(e) for e in self._source.__getitems__(keys)])
 
 
 class EvalSource:
-  """Record j is this process's j-th batch of the split padded with masked copies of example 0."""
+  """Record n is this process's `rows` of global batch n of the split, padded at the end with
+  masked copies of example 0."""
 
-  def __init__(self, source, *, start, batch_size, num_batches):
+  def __init__(self, source, *, global_batch_size, rows):
     self._source = source
-    self._start = start
-    self._batch_size = batch_size
-    self._num_batches = num_batches
+    self._global_batch_size = global_batch_size
+    self._rows = rows
 
   def __len__(self):
-    return self._num_batches
+    return -(-len(self._source) // self._global_batch_size)
 
   def __repr__(self):  # grain checks it when restoring an iterator state.
-    return (f'EvalSource({self._source!r}, start={self._start}, '
-            f'batch_size={self._batch_size}, num_batches={self._num_batches})')
+    return (f'EvalSource({self._source!r}, global_batch_size={self._global_batch_size}, '
+            f'rows={_rows_repr(self._rows)})')
 
   def __getitem__(self, index):
-    first = self._start + index * self._batch_size
-    real = range(first, min(first + self._batch_size, len(self._source)))
+    first = index * self._global_batch_size
+    real = range(first + self._rows.start, min(first + self._rows.stop, len(self._source)))
     examples = [to_model_example(e) for e in self._source.__getitems__(real)] if real else []
-    if len(examples) < self._batch_size:
-      padding = to_model_example({**self._source[0], 'mask': False})
-      examples += [padding] * (self._batch_size - len(examples))
+    num_padding = self._rows.stop - self._rows.start - len(examples)
+    if num_padding:
+      examples += [to_model_example({**self._source[0], 'mask': False})] * num_padding
     return stack(examples)
 
 
@@ -163,19 +171,19 @@ class EpisodeSampler:
 
 
 class EpisodeSource:
-  """Record `step` is the batch of episodes [first, stop) of that step, already stacked."""
+  """Record `step` is the batch of that step's episodes `episodes` (a slice), stacked."""
 
-  def __init__(self, source, sampler, first, stop):
+  def __init__(self, source, sampler, episodes):
     self._source = source
     self._sampler = sampler
-    self._episodes = slice(first, stop)
+    self._episodes = episodes
 
   def __len__(self):
-    return np.iinfo(np.int32).max  # Endless in practice: one record per training step.
+    return _ENDLESS
 
   def __repr__(self):  # grain checks it when restoring an iterator state.
     return (f'EpisodeSource({self._source!r}, {self._sampler!r}, '
-            f'episodes={self._episodes.start}:{self._episodes.stop})')
+            f'episodes={_rows_repr(self._episodes)})')
 
   def __getitem__(self, step):
     support, query = self._sampler(step)
@@ -208,24 +216,27 @@ def _builder(dataset):
   return builder
 
 
-def _read_options(batch_size):
-  """Read examples in threads, at most two batches ahead (grain's default is 500 examples)."""
-  return grain.ReadOptions(num_threads=8, prefetch_buffer_size=2 * batch_size)
+def _batch_loader(batches, dataset):
+  """A DataLoader over a source whose record n is batch n, read in order."""
+  sampler = grain.samplers.IndexSampler(num_records=len(batches), shuffle=False, num_epochs=1)
+  return grain.DataLoader(data_source=batches, sampler=sampler,
+                          worker_count=dataset.num_workers, read_options=_BATCH_READ_OPTIONS)
 
 
-def _shard(process_index, process_count, *, drop_remainder):
-  """ShardOptions for a process; None means this JAX process."""
+def _process_rows(global_size, process_index, process_count, *, what='examples'):
+  """The slice of a global batch that a process reads: block process_index of process_count
+  equal blocks (None: this JAX process's index and the process count)."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
     raise ValueError(f'process_index {index} must be in [0, process_count={count}).')
-  return grain.sharding.ShardOptions(shard_index=index, shard_count=count,
-                                     drop_remainder=drop_remainder)
-
-
-def _local_batch_size(global_size, process_count, *, what='examples'):
-  if global_size < 1 or global_size % process_count:
+  if global_size < 1 or global_size % count:
     raise ValueError(f'the global batch of {global_size} {what} must be a positive multiple of '
-                     f'the process count {process_count}; change the batch size in the config.')
-  return global_size // process_count
+                     f'the process count {count}; change the batch size in the config.')
+  size = global_size // count
+  return slice(index * size, (index + 1) * size)
+
+
+def _rows_repr(rows):
+  return f'{rows.start}:{rows.stop}'
 

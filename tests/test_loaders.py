@@ -56,21 +56,6 @@ def test_eval_batches_cover_the_split_once_in_order_with_a_padded_last_batch(dat
   np.testing.assert_array_equal(label, expected['label'])
 
 
-def test_eval_batches_shard_by_process_into_disjoint_blocks_that_cover_the_split(dataset):
-  expected = read_all(dataset, 'test')  # 130 examples, global batch 48: 3 batches of 2 x 24.
-  shards = [list(loaders.eval_batches(dataset, 'test', global_batch_size=48, process_index=p,
-                                      process_count=2)) for p in range(2)]
-  assert [len(s) for s in shards] == [3, 3]  # Every process steps the same number of times.
-  videos, labels = [], []
-  for shard in shards:
-    for batch in shard:
-      check_batch(batch, 24)
-      videos.append(batch['video'][batch['mask']])
-      labels.append(batch['label'][batch['mask']])
-  np.testing.assert_array_equal(np.concatenate(videos), expected['video'])
-  np.testing.assert_array_equal(np.concatenate(labels), expected['label'])
-
-
 def test_train_batches_are_shuffled_and_repeat_every_example_once_per_epoch(dataset):
   expected = read_all(dataset, 'train')  # 260 examples: 13 batches of 20 per epoch.
   loader = loaders.train_batches(dataset, 'train', global_batch_size=20, seed=3,
@@ -90,26 +75,12 @@ def test_train_batches_are_shuffled_and_repeat_every_example_once_per_epoch(data
   np.testing.assert_array_equal(labels, expected['label'][indices])
 
 
-def test_train_batches_of_two_processes_are_half_size_disjoint_and_cover_the_split(dataset):
-  expected = read_all(dataset, 'train')
-  order = {v.tobytes(): i for i, v in enumerate(expected['video'])}
-  seen = []
-  for process in range(2):
-    loader = loaders.train_batches(dataset, 'train', global_batch_size=20, seed=3,
-                                   process_index=process, process_count=2)
-    batches = list(itertools.islice(iter(loader), 13))  # One epoch of the 130-example shard.
-    for batch in batches:
-      check_batch(batch, 10)
-    seen.append({order[v.tobytes()] for b in batches for v in b['video']})
-  assert len(seen[0]) == len(seen[1]) == 130
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(260))
-
-
-def test_train_iterator_state_restores_the_following_batches(dataset):
+@pytest.mark.parametrize('process_index, process_count', [(0, 1), (1, 2)])
+def test_train_iterator_state_restores_the_following_batches(dataset, process_index,
+                                                              process_count):
   def loader():
     return loaders.train_batches(dataset, 'train', global_batch_size=16, seed=7,
-                                 process_index=0, process_count=1)
+                                 process_index=process_index, process_count=process_count)
 
   iterator = iter(loader())
   for _ in range(20):  # Past the end of the first epoch (16 batches).
@@ -146,20 +117,15 @@ def test_episode_batches_lay_out_episodes_classes_then_support_and_query(dataset
   assert not np.array_equal(batches[0]['label'], batches[1]['label'])
 
 
-def test_episode_batches_are_the_episodes_of_sample_episodes_and_split_by_process(dataset):
-  full = next(iter(loaders.episode_batches(dataset, 'novel', **EPISODES, seed=5,
-                                           process_index=0, process_count=1)))
+def test_episode_batches_are_the_episodes_of_sample_episodes(dataset):
+  batch = next(iter(loaders.episode_batches(dataset, 'novel', **EPISODES, seed=5,
+                                            process_index=0, process_count=1)))
   labels = read_all(dataset, 'novel')['label']
   support, query = episodes.sample_episodes(
       jax.random.fold_in(jax.random.key(5), 0), labels, num_episodes=2, n_way=5, k_shot=2,
       q_query=3)
   indices = np.concatenate([support, query], axis=-1).reshape(-1)
-  np.testing.assert_array_equal(full['label'], labels[indices])
-  halves = [next(iter(loaders.episode_batches(dataset, 'novel', **EPISODES, seed=5,
-                                              process_index=p, process_count=2)))
-            for p in range(2)]
-  for key in KEYS:
-    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
+  np.testing.assert_array_equal(batch['label'], labels[indices])
 
 
 def test_episode_iterator_state_restores_the_following_batches(dataset):
@@ -177,6 +143,57 @@ def test_episode_iterator_state_restores_the_following_batches(dataset):
   got = next(restored)
   for key in KEYS:
     np.testing.assert_array_equal(want[key], got[key])
+
+
+def global_batches(make_loader, process_count, num_steps=None):
+  """Step by step, the concatenation over processes of each process's batch (every batch of a
+  finite loader when num_steps is None). Every process yields as many batches, of one size."""
+  processes = [list(itertools.islice(iter(make_loader(process_index=p,
+                                                      process_count=process_count)),
+                                     num_steps))
+               for p in range(process_count)]
+  steps = []
+  for parts in zip(*processes, strict=True):
+    for part in parts:
+      check_batch(part, parts[0]['label'].shape[0])
+    steps.append({key: np.concatenate([part[key] for part in parts]) for key in KEYS})
+  return steps
+
+
+def assert_same_global_batches(make_loader, process_count, num_steps=None):
+  """P processes read, row for row, the global batches that 1 process reads."""
+  want = global_batches(make_loader, 1, num_steps)
+  got = global_batches(make_loader, process_count, num_steps)
+  assert len(got) == len(want)
+  for step, (want_batch, got_batch) in enumerate(zip(want, got, strict=True)):
+    for key in KEYS:
+      np.testing.assert_array_equal(got_batch[key], want_batch[key], err_msg=f'{key} {step}')
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_processes_read_their_rows_of_the_one_process_train_batches(dataset, process_count):
+  """24-example batches of the 260-example split: steps 10 and 11 span the first two epochs."""
+  def make_loader(**processes):
+    return loaders.train_batches(dataset, 'train', global_batch_size=24, seed=3, **processes)
+  assert_same_global_batches(make_loader, process_count, num_steps=12)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_processes_read_their_rows_of_the_one_process_eval_batches(dataset, process_count):
+  """65 examples in batches of 16: the last holds example 64 and 15 padding rows, so some
+  processes read only padding there."""
+  def make_loader(**processes):
+    return loaders.eval_batches(dataset, 'val', global_batch_size=16, **processes)
+  assert_same_global_batches(make_loader, process_count)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_processes_read_their_episodes_of_the_one_process_episode_batches(dataset,
+                                                                          process_count):
+  def make_loader(**processes):
+    return loaders.episode_batches(dataset, 'novel', **{**EPISODES, 'episodes_per_batch': 4},
+                                   seed=5, **processes)
+  assert_same_global_batches(make_loader, process_count, num_steps=3)
 
 
 def test_clear_errors(dataset):

@@ -17,10 +17,18 @@ DATA_AXIS = 'data'
 
 
 def make_mesh(devices=None):
-  """A ('data',) mesh over `devices` (default: all devices of all processes)."""
+  """A ('data',) mesh over `devices` (default: all devices of all processes), by process.
+
+  jax.make_mesh may order the devices for the interconnect (a ring on TPU), which can
+  interleave processes; its order is kept within each process, but processes come one after
+  the other in process order. So the devices of process p hold block p of every global batch,
+  the rows the loaders give it (data_pipeline/loaders.py, `shard_batch`).
+  """
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+  mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices)
+  by_process = sorted(mesh.devices.flat, key=lambda device: device.process_index)
+  return jax.sharding.Mesh(np.array(by_process), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh):
@@ -70,8 +78,11 @@ def local_batch_size(global_batch_size):
 def shard_batch(host_batch, mesh):
   """Host-local numpy batch dict -> dict of global jax.Arrays sharded on the batch axis.
 
-  Every process passes its own rows (global batch = concatenation over processes in process
-  order). Text leaves such as `clip_id` stay on the host and are dropped.
+  Every process passes its own rows: on a `make_mesh` mesh, process p's devices hold block p
+  of the global batch, so the global batch is the concatenation of the processes' rows in
+  process order, and within a process its rows go to its devices in mesh order
+  (jax.make_array_from_process_local_data). Text leaves such as `clip_id` stay on the host
+  and are dropped.
   """
   arrays = {k: np.asarray(v) for k, v in host_batch.items()}
   arrays = {k: v for k, v in arrays.items() if v.dtype.kind not in 'OSU'}

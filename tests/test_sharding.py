@@ -27,6 +27,18 @@ def test_shard_batch_splits_rows_over_devices_and_keeps_text_on_host():
     np.testing.assert_array_equal(np.asarray(shard.data), host['x'][2 * i:2 * i + 2])
 
 
+def test_rows_go_to_devices_in_the_order_of_the_mesh_given_in_any_order():
+  """Within a process make_mesh keeps the order it is given, and row block i of a batch goes to
+  the mesh's i-th device: a process's contiguous rows are what its devices hold."""
+  devices = jax.devices()[::-1]
+  mesh = sharding.make_mesh(devices)
+  assert list(mesh.devices.flat) == devices
+  x = np.arange(16)
+  for shard in sharding.shard_batch({'x': x}, mesh)['x'].addressable_shards:
+    i = devices.index(shard.device)
+    np.testing.assert_array_equal(np.asarray(shard.data), x[2 * i:2 * i + 2])
+
+
 def test_shard_batch_rejects_a_batch_that_does_not_split_over_devices():
   with pytest.raises(ValueError, match='multiple of the 8 devices'):
     sharding.shard_batch({'x': np.zeros((12, 2))}, sharding.make_mesh())

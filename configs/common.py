@@ -341,6 +341,10 @@ def eval_config(size, kind, rows):
       'fewshot': {'n_way': 5, 'k_shot': 5, 'q_query': {'tiny': 5, 'small': 15, 'paper': 15}[size],
                   'num_episodes': {'tiny': 20, 'small': 600, 'paper': 600}[size], 'seed': 0},
       'rows': tuple(rows),
+      # Only the rows these comma-separated selectors match, and only the pipelines they need:
+      # settings ('zero-shot'), pipeline names, TRAIN:TEST short names ('AI:V'). None: all
+      # (mmg_jax/pipeline.py select_rows).
+      'only': ml_collections.config_dict.placeholder(str),
       # A pipeline whose unimodal pre-training is also reported as the paper's unimodal
       # baselines (each encoder's top-1 on the many-shot split), or None.
       'unimodal_baselines': None,

@@ -2,6 +2,8 @@
 
   python -m mmg_jax.main --config=configs/fewshot.py:tiny --workdir=/tmp/fewshot
   python -m mmg_jax.main --config=configs/fewshot.py --config.seed=1   # any field overrides
+  python -m mmg_jax.main --config=configs/manyshot.py --config.eval.only=zero-shot  # some rows
+  python -m mmg_jax.main --config=configs/fewshot.py --workdir=W --mode=evaluate  # no training
 
 Re-running the same command resumes an interrupted stage and skips finished ones. On several
 processes (one per host), every process runs this same command:
@@ -20,6 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file and size, e.g. configs/fewshot.py:tiny')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'checkpoints, logs and results; default runs/<config name>[_<size>]')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'evaluate'],
+    'train: train what has not finished, then evaluate; evaluate: evaluate the finished '
+    'checkpoints of --workdir without training (an unfinished stage is an error naming it)')
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'on', 'off'],
     'initialize jax.distributed: on, off, or auto (when the flags below are given or a '
@@ -29,6 +35,9 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-based")
 flags.mark_flag_as_required('config')
+# What a user can fix (config, data, workdir): one paragraph, no traceback. By convention the
+# project raises ValueError for bad input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError,)
 
 
 def default_workdir(config_filename):
@@ -78,9 +87,13 @@ def main(argv):
     print(f'{jax.process_count()} process(es), {jax.device_count()} devices; workdir '
           f'{workdir}', flush=True)
   try:
-    pipeline.run(_CONFIG.value, workdir)
+    pipeline.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
   except train.Preempted as e:
     raise SystemExit(str(e)) from e
+  except USER_ERRORS as e:
+    if flags.FLAGS.verbosity >= 1:
+      raise
+    raise SystemExit(f'error: {e}\n(run with --verbosity=1 for the traceback)') from e
 
 
 if __name__ == '__main__':

@@ -32,12 +32,13 @@ import ml_collections
 import numpy as np
 
 from data_pipeline import features, loaders
-from mmg_jax import episodes, evaluate, losses, modalities, report, sharding, train
+from mmg_jax import checkpoint, episodes, evaluate, losses, modalities, report, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 
 STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
 UNLABELED_SPLIT = 'unlabeled'
+STAGE_FILE = 'stage.json'  # a stage directory's record of the config it trains under
 # Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
 EXTERNAL_SPLITS = (features.PRETRAIN_SPLIT,)
 
@@ -301,57 +302,162 @@ def _stage_identity(config, model_cfg, stages):
                      'stages': [s.to_dict() for s in stages]}, sort_keys=True, default=str)
 
 
-def _claim_stage_dir(stage_dir, identity):
-  """Records the stage's identity; refuses a directory trained under another config."""
-  path = os.path.join(stage_dir, 'stage.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != identity:
-        raise ValueError(f'{stage_dir} holds a stage trained with a different config (data, '
-                         'model, seed or an earlier stage changed); use a fresh --workdir or '
-                         'delete that directory to retrain it.')
+def stage_directories(config):
+  """{(pipeline, i): '<owner>/<stage name>'}: where stage i of each pipeline trains, inside the
+  workdir. A stage shared by pipelines that begin with the same stages belongs to the first of
+  them in name order, whichever pipelines a run selects (`select_rows`)."""
+  owners, directories = {}, {}
+  for name in sorted(config.pipelines):
+    pipeline = config.pipelines[name]
+    model_cfg = model_config(config, pipeline)
+    for i, stage in enumerate(pipeline.stages):
+      identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
+      directories[name, i] = owners.setdefault(identity, f'{name}/{stage.name}')
+  return directories
+
+
+def _identity_differences(old, new):
+  """The dotted config fields whose values differ between two stage identities (JSON)."""
+  def flat(value, prefix):
+    if isinstance(value, dict):
+      return {k: v for key in value for k, v in flat(value[key], f'{prefix}{key}.').items()}
+    if isinstance(value, list) and prefix.startswith('stages.'):
+      return {k: v for i, item in enumerate(value) for k, v in flat(item, f'{prefix}{i}.').items()}
+    return {prefix[:-1]: value}
+  old, new = flat(json.loads(old), ''), flat(json.loads(new), '')
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _check_stage_dir(stage_dir, identity):
+  """Refuses a stage directory that holds a stage trained under another config."""
+  path = os.path.join(stage_dir, STAGE_FILE)
+  if not os.path.exists(path):
     return
-  if jax.process_index() == 0:
-    os.makedirs(stage_dir, exist_ok=True)
-    with open(path, 'w') as f:
-      f.write(identity)
+  with open(path) as f:
+    recorded = f.read()
+  if recorded != identity:
+    differences = _identity_differences(recorded, identity)
+    raise ValueError(f'{stage_dir} holds a stage trained with a different config (fields that '
+                     f'differ: {", ".join(differences[:8]) or "none readable"}); use a fresh '
+                     '--workdir, or delete that directory to retrain it.')
 
 
-def train_pipeline(config, name, workdir, mesh, trained):
-  """Runs the stages of pipeline `name` in order; returns (model, its final params).
+def _claim_stage_dir(stage_dir, identity):
+  """Records the stage's identity; refuses a directory trained under another config. Returns
+  whether this call wrote the record."""
+  _check_stage_dir(stage_dir, identity)
+  path = os.path.join(stage_dir, STAGE_FILE)
+  if os.path.exists(path) or jax.process_index() != 0:
+    return False
+  os.makedirs(stage_dir, exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(identity)
+  return True
 
-  trained: identity -> directory ('<pipeline>/<stage>' in `workdir`) of every stage run so far
-  in this process. A stage shared with an earlier pipeline is not run again; the params of the
-  last shared stage are restored from its final checkpoint, and only when needed, so that the
-  devices hold the params of one pipeline at a time.
+
+def _checkpoint_steps(stage_dir):
+  """The latest fully written checkpoint step of a stage directory, or None."""
+  directory = os.path.join(stage_dir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  with checkpoint.Checkpointer(directory, keep=None) as ckpt:
+    return ckpt.latest_step()
+
+
+def _refuse_orphans(workdir, directories, name, index):
+  """Stage `index` of pipeline `name` is about to train: no later stage of the pipeline may
+  already exist, since it was trained from params that are gone (a deleted stage directory)."""
+  stages = _stages_of(directories, name)
+  for later in stages[index + 1:]:
+    if os.path.exists(os.path.join(workdir, later, STAGE_FILE)):
+      raise ValueError(f'{os.path.join(workdir, stages[index])} has no finished checkpoint, but '
+                       f'{os.path.join(workdir, later)}, a later stage of pipeline {name!r}, was '
+                       'trained from it: retraining the earlier stage would leave the later one '
+                       'built on other params. Delete the later stage directories too (or '
+                       'restore the missing one), then rerun.')
+
+
+def _stages_of(directories, name):
+  return [directory for (pipeline, _), directory in sorted(directories.items())
+          if pipeline == name]
+
+
+def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=True):
+  """Runs the unfinished stages of pipeline `name` in order; returns (model, its final params).
+
+  directories: `stage_directories(config)`. A finished stage (its final checkpoint is on disk,
+  trained earlier or by another pipeline that shares it) is not run again, and only the params
+  of the last finished stage before one that trains are restored, so that the devices hold the
+  params of one pipeline at a time. train_missing=False (evaluate-only) trains nothing: a stage
+  without its final checkpoint is an error naming it.
   """
   pipeline = config.pipelines[name]
   model_cfg = model_config(config, pipeline)
   model = mmg.MMGModel(config=model_cfg)
-  params, shared = None, None
+  params, finished = None, None
   for i, stage in enumerate(pipeline.stages):
+    directory = directories[name, i]
+    stage_dir = os.path.join(workdir, directory)
     identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
-    if identity in trained:
-      shared = (stage, trained[identity])
-      _say(name, f'stage {stage.name!r} is the same as {trained[identity]}: reusing it.')
+    _check_stage_dir(stage_dir, identity)
+    step = _checkpoint_steps(stage_dir)
+    if step == stage.num_steps:
+      shared = directory != f'{name}/{stage.name}'
+      _say(name, f'stage {stage.name!r} ' + (f'is the same as {directory}: reusing it.' if shared
+                                             else 'finished earlier: reusing it.'))
+      params, finished = None, (stage, directory)
       continue
+    if not train_missing:
+      raise ValueError(_unfinished_message([(stage, stage_dir, step)]))
+    _refuse_orphans(workdir, directories, name, i)
     if params is None:
-      params = (_restore(config, model, *shared, workdir, mesh) if shared else
+      params = (_restore(config, model, *finished, workdir, mesh) if finished else
                 init_params(model, example_batch(config.dataset), config.seed)
                 | pretrained_encoders(name, model_cfg))
-    _claim_stage_dir(os.path.join(workdir, name, stage.name), identity)
     params = jax.device_get(params)  # while the stage trains, its state is the only device copy
-    seed = config.seed + i
-    params = train.run_stage(
-        stage.name, workdir=os.path.join(workdir, name), model=model,
-        loss_fn=make_loss_fn(model, stage), init_params=params,
+    params = _run_stage(config, model, stage, seed=config.seed + i, stage_dir=stage_dir,
+                        identity=identity, init=params, mesh=mesh)
+    finished = None
+  if params is None:  # every stage had finished
+    params = _restore(config, model, *finished, workdir, mesh)
+  return model, params
+
+
+def unfinished_stages(config, names, workdir, directories):
+  """[(stage, stage directory, latest checkpoint step or None)] of the stages of pipelines
+  `names` that have no final checkpoint in `workdir`."""
+  unfinished = []
+  for name in names:
+    for i, stage in enumerate(config.pipelines[name].stages):
+      stage_dir = os.path.join(workdir, directories[name, i])
+      step = _checkpoint_steps(stage_dir)
+      if step != stage.num_steps and stage_dir not in [d for _, d, _ in unfinished]:
+        unfinished.append((stage, stage_dir, step))
+  return unfinished
+
+
+def _unfinished_message(unfinished):
+  lines = [f'  {stage_dir}: ' + (f'checkpoint at step {step} of {stage.num_steps}' if step else
+                                 'no checkpoint') for stage, stage_dir, step in unfinished]
+  return ('--mode=evaluate evaluates finished stages only, and these stages have not finished:\n'
+          + '\n'.join(lines) + '\nrun the same command without --mode=evaluate to train them.')
+
+
+def _run_stage(config, model, stage, *, seed, stage_dir, identity, init, mesh):
+  """train.run_stage in `stage_dir`, claimed for `identity`; a claim this call made is dropped
+  again if the stage fails before its first checkpoint (nothing trained there)."""
+  claimed = _claim_stage_dir(stage_dir, identity)
+  try:
+    return train.run_stage(
+        os.path.basename(stage_dir), workdir=os.path.dirname(stage_dir), model=model,
+        loss_fn=make_loss_fn(model, stage), init_params=init,
         loader=make_loader(config.dataset, stage, seed), optimizer=stage.optimizer,
         num_steps=stage.num_steps, mesh=mesh, seed=seed, log_every=stage.log_every,
         checkpoint_every=stage.checkpoint_every)
-    trained[identity] = f'{name}/{stage.name}'
-  if params is None:  # every stage is shared
-    params = _restore(config, model, *shared, workdir, mesh)
-  return model, params
+  except BaseException:
+    if claimed and _checkpoint_steps(stage_dir) is None:
+      os.remove(os.path.join(stage_dir, STAGE_FILE))
+    raise
 
 
 def _restore(config, model, stage, directory, workdir, mesh):
@@ -363,33 +469,90 @@ def _restore(config, model, stage, directory, workdir, mesh):
                             optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh)
 
 
-def run(config, workdir):
-  """Trains every pipeline of `config`, evaluates its rows, writes the results; returns rows."""
+def select_rows(config):
+  """Indices of the rows of config.eval.rows that `config.eval.only` keeps (all when None).
+
+  `only` is a comma-separated list of selectors; a row is kept when any selector matches it:
+  a setting ('regular', 'missing', 'zero-shot'), a pipeline name ('zeroshot_train_A'), or
+  TRAIN:TEST in short modality names ('AI:V'; few-shot: SUPPORT:QUERY).
+  """
+  rows = config.eval.rows
+  if config.eval.get('only') is None:
+    return list(range(len(rows)))
+  selectors = [s.strip() for s in config.eval.only.split(',') if s.strip()]
+  keys = [{row.setting, row.pipeline, f'{modalities.short_name(row.train).replace(" ", "")}:'
+           f'{modalities.short_name(row.test).replace(" ", "")}'} for row in rows]
+  unknown = [s for s in selectors if not any(s in k for k in keys)]
+  if unknown or not selectors:
+    known = sorted(set().union(*keys))
+    raise ValueError(f'eval.only={config.eval.only!r}: {unknown or "no selector"} matches no '
+                     f'row; use a comma-separated list of: {", ".join(known)}.')
+  return [i for i, k in enumerate(keys) if k & set(selectors)]
+
+
+def run(config, workdir, *, train_missing=True):
+  """Trains the pipelines of the rows `config` selects (`select_rows`), evaluates the rows
+  pipeline after pipeline and writes the results after each one; returns the result rows.
+
+  train_missing=False evaluates finished checkpoints only (main's --mode=evaluate).
+  """
   validate(config)
+  selected = select_rows(config)
+  config_rows = [config.eval.rows[i] for i in selected]
+  names = sorted({row.pipeline for row in config_rows})
+  directories = stage_directories(config)
+  if not train_missing and (unfinished := unfinished_stages(config, names, workdir, directories)):
+    raise ValueError(_unfinished_message(unfinished))
   mesh = sharding.make_mesh()
-  trained, forwards, episode_cache, results, unimodal = {}, {}, {}, {}, None
-  for name in sorted(config.pipelines):
-    model, params = train_pipeline(config, name, workdir, mesh, trained)
+  forwards, episode_cache, results, unimodal = {}, {}, {}, None
+  for name in names:
+    model, params = train_pipeline(config, name, workdir, mesh, directories,
+                                   train_missing=train_missing)
     forward = forwards.setdefault(model_config(config, config.pipelines[name]).to_json(),
                                   evaluate.make_forward(model))
     if name == config.eval.unimodal_baselines:
       _say(name, 'evaluating the unimodal baselines.')
       unimodal = evaluate.unimodal_rows(*evaluate.predict_split(
-          forward, _unimodal_params(config, name, model, workdir, mesh, trained), config.dataset,
-          config.eval.manyshot_split, [modalities.MODALITIES], batch_size=config.eval.batch_size,
-          mesh=mesh), report.UNIMODAL_PAPER)
-    indices = [i for i, row in enumerate(config.eval.rows) if row.pipeline == name]
+          forward, _unimodal_params(config, name, model, workdir, mesh, directories),
+          config.dataset, config.eval.manyshot_split, [modalities.MODALITIES],
+          batch_size=config.eval.batch_size, mesh=mesh), report.UNIMODAL_PAPER)
+    indices = [i for i, row in enumerate(config_rows) if row.pipeline == name]
     _say(name, f'evaluating {len(indices)} rows.')
-    predict = functools.partial(evaluate.predict_split, forward, params, config.dataset,
-                                batch_size=config.eval.batch_size, mesh=mesh)
-    rows = [_result_row(config.eval.rows[i]) for i in indices]
+    predictions = {}
+
+    def predict(split, subsets, params=params, forward=forward, predictions=predictions):
+      predictions[split] = evaluate.predict_split(forward, params, config.dataset, split, subsets,
+                                                  batch_size=config.eval.batch_size, mesh=mesh)
+      return predictions[split]
+
+    rows = [_result_row(config_rows[i]) for i in indices]
     results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache),
                        strict=True))
-    del params, predict  # the next pipeline trains with only its own params on the devices
-  rows = [results[i] for i in range(len(config.eval.rows))]
+    if name == config_rows[0].pipeline:
+      _save_embeddings(config, name, workdir, predictions)
+    del params, predict, predictions  # the next pipeline trains with only its own params
+    _write_results(config, config_rows, results, workdir, unimodal)
+  return [results[i] for i in range(len(config_rows))]
+
+
+def _save_embeddings(config, name, workdir, predictions):
+  """W/embeddings.npz (mmg_jax.plots) of the first row's pipeline: its fused embeddings on the
+  few-shot split if it was evaluated there, else on the many-shot split."""
+  from mmg_jax import plots  # matplotlib: only once there is something to plot
+  split = (config.eval.fewshot_split if config.eval.fewshot_split in predictions else
+           config.eval.manyshot_split)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    plots.save_embeddings(os.path.join(workdir, plots.EMBEDDINGS_FILE), *predictions[split],
+                          pipeline=name, split=split)
+
+
+def _write_results(config, config_rows, results, workdir, unimodal):
+  """results.md/json and the plots of the rows evaluated so far; the others are pending."""
+  rows = [results.get(i) or _result_row(row) | {'mean': None, 'ci95': None, 'n': None}
+          for i, row in enumerate(config_rows)]
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
                unimodal=unimodal)
-  return rows
 
 
 def _is_mmg_unimodal(stage):
@@ -397,14 +560,12 @@ def _is_mmg_unimodal(stage):
   return stage.kind == 'unimodal_ce' and stage.split not in EXTERNAL_SPLITS
 
 
-def _unimodal_params(config, name, model, workdir, mesh, trained):
+def _unimodal_params(config, name, model, workdir, mesh, directories):
   """The params after pipeline `name`'s unimodal pre-training on MMG labels (encoders and
   heads), restored from that stage's checkpoint."""
   stages = config.pipelines[name].stages
   index = next(i for i, stage in enumerate(stages) if _is_mmg_unimodal(stage))
-  identity = _stage_identity(config, model_config(config, config.pipelines[name]),
-                             stages[:index + 1])
-  return _restore(config, model, stages[index], trained[identity], workdir, mesh)
+  return _restore(config, model, stages[index], directories[name, index], workdir, mesh)
 
 
 def _say(name, text):

@@ -402,9 +402,9 @@ def read_results(workdir):
   """The results.json document of a finished run ({'kind', 'rows'[, 'unimodal']})."""
   path = os.path.join(workdir, 'results.json')
   if not os.path.exists(path):
-    raise ValueError(f'{path} does not exist: {workdir} is not a finished run (results.json is '
-                     'written once every row is evaluated); run its training command first, or '
-                     'give the workdir of a finished run.')
+    raise ValueError(f'{path} does not exist: no pipeline of {workdir} has been evaluated yet '
+                     '(results.json is written after each pipeline); run its training command '
+                     'first, or give the workdir of a run.')
   with open(path) as f:
     return json.load(f)
 
@@ -416,7 +416,7 @@ def draw_run(workdir, models=None):
   Returns ([paths written], [notes on what was not drawn and why]).
   """
   results = read_results(workdir)
-  rows = results['rows']
+  rows = [row for row in results['rows'] if row['mean'] is not None]  # not the pending ones
   out = os.path.join(workdir, PLOTS_DIR)
   os.makedirs(out, exist_ok=True)
   paths, notes = [], []

@@ -95,6 +95,8 @@ def _value(x):
 def _ours(row):
   if row is None:
     return '-'
+  if row['mean'] is None:
+    return 'pending'
   ci = '' if row['ci95'] is None else f' ± {row["ci95"]:.2f}'
   return f'{row["mean"]:.2f}{ci}'
 
@@ -111,7 +113,7 @@ def matrix_table(kind, rows):
   header = ['setting', train, test, f'{metric} (ours, 95% CI)', f'{metric} (paper)', 'n']
   lines = [[row['setting'], modalities.short_name(row['train']),
             modalities.short_name(row['test']), _ours(row), _value(row.get('paper')),
-            str(row['n'])] for row in rows]
+            str(row['n'] or '-')] for row in rows]
   return _markdown_table(header, lines)
 
 
@@ -163,12 +165,14 @@ def markdown(kind, rows, unimodal=None):
 
 
 def to_json(kind, rows, unimodal=None):
-  """The results.json document: {'kind', 'rows'} with modality subsets as lists of names,
-  and 'unimodal' (rows with a 'modality') when there are unimodal baselines."""
+  """The results.json document: {'kind', 'complete', 'rows'} with modality subsets as lists of
+  names, and 'unimodal' (rows with a 'modality') when there are unimodal baselines. While a run
+  is under way, `complete` is False and the rows a later pipeline evaluates have `mean` None."""
   if kind not in KINDS:
     raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
-  doc = {'kind': kind, 'rows': [{**row, 'train': list(row['train']), 'test': list(row['test'])}
-                                for row in rows]}
+  doc = {'kind': kind, 'complete': all(row['mean'] is not None for row in rows),
+         'rows': [{**row, 'train': list(row['train']), 'test': list(row['test'])}
+                  for row in rows]}
   if unimodal:
     doc['unimodal'] = list(unimodal)
   return doc
@@ -184,8 +188,15 @@ def plot_links(paths, workdir):
 
 
 def _write_markdown(workdir, text):
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+  _write_text(os.path.join(workdir, 'results.md'), text)
+
+
+def _write_text(path, text):
+  """Writes `path` whole or not at all (a temp file renamed over it): a crash mid-write leaves
+  the previous results."""
+  with open(f'{path}.tmp', 'w') as f:
     f.write(text)
+  os.replace(f'{path}.tmp', path)
 
 
 def redraw(workdir, models=None):
@@ -204,17 +215,22 @@ def redraw(workdir, models=None):
 
 
 def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
-  """Prints the table and writes workdir/results.md and workdir/results.json (process 0 only),
-  then, with `plots`, the plots in workdir/plots/ and their links in results.md."""
+  """Writes workdir/results.md and workdir/results.json (process 0 only), then, with `plots`,
+  the plots in workdir/plots/ and their links in results.md. Rows with `mean` None are pending
+  (a later pipeline evaluates them): the table is printed once no row is pending."""
   text = markdown(kind, rows, unimodal)
   if process_index != 0:
     return text
-  print(text, flush=True)
+  pending = sum(row['mean'] is None for row in rows)
+  if pending:
+    print(f'[results] {len(rows) - pending} of {len(rows)} rows evaluated, written to '
+          f'{os.path.join(workdir, "results.md")}.', flush=True)
+  else:
+    print(text, flush=True)
   os.makedirs(workdir, exist_ok=True)
   _write_markdown(workdir, text)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(to_json(kind, rows, unimodal), f, indent=2)
-    f.write('\n')
+  _write_text(os.path.join(workdir, 'results.json'),
+              json.dumps(to_json(kind, rows, unimodal), indent=2) + '\n')
   if plots:
     redraw(workdir)
   return text

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common, fewshot, manyshot
-from mmg_jax import pipeline, report, sharding, train
+from mmg_jax import modalities, pipeline, report, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 
@@ -34,11 +34,11 @@ def main_env(tmp_path_factory):
                        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
 
 
-def _main(env, config, workdir):
+def _main(env, config, workdir, *flags):
   """Runs `python -m mmg_jax.main` as a user would; returns its stdout."""
   result = subprocess.run(
-      [sys.executable, '-m', 'mmg_jax.main', f'--config={config}', f'--workdir={workdir}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+      [sys.executable, '-m', 'mmg_jax.main', f'--config={config}', f'--workdir={workdir}',
+       *flags], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -239,9 +239,10 @@ def test_a_shared_stage_is_restored_from_its_checkpoint_not_retrained(tmp_path, 
   config = fewshot.get_config('tiny')
   stage = common.unimodal_stage('tiny')
   config.pipelines = {'first': common.pipeline(stage), 'second': common.pipeline(stage)}
-  mesh, trained = sharding.make_mesh(), {}
-  _, first = pipeline.train_pipeline(config, 'first', str(tmp_path), mesh, trained)
-  _, second = pipeline.train_pipeline(config, 'second', str(tmp_path), mesh, trained)
+  mesh, directories = sharding.make_mesh(), pipeline.stage_directories(config)
+  assert directories == {('first', 0): 'first/unimodal', ('second', 0): 'first/unimodal'}
+  _, first = pipeline.train_pipeline(config, 'first', str(tmp_path), mesh, directories)
+  _, second = pipeline.train_pipeline(config, 'second', str(tmp_path), mesh, directories)
   out = capsys.readouterr().out
   assert "[second] stage 'unimodal' is the same as first/unimodal" in out
   assert '[unimodal] restoring its final params (step 2)' in out
@@ -268,7 +269,7 @@ def test_a_pipeline_starts_from_the_converted_encoder(tmp_path, capsys):
   stage.optimizer.learning_rate = 0.0  # the stage ends where it starts, bit for bit
   config.pipelines = {'train_V': common.pipeline(stage)}
   _, params = pipeline.train_pipeline(config, 'train_V', str(tmp_path / 'run'),
-                                      sharding.make_mesh(), {})
+                                      sharding.make_mesh(), pipeline.stage_directories(config))
   assert f'[train_V] video encoder loaded from {tmp_path / "video"} (random' in (
       capsys.readouterr().out)
   params = sharding.gather(params)
@@ -350,22 +351,105 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(main_env, tmp_path):
 
 
 def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(main_env, tmp_path):
+  """One row first (only the stages it needs train), then the whole table (the rest train, the
+  shared stages are reused), then an evaluate-only run that trains nothing."""
   workdir = str(tmp_path)
+  out = _main(main_env, 'configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
+  doc = _check_results(workdir, 'many-shot', [report.MANYSHOT[6]], 'top1')
+  assert doc['complete'] and 'unimodal' not in doc
+  one_row = _metrics_lines(workdir)
+  assert sorted(one_row) == ['zeroshot_train_A/align', 'zeroshot_train_A/pretrain',
+                             'zeroshot_train_AI/multimodal']
   out = _main(main_env, 'configs/manyshot.py:tiny', workdir)
   doc = _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
   assert [row['modality'] for row in doc['unimodal']] == ['video', 'audio', 'imu']
   assert 'Unimodal baselines' in out
-  assert sorted(_metrics_lines(workdir)) == [
+  trained = _metrics_lines(workdir)
+  assert sorted(trained) == [
       'train_VAI/multimodal', 'train_VAI/unimodal', 'zeroshot_train_A/align',
       'zeroshot_train_A/multimodal', 'zeroshot_train_A/pretrain', 'zeroshot_train_AI/multimodal',
       'zeroshot_train_I/multimodal', 'zeroshot_train_V/multimodal']
+  assert {k: trained[k] for k in one_row} == one_row  # reused, not retrained
   assert out.count("stage 'pretrain' is the same as zeroshot_train_A/pretrain") == 3
   assert out.count("stage 'align' is the same as zeroshot_train_A/align") == 3
+  assert out.count('training MMGModel') == 5
   # From the pre-trained encoders, L_align trains the fusion alone and L_CE the head alone.
   pretrain, align, supervised = (_final_params(workdir, f'zeroshot_train_A/{stage}')
                                  for stage in ('pretrain', 'align', 'multimodal'))
   _assert_only_changed(pretrain, align, 'fusion')
   _assert_only_changed(align, supervised, 'head')
+  out = _main(main_env, 'configs/manyshot.py:tiny', workdir, '--mode=evaluate')
+  assert 'training MMGModel' not in out and _metrics_lines(workdir) == trained
+  assert _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1') == doc
+
+
+def test_evaluate_only_names_every_unfinished_stage(main_env, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'mmg_jax.main', '--config=configs/fewshot.py:tiny',
+       f'--workdir={tmp_path}', '--mode=evaluate'], cwd=ROOT, env=main_env,
+      capture_output=True, text=True, check=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  for stage in ('unimodal', 'multimodal', 'meta'):
+    assert f'{tmp_path}/train_VAI/{stage}: no checkpoint' in result.stderr
+  assert 'without --mode=evaluate' in result.stderr and not os.listdir(tmp_path)
+
+
+def test_only_selects_rows_by_setting_pipeline_or_modalities():
+  config = manyshot.get_config('tiny')
+  rows = config.eval.rows
+
+  def selected(only):
+    config.eval.only = only
+    return [(rows[i].setting, modalities.short_name(rows[i].train),
+             modalities.short_name(rows[i].test)) for i in pipeline.select_rows(config)]
+
+  assert len(selected(None)) == len(rows) == 10
+  assert selected('AI:V') == [('zero-shot', 'A I', 'V')]
+  assert selected('zeroshot_train_V') == [('zero-shot', 'V', s) for s in ('A', 'I', 'A I')]
+  assert selected('regular, V:I') == [('regular', 'V A I', 'V A I'), ('zero-shot', 'V', 'I')]
+  assert [s for s, _, _ in selected('zero-shot')] == ['zero-shot'] * 6
+  with pytest.raises(ValueError, match=r"eval.only='VA:X': \['VA:X'\] matches no row; use .*"
+                                       r'AI:V.*zero-shot'):
+    selected('VA:X')
+
+
+def test_a_refused_stage_directory_names_the_fields_that_differ(tmp_path):
+  config = fewshot.get_config('tiny')
+  stages = config.pipelines.train_VAI.stages
+  first = pipeline._stage_identity(config, config.model, stages[:1])
+  pipeline._claim_stage_dir(str(tmp_path), first)
+  config.seed = 1
+  stages[0].optimizer.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r'fields that differ: seed, '
+                                       r'stages\.0\.optimizer\.learning_rate\)'):
+    pipeline._claim_stage_dir(str(tmp_path), pipeline._stage_identity(config, config.model,
+                                                                       stages[:1]))
+
+
+def test_a_stage_that_fails_before_training_leaves_no_claim(tmp_path):
+  """A failed start (here: a batch larger than the split) leaves the directory unclaimed, so
+  the corrected rerun is not refused as 'a stage trained with a different config'."""
+  config = fewshot.get_config('tiny')
+  stage = common.unimodal_stage('tiny')
+  config.pipelines = {'a': common.pipeline(stage)}
+  stage.batch_size = 10**6
+  directories = pipeline.stage_directories(config)
+  with pytest.raises(ValueError, match='batch'):
+    pipeline.train_pipeline(config, 'a', str(tmp_path), sharding.make_mesh(), directories)
+  assert not (tmp_path / 'a' / 'unimodal' / 'stage.json').exists()
+
+
+def test_a_deleted_middle_stage_is_refused_not_silently_reused(tmp_path):
+  config = fewshot.get_config('tiny')
+  config.pipelines = {'a': common.pipeline(common.unimodal_stage('tiny'),
+                                           common.supervised_stage('tiny'))}
+  directories, mesh = pipeline.stage_directories(config), sharding.make_mesh()
+  pipeline.train_pipeline(config, 'a', str(tmp_path), mesh, directories)
+  shutil.rmtree(tmp_path / 'a' / 'unimodal')
+  with pytest.raises(ValueError, match=r'a/multimodal, a later stage of pipeline .a., was '
+                                       'trained from it'):
+    pipeline.train_pipeline(config, 'a', str(tmp_path), mesh, directories)
+  assert not (tmp_path / 'a' / 'unimodal').exists()
 
 
 def _final_params(workdir, stage):

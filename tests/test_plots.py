@@ -281,4 +281,4 @@ def test_report_command_on_a_workdir_without_results_says_so(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'mmg_jax.report', f'--workdir={tmp_path}'],
                           cwd=ROOT, capture_output=True, text=True, check=False)
   assert result.returncode != 0
-  assert 'is not a finished run' in result.stderr
+  assert 'no pipeline of' in result.stderr and 'has been evaluated yet' in result.stderr

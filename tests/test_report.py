@@ -113,3 +113,25 @@ def test_only_process_zero_writes(tmp_path, capsys):
 def test_unknown_kind_is_refused():
   with pytest.raises(ValueError, match='not one of'):
     report.to_json('fewshot', [])
+
+
+def test_pending_rows_are_written_as_pending_and_the_table_waits(tmp_path, capsys):
+  """After an early pipeline, the rows of later ones are in the files as pending (mean None),
+  the plots skip them, and the table is printed only once every row is in."""
+  rows = _rows(report.MANYSHOT, 'top1', 0)
+  partial = [row if i < 4 else {**row, 'mean': None, 'ci95': None, 'n': None}
+             for i, row in enumerate(rows)]
+  report.write('many-shot', partial, str(tmp_path), process_index=0)
+  doc = json.loads((tmp_path / 'results.json').read_text())
+  assert not doc['complete'] and [row['mean'] for row in doc['rows']] == [
+      10.0, 11.0, 12.0, 13.0] + [None] * 6
+  markdown = (tmp_path / 'results.md').read_text()
+  assert '| regular | V A I | V A I | 10.00 ± 1.50 | 55.66 | 600 |' in markdown
+  assert '| zero-shot | V | A I | pending | 41.02 | - |' in markdown
+  out = capsys.readouterr().out
+  assert f'4 of 10 rows evaluated, written to {tmp_path}/results.md' in out
+  assert '| regular |' not in out and (tmp_path / 'plots' / 'matrix.png').is_file()
+  report.write('many-shot', rows, str(tmp_path), process_index=0)
+  assert json.loads((tmp_path / 'results.json').read_text())['complete']
+  assert '| zero-shot | V | A I | 19.00 ± 1.50 | 41.02 | 600 |' in capsys.readouterr().out
+  assert not list(tmp_path.glob('*.tmp'))

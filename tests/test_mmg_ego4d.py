@@ -1,8 +1,11 @@
 """mmg_ego4d builder: real media made at test time, decoded and checked against their content."""
+import dataclasses
 import json
+import math
 import pathlib
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -26,8 +29,12 @@ def _chunk(video_path, imu_path=None, *clip_list, audio_expected=True):
 
 
 def _build_one(chunk, spec=SMALL, mean=0.0, std=1.0):
-  (outcome,) = clips.build_chunk(chunk, spec, np.broadcast_to(mean, 6), np.broadcast_to(std, 6))
-  return outcome
+  """The clip's outcome, its IMU standardized with `mean` and `std`."""
+  (outcome,) = clips.build_chunk(chunk, spec)
+  if outcome.example is None:
+    return outcome
+  example = clips.standardized(outcome, np.broadcast_to(mean, 6), np.broadcast_to(std, 6))
+  return dataclasses.replace(outcome, example=example)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,15 +270,16 @@ def test_a_crashing_worker_only_loses_its_own_chunk():
 def test_worker_processes_build_the_same_examples(manual_dir):
   data = manifest.load(manual_dir)
   chunks = clips.make_chunks(data.clips['train'], manual_dir, data.videos, clips_per_chunk=2)
-  args = (SMALL, np.zeros(6), np.ones(6))
-  serial = {chunk: result for chunk, result in clips.run(clips.build_chunk, chunks, *args)}
-  parallel = dict(clips.run(clips.build_chunk, chunks, *args, num_workers=2))
+  serial = {chunk: result for chunk, result in clips.run(clips.build_chunk, chunks, SMALL)}
+  parallel = dict(clips.run(clips.build_chunk, chunks, SMALL, num_workers=2))
   assert parallel.keys() == serial.keys() and len(serial) == 3
   for chunk, outcomes in serial.items():
     for want, got in zip(outcomes, parallel[chunk], strict=True):
       assert (want.clip, want.quarantine, want.notes) == (got.clip, got.quarantine, got.notes)
-      for key in ('video', 'audio', 'imu', 'present') if want.example else ():
+      for key in ('video', 'audio', 'present') if want.example else ():
         np.testing.assert_array_equal(want.example[key], got.example[key])
+      for want_array, got_array in zip(want.imu or (), got.imu or (), strict=True):
+        np.testing.assert_array_equal(want_array, got_array)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,3 +379,190 @@ def test_build_command_writes_arrayrecord_splits_and_reports(manual_dir, tmp_pat
   report = json.loads((builder.data_path / 'build_report.json').read_text())
   assert report['splits']['train']['present'] == {'video': 3, 'audio': 2, 'imu': 3}
   assert report['shared_participants'] == {'p1': ['novel', 'train']}
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad data never becomes a training example: a build of faulty media
+
+
+@pytest.fixture(scope='module')
+def faulty_dir(tmp_path_factory):
+  """Clips without data, IMU CSVs without rows, exact frame ties and leaking unlabeled clips.
+
+  train: t1 normal; t2 past the end of its 4 s video although its IMU (0-15 s) is recorded;
+    t3 of a missing video with a good IMU CSV; t4 of a file with no video stream, no audio
+    (metadata) and no IMU. val: w1 normal. test: s1 on a 25 fps video centered at 2.02 s (frame
+    ties), its IMU all NULL; s2 its IMU CSV a header only. novel: n1 normal. unlabeled: u1 and
+    u4 overlap s1 and n1; u2 and u3 (on a train video) do not.
+  """
+  root = tmp_path_factory.mktemp('faulty')
+  videos, imu = root / 'videos', root / 'imu'
+  videos.mkdir(), imu.mkdir()
+  _write_classes(root / 'classes.csv')
+  media.write_video(videos / 'vt.mp4', seconds=4, audio_rate=16000)
+  media.write_imu_csv(imu / 'vt.csv', np.arange(0, 15000, 5.0))
+  media.write_imu_csv(imu / 'vgone.csv', np.arange(0, 4000, 5.0), content_offset_ms=777.0)
+  media.write_audio_only(videos / 'vmute.mp4')
+  media.write_video(videos / 'vv.mp4', seconds=4, audio_rate=16000)
+  media.write_video(videos / 'vs.mp4', seconds=11, fps=25, audio_rate=16000)
+  t_ms = np.arange(0, 11000, 5.0)
+  media.write_imu_csv(imu / 'vs.csv', t_ms, null_time_rows=range(len(t_ms)))
+  media.write_video(videos / 'vs2.mp4', seconds=4, audio_rate=16000)
+  media.write_imu_csv(imu / 'vs2.csv', [])
+  media.write_video(videos / 'vn.mp4', seconds=6, audio_rate=16000)
+  (root / 'ego4d.json').write_text(json.dumps({'videos': [
+      {'video_uid': 'vmute', 'has_imu': False, 'video_metadata': {'audio_duration_sec': 0}}]}))
+  _write_clips(root, 'train', [('t1', 'vt', 0, 4, 'b0', 'p1'), ('t2', 'vt', 9, 13, 'b1', 'p1'),
+                               ('t3', 'vgone', 0, 4, 'b2', 'p1'),
+                               ('t4', 'vmute', 0, 4, 'b3', 'p1')])
+  _write_clips(root, 'val', [('w1', 'vv', 0, 4, 'b4', 'p2')])
+  _write_clips(root, 'test', [('s1', 'vs', 0.52, 3.52, 'b5', 'p3'),
+                              ('s2', 'vs2', 0, 4, 'b5', 'p3')])
+  _write_clips(root, 'novel', [('n1', 'vn', 0, 4, 'n0', 'p4')])
+  _write_clips(root, 'unlabeled', [('u1', 'vs', 4.5, 6.5, '', ''), ('u2', 'vs', 7, 9, '', ''),
+                                   ('u3', 'vt', 0, 2, '', ''), ('u4', 'vn', 3, 5, '', '')])
+  return root
+
+
+@pytest.fixture(scope='module')
+def faulty_build(faulty_dir, tmp_path_factory):
+  """(examples by split and clip_id, build_report.json, quarantine entries by clip_uid, the
+  printed summary) of a `small` build of faulty_dir."""
+  import tensorflow_datasets as tfds
+
+  from data_pipeline.mmg_ego4d import mmg_ego4d_dataset_builder
+
+  builder = mmg_ego4d_dataset_builder.MmgEgo4d(
+      config='small', data_dir=tmp_path_factory.mktemp('tfds'), num_workers=0)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=faulty_dir))
+  examples = {split: {ex['clip_id'].decode(): ex for ex in builder.as_data_source(split=split)}
+              for split in features.SPLITS}
+  report = json.loads((builder.data_path / 'build_report.json').read_text())
+  quarantine = {q['clip_uid']: q for q in map(
+      json.loads, (builder.data_path / 'quarantine.jsonl').read_text().splitlines())}
+  assert not list(builder.data_dir_root.glob('mmg_ego4d_train_*')), 'train cache left behind'
+  return examples, report, quarantine, builder
+
+
+def test_clip_windows_without_data_are_quarantined_not_written(faulty_build, faulty_dir):
+  """A window past its video's end (its IMU recorded) and one where every modality is absent."""
+  examples, report, quarantine, _ = faulty_build
+  assert sorted(examples['train']) == ['t1']
+  past_end, no_data = quarantine['t2'], quarantine['t4']
+  assert past_end['modality'] == 'clip' and 'starts after' in past_end['reason']
+  assert str(faulty_dir / 'videos' / 'vt.mp4') in past_end['reason']
+  assert no_data['modality'] == 'clip' and 'no modality has data' in no_data['reason']
+  assert 'video: no video frames' in no_data['reason']
+  assert report['splits']['train']['written'] == 1
+  assert report['splits']['train']['quarantined'] == 3
+
+
+def test_imu_csv_without_rows_makes_imu_absent_and_names_the_file(faulty_build, faulty_dir):
+  """All-NULL and header-only CSVs of a later split: the build completes, earlier splits too."""
+  examples, report, _, _ = faulty_build
+  assert sorted(examples['val']) == ['w1'] and sorted(examples['train']) == ['t1']
+  for clip_id in ('s1', 's2'):
+    assert examples['test'][clip_id]['present'].tolist() == [True, True, False]
+    assert not examples['test'][clip_id]['imu'].any()
+  (files,) = [paths for note, paths in report['noted_files'].items() if note.startswith('imu:')]
+  assert files == [str(faulty_dir / 'imu' / 'vs.csv'), str(faulty_dir / 'imu' / 'vs2.csv')]
+
+
+def test_an_unexpected_error_reading_a_file_quarantines_its_clip_naming_it(tmp_path,
+                                                                          monkeypatch):
+  media.write_video(tmp_path / 'v.mp4', seconds=4)
+  media.write_imu_csv(tmp_path / 'imu.csv', np.arange(0, 4000, 5.0))
+
+  def fail(path):
+    raise IndexError('index 7 is out of bounds')
+
+  monkeypatch.setattr(decode, 'read_imu_csv', fail)
+  outcome = _build_one(_chunk(tmp_path / 'v.mp4', tmp_path / 'imu.csv'))
+  assert outcome.example is None and outcome.quarantine[0] == 'imu'
+  assert str(tmp_path / 'imu.csv') in outcome.quarantine[1]
+  assert 'IndexError' in outcome.quarantine[1]
+
+
+def test_a_header_only_manifest_stops_the_build_before_decoding(faulty_dir, tmp_path):
+  import shutil
+
+  import tensorflow_datasets as tfds
+
+  from data_pipeline.mmg_ego4d import mmg_ego4d_dataset_builder
+
+  root = tmp_path / 'raw'
+  shutil.copytree(faulty_dir, root)
+  (root / 'clips' / 'val.csv').write_text('clip_uid,video_uid,start_sec,end_sec,label\n')
+  builder = mmg_ego4d_dataset_builder.MmgEgo4d(config='small', data_dir=tmp_path / 'tfds',
+                                               num_workers=0)
+  with pytest.raises(ValueError, match=r"val\.csv'\] hold a header but no clip.*delete"):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+  assert not builder.is_prepared()
+
+
+def test_imu_statistics_come_from_written_train_clips_only(faulty_build, faulty_dir):
+  """t2 (past the video's end) and t3 (video missing) have recorded IMU windows: not counted."""
+  _, report, _, builder = faulty_build
+
+  def moments(path, clip):
+    grid, covered = preprocess.resample_imu(
+        *preprocess.clean_imu(*decode.read_imu_csv(path)), start_s=clip[0] - 0.5,
+        num_samples=400, rate_hz=80)
+    return preprocess.imu_moments(grid, covered)
+
+  written = [moments(faulty_dir / 'imu' / 'vt.csv', (0, 4))]
+  quarantined = [moments(faulty_dir / 'imu' / 'vt.csv', (9, 13)),
+                 moments(faulty_dir / 'imu' / 'vgone.csv', (0, 4))]
+  assert all(m[0] > 0 for m in quarantined)
+
+  def pooled(parts):
+    return preprocess.imu_mean_std(*(sum(m[i] for m in parts) for i in range(3)))
+
+  want_mean, want_std = pooled(written)
+  np.testing.assert_allclose(builder.info.metadata['imu_mean'], want_mean)
+  np.testing.assert_allclose(builder.info.metadata['imu_std'], want_std)
+  assert report['imu_normalization']['train_samples'] == written[0][0]
+  assert not np.allclose(pooled(written + quarantined)[0], want_mean)  # The test can fail.
+
+
+def test_exact_frame_ties_take_the_earlier_frame(faulty_build):
+  """s1: 8 targets 8/30 s apart centered at (0.52 + 3.52) / 2 = 2.02 s on 25 fps frames k/25.
+
+  Target i is 2.02 + (2i - 7) * 4/30 s, i.e. 25 t = 50.5 + (2i - 7) * 10/3 frames: 27.17, 33.83,
+  40.5, 47.17, 53.83, 60.5, 67.17, 73.83. Nearest, ties (40.5 and 60.5) to the earlier frame.
+  """
+  examples, _, _, _ = faulty_build
+  got = [media.frame_index(frame) for frame in examples['test']['s1']['video']]
+  assert got == [27, 34, 40, 47, 54, 60, 67, 74]
+
+
+def test_read_frames_breaks_exact_ties_on_the_time_base(tmp_path):
+  """Paper spacing (16 targets 4/30 s apart) at 2.02 s: 6 of 16 targets lie halfway between two
+  25 fps frames; each takes the earlier one (25 t - 1/2, rounded up)."""
+  media.write_video(tmp_path / 'v.mp4', seconds=4, fps=25)
+  clip = _clip(start_s=0.52, end_s=3.52)
+  targets = clips.frame_targets(clip, preprocess.CLIP_SPECS['paper'])
+  halfway = [t for t in targets if (t * 25).denominator == 2]
+  assert len(halfway) == 6
+  with decode.open_media(tmp_path / 'v.mp4') as container:
+    frames = decode.read_frames(container, targets, short_side=48, window_start=-0.48)
+  got = [media.frame_index(frame[:, 16:48]) for frame in frames]
+  assert got == [math.ceil(t * 25 - Fraction(1, 2)) for t in targets]
+
+
+def test_unlabeled_clips_overlapping_test_or_novel_windows_are_excluded(faulty_build):
+  """u1 overlaps s1 (test) and u4 n1 (novel) by their 5 s windows; u3 shares a train clip's
+  window, which is allowed; u2 is 6 s after s1."""
+  examples, report, quarantine, _ = faulty_build
+  assert sorted(examples['unlabeled']) == ['u2', 'u3']
+  assert report['unlabeled_overlaps'] == {'count': 2, 'clips': {'u1': 's1', 'u4': 'n1'}}
+  assert 'u1' not in quarantine and 'u4' not in quarantine
+
+
+def test_overlap_is_by_window_and_same_video_only():
+  test_clip = _clip('s', 'v', 10.0, 14.0, split='test')  # Window 9.5-14.5.
+  unlabeled = [_clip('touch', 'v', 15.0, 19.0, split='unlabeled'),  # 14.5-19.5: touches.
+               _clip('late', 'v', 14.9, 18.9, split='unlabeled'),  # 14.4-19.4: overlaps.
+               _clip('other', 'w', 10.0, 14.0, split='unlabeled')]
+  overlaps = manifest.overlapping_unlabeled({'test': [test_clip], 'unlabeled': unlabeled}, 5.0)
+  assert overlaps == {'late': 's'}

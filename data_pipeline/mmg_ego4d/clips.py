@@ -2,7 +2,8 @@
 
 Work is split into chunks of clips of one video, so that a worker opens each file once per
 chunk. A clip's modality with no data is kept absent (zeros, `present` False) with a note; a
-clip whose file is unreadable becomes a quarantine entry instead of an example. A worker that
+clip whose file is unreadable, or whose window holds no data at all, becomes a quarantine
+entry instead of an example. A worker that
 crashes (FFmpeg on a damaged file) takes only its own chunk's clips to quarantine.
 """
 import concurrent.futures
@@ -12,8 +13,8 @@ import functools
 import multiprocessing
 import os
 import pathlib
+from fractions import Fraction
 
-import av
 import numpy as np
 
 from data_pipeline import preprocess
@@ -35,12 +36,14 @@ class Chunk:
 class Outcome:
   """What became of one clip: an example, or a quarantine entry (modality, reason).
 
-  notes: modality -> why it is absent or flagged (e.g. IMU long gaps).
+  The example's IMU is zeros until `standardized`; imu holds its (grid, covered) window when
+  IMU is present. notes: modality -> why it is absent or flagged (e.g. IMU long gaps).
   """
   clip: object
   example: dict | None = None
   quarantine: tuple | None = None
   notes: dict = dataclasses.field(default_factory=dict)
+  imu: tuple | None = None
 
 
 def make_chunks(clips, manual_dir, videos, *, clips_per_chunk=CLIPS_PER_CHUNK):
@@ -68,14 +71,27 @@ def make_chunks(clips, manual_dir, videos, *, clips_per_chunk=CLIPS_PER_CHUNK):
   return chunks
 
 
-def window_start(clip, seconds):
-  """Start of the `seconds` long window centered on the clip."""
-  return (clip.start_s + clip.end_s) / 2 - seconds / 2
+def frame_targets(clip, spec):
+  """preprocess.frame_times of the clip in exact arithmetic, from the manifest's decimals.
+
+  A float's repr is the decimal the manifest wrote, so a target that lies halfway between two
+  frames is an exact tie, which read_frames gives to the earlier frame.
+  """
+  center = (Fraction(repr(clip.start_s)) + Fraction(repr(clip.end_s))) / 2
+  step = Fraction(spec.frame_stride, preprocess.VIDEO_FPS)
+  return [center + Fraction(2 * i - (spec.num_frames - 1), 2) * step
+          for i in range(spec.num_frames)]
 
 
 @functools.lru_cache(maxsize=2)
 def _cleaned_imu(path):
-  return preprocess.clean_imu(*decode.read_imu_csv(path))
+  """Cleaned (timestamps_ms, values) of an IMU CSV; None when no row has a timestamp and all
+  six values (all NULL, or a header only)."""
+  timestamps_ms, values = decode.read_imu_csv(path)
+  recorded = np.isfinite(timestamps_ms) & np.isfinite(values).all(axis=1)
+  if not recorded.any():
+    return None
+  return preprocess.clean_imu(timestamps_ms[recorded], values[recorded])
 
 
 def _imu_window(chunk, clip, spec):
@@ -84,31 +100,38 @@ def _imu_window(chunk, clip, spec):
     return None, 'metadata says has_imu false'
   if not os.path.exists(chunk.imu_path):
     return None, 'no IMU file'
-  timestamps_ms, values = _cleaned_imu(chunk.imu_path)
-  return preprocess.resample_imu(timestamps_ms, values,
-                                 start_s=window_start(clip, spec.clip_seconds),
+  cleaned = _cleaned_imu(chunk.imu_path)
+  if cleaned is None:
+    return None, f'{chunk.imu_path} holds no row with a timestamp and all six values'
+  return preprocess.resample_imu(*cleaned, start_s=clip.window(spec.clip_seconds)[0],
                                  num_samples=spec.imu_shape[0], rate_hz=spec.imu_rate_hz)
 
 
 @contextlib.contextmanager
-def _reading(modality):
-  """Turns any failure to read `modality` into CorruptMedia, so the clip is quarantined."""
+def _reading(modality, path):
+  """Turns any failure to read `modality` from `path` into CorruptMedia (the clip is
+  quarantined), so that one odd file never stops a build."""
   try:
     yield
   except decode.CorruptMedia:
     raise
-  except (av.FFmpegError, ValueError, OSError, EOFError) as e:
-    raise decode.CorruptMedia(modality, f'{type(e).__name__}: {e}') from e
+  except Exception as e:  # A parser meeting an unusual file, too.
+    raise decode.CorruptMedia(modality, f'{path}: {type(e).__name__}: {e}') from e
 
 
-def _example(container, chunk, clip, spec, imu_mean, imu_std):
-  """The example of one clip and the notes on its absent or flagged modalities."""
+def _outcome(container, chunk, clip, spec):
+  """The example of one clip and the notes on its absent or flagged modalities, or its
+  quarantine when its window holds no data."""
+  start, end = clip.window(spec.clip_seconds)
+  video_end = decode.video_end(container)
+  if video_end is not None and start >= video_end:
+    return Outcome(clip=clip, quarantine=('clip', (
+        f'window {start:.2f}-{end:.2f} s starts after the end of the video ({video_end:.2f} s, '
+        f'{chunk.video_path}); check the clip\'s times and video_uid')))
   notes = {}
-  times = preprocess.frame_times((clip.start_s + clip.end_s) / 2, num_frames=spec.num_frames,
-                                 frame_stride=spec.frame_stride)
-  with _reading('video'):
-    frames = decode.read_frames(container, times, short_side=spec.resize_short_side,
-                                window_start=window_start(clip, spec.clip_seconds))
+  with _reading('video', chunk.video_path):
+    frames = decode.read_frames(container, frame_targets(clip, spec),
+                                short_side=spec.resize_short_side, window_start=start)
   if frames is None:
     notes['video'] = 'no video frames in the window'
     video = np.zeros(spec.video_shape, np.uint8)
@@ -117,9 +140,10 @@ def _example(container, chunk, clip, spec, imu_mean, imu_std):
 
   waveform = None
   if chunk.audio_expected:
-    with _reading('audio'):
-      start = window_start(clip, spec.num_audio_samples / preprocess.AUDIO_SAMPLE_RATE)
-      waveform = decode.read_audio(container, start_s=start, num_samples=spec.num_audio_samples)
+    with _reading('audio', chunk.video_path):
+      audio_start, _ = clip.window(spec.num_audio_samples / preprocess.AUDIO_SAMPLE_RATE)
+      waveform = decode.read_audio(container, start_s=audio_start,
+                                   num_samples=spec.num_audio_samples)
     if waveform is None:
       notes['audio'] = 'no audio track or no audio in the window'
     elif not np.any(waveform):
@@ -129,31 +153,33 @@ def _example(container, chunk, clip, spec, imu_mean, imu_std):
   audio = (np.zeros(spec.audio_shape, np.float32) if waveform is None
            else preprocess.audio_features(waveform, spec))
 
-  with _reading('imu'):
+  with _reading('imu', chunk.imu_path):
     grid, covered = _imu_window(chunk, clip, spec)
-  imu = np.zeros(spec.imu_shape, np.float32)
-  imu_present = False
+  imu = None
   if grid is None:
     notes['imu'] = covered
   elif covered.mean() < preprocess.IMU_MIN_COVERAGE:
     notes['imu'] = f'only {covered.mean():.0%} of the window recorded'
   else:
-    imu, imu_present = preprocess.standardize_imu(grid, covered, imu_mean, imu_std), True
+    imu = grid, covered
     if not covered.all():
       notes['imu_gaps'] = f'{1 - covered.mean():.1%} of the window in long gaps, filled with 0'
 
-  present = np.array([frames is not None, waveform is not None, imu_present])
-  example = {'video': video, 'audio': audio, 'imu': imu, 'present': present,
-             'label': np.int64(clip.label), 'clip_id': clip.clip_uid}
-  return example, notes
+  present = np.array([frames is not None, waveform is not None, imu is not None])
+  if not present.any():
+    why = '; '.join(f'{modality}: {note}' for modality, note in notes.items())
+    return Outcome(clip=clip, quarantine=('clip', f'no modality has data in the window ({why})'))
+  example = {'video': video, 'audio': audio, 'imu': np.zeros(spec.imu_shape, np.float32),
+             'present': present, 'label': np.int64(clip.label), 'clip_id': clip.clip_uid}
+  return Outcome(clip=clip, example=example, notes=notes, imu=imu)
 
 
 def _quarantine_all(chunk, modality, reason):
   return [Outcome(clip=clip, quarantine=(modality, reason)) for clip in chunk.clips]
 
 
-def build_chunk(chunk, spec, imu_mean, imu_std):
-  """Outcomes of every clip of `chunk` (runs in a worker process)."""
+def build_chunk(chunk, spec):
+  """Outcomes of every clip of `chunk` (runs in a worker process); IMU not yet standardized."""
   if not os.path.exists(chunk.video_path):
     return _quarantine_all(chunk, 'video', f'{chunk.video_path} not found')
   try:
@@ -164,8 +190,7 @@ def build_chunk(chunk, spec, imu_mean, imu_std):
   with container:
     for clip in chunk.clips:
       try:
-        example, notes = _example(container, chunk, clip, spec, imu_mean, imu_std)
-        outcomes.append(Outcome(clip=clip, example=example, notes=notes))
+        outcomes.append(_outcome(container, chunk, clip, spec))
       except decode.CorruptMedia as e:
         outcomes.append(Outcome(clip=clip, quarantine=(e.modality, str(e))))
   return outcomes
@@ -176,20 +201,23 @@ def crashed(chunk, error):
   return _quarantine_all(chunk, 'video', f'decoding crashed its worker process ({error})')
 
 
-def imu_moments(chunk, spec):
-  """Pooled (count, sum, sum of squares) of the IMU windows of `chunk`; unreadable files skip."""
-  count, total, squares = 0, np.zeros(len(preprocess.IMU_CHANNELS)), np.zeros(
-      len(preprocess.IMU_CHANNELS))
-  for clip in chunk.clips:
-    try:
-      grid, covered = _imu_window(chunk, clip, spec)
-    except (decode.CorruptMedia, OSError):
-      break
-    if grid is None or covered.mean() < preprocess.IMU_MIN_COVERAGE:
-      continue
-    n, s, ss = preprocess.imu_moments(grid, covered)
-    count, total, squares = count + n, total + s, squares + ss
+def imu_moments(outcomes):
+  """Pooled (count, sum [6], sum of squares [6]) of the IMU windows of the clips written."""
+  count, total = 0, np.zeros(len(preprocess.IMU_CHANNELS))
+  squares = np.zeros_like(total)
+  for outcome in outcomes:
+    if outcome.example is not None and outcome.imu is not None:
+      n, s, ss = preprocess.imu_moments(*outcome.imu)
+      count, total, squares = count + n, total + s, squares + ss
   return count, total, squares
+
+
+def standardized(outcome, imu_mean, imu_std):
+  """The example of a written clip with its IMU standardized (zeros stay when it is absent)."""
+  if outcome.imu is None:
+    return outcome.example
+  return {**outcome.example,
+          'imu': preprocess.standardize_imu(*outcome.imu, imu_mean, imu_std)}
 
 
 def run(fn, chunks, *args, num_workers=0):

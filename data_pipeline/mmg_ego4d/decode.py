@@ -1,10 +1,12 @@
 """Raw Ego4D files -> arrays: PyAV decoding by stream timestamps, and the IMU CSV.
 
 Times are seconds on the container's timeline (`pts * time_base`), the timeline Ego4D clip
-bounds refer to. A window with no data is reported as None (the modality is absent); a file that
-cannot be read raises CorruptMedia (the clip is quarantined).
+bounds refer to; frame times are compared exactly (fractions.Fraction), so a target halfway
+between two frames is a true tie. A window with no data is reported as None (the modality is
+absent); a file that cannot be read raises CorruptMedia (the clip is quarantined).
 """
 import csv
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -36,16 +38,19 @@ def open_media(path):
 def read_frames(container, times, *, short_side, window_start):
   """Frames [T, h, w, 3] uint8 nearest to `times` (sorted, seconds), short side resized.
 
-  Ties go to the earlier frame; targets past the last frame take the last frame. Returns None
-  when there is no video stream or the video ends before `window_start`. Decoding starts at the
-  keyframe before `times[0] - 1 s`; up to that time only reference frames are decoded (about
-  half the work of a long GOP), which the decoder's few frames of delay cannot carry into the
-  targets' neighbourhood.
+  Nearest by exact arithmetic: each target (taken as a Fraction: pass Fractions for exact
+  decimals, floats count at their binary value) against `pts * time_base`; ties go to the
+  earlier frame, targets past the last frame take the last frame. Returns None when there is
+  no video stream or the video ends before `window_start`. Decoding starts at the keyframe
+  before `times[0] - 1 s`; up to that time only reference frames are decoded (about half the
+  work of a long GOP), which the decoder's few frames of delay cannot carry into the targets'
+  neighbourhood.
   """
   if not container.streams.video:
     return None
   stream = container.streams.video[0]
-  seek_s = max(0.0, float(times[0]) - 1.0)
+  times = [Fraction(t) for t in times]
+  seek_s = max(0, times[0] - 1)
   picked, previous, last, cache = [], None, None, [None, None]
   codec = stream.codec_context
 
@@ -60,27 +65,35 @@ def read_frames(container, times, *, short_side, window_start):
     container.seek(int(seek_s / stream.time_base), stream=stream, backward=True)
     codec.skip_frame = 'NONREF'
     for frame in container.decode(stream):
-      if frame.time is None:
+      if frame.pts is None:
         continue
-      if frame.time >= seek_s:
+      time = frame.pts * frame.time_base
+      if time >= seek_s:
         codec.skip_frame = 'DEFAULT'
-      last = frame
-      while len(picked) < len(times) and frame.time >= times[len(picked)]:
+      last = frame, time
+      while len(picked) < len(times) and time >= times[len(picked)]:
         target = times[len(picked)]
-        nearer_before = previous is not None and target - previous.time <= frame.time - target
-        picked.append(rgb(previous if nearer_before else frame))
+        nearer_before = previous is not None and target - previous[1] <= time - target
+        picked.append(rgb(previous[0] if nearer_before else frame))
       if len(picked) == len(times):
         return np.stack(picked)
-      previous = frame
+      previous = last
   except av.FFmpegError as e:
-    raise CorruptMedia('video', f'video decoding failed after {seek_s:.2f} s: {e}') from e
+    raise CorruptMedia('video', f'video decoding failed after {float(seek_s):.2f} s: {e}') from e
   finally:
     codec.skip_frame = 'DEFAULT'
-  decoded_until = None if last is None else last.time
+  decoded_until = None if last is None else float(last[1])
   _check_not_truncated('video', decoded_until, _duration(container, stream), float(times[-1]))
-  if last is None or last.time < window_start:
+  if last is None or last[1] < window_start:
     return None
-  return np.stack(picked + [rgb(last)] * (len(times) - len(picked)))
+  return np.stack(picked + [rgb(last[0])] * (len(times) - len(picked)))
+
+
+def video_end(container):
+  """Seconds at which the video stream ends by its declared duration; None when unknown."""
+  if not container.streams.video:
+    return None
+  return _duration(container, container.streams.video[0])
 
 
 def read_audio(container, *, start_s, num_samples):

@@ -13,6 +13,8 @@ import pathlib
 from data_pipeline import features
 
 LABELED_SPLITS = ('train', 'val', 'test', 'novel')
+# Splits the evaluation reads: unlabeled clips must not share data with them.
+EVALUATION_SPLITS = ('test', 'novel')
 CLIP_COLUMNS = ('clip_uid', 'video_uid', 'start_sec', 'end_sec', 'label')
 
 
@@ -25,6 +27,11 @@ class Clip:
   label: int  # features.UNLABELED for the unlabeled split.
   split: str
   participant_id: str = ''
+
+  def window(self, seconds):
+    """(start, end) in seconds of the `seconds` long window centered on the clip."""
+    center = (self.start_s + self.end_s) / 2
+    return center - seconds / 2, center + seconds / 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +143,28 @@ def check_disjoint(clips_by_split):
             'splits must be disjoint by video: move all its clips to one split')
 
 
+def overlapping_unlabeled(clips_by_split, window_seconds):
+  """unlabeled clip_uid -> the test or novel clip_uid of the same video whose window overlaps.
+
+  Windows are `window_seconds` long and centered on the clips, the data an example holds;
+  windows that only touch do not overlap. Alignment pre-training on such a clip would see test
+  data.
+  """
+  held_out = {}
+  for split in EVALUATION_SPLITS:
+    for clip in clips_by_split.get(split, ()):
+      held_out.setdefault(clip.video_uid, []).append(clip)
+  overlaps = {}
+  for clip in clips_by_split.get('unlabeled', ()):
+    start, end = clip.window(window_seconds)
+    for other in held_out.get(clip.video_uid, ()):
+      other_start, other_end = other.window(window_seconds)
+      if start < other_end and other_start < end:
+        overlaps[clip.clip_uid] = other.clip_uid
+        break
+  return overlaps
+
+
 def shared_participants(clips_by_split):
   """participant_id -> labeled splits it appears in, for those in more than one."""
   splits = {}
@@ -156,9 +185,14 @@ def load(manual_dir, *, any_class_counts=False):
   class_ids = {name: i for i, name in enumerate(names)}
   clips = {split: read_clips(root / 'clips' / f'{split}.csv', split, class_ids, num_base)
            for split in features.SPLITS if (root / 'clips' / f'{split}.csv').exists()}
-  if not any(clips.values()):
-    raise FileNotFoundError(f'no clip manifest with clips in {root / "clips"}; expected '
-                            f'<split>.csv for splits {list(features.SPLITS)}')
+  if not clips:
+    raise FileNotFoundError(f'no clip manifest in {root / "clips"}; expected <split>.csv for '
+                            f'splits {list(features.SPLITS)}')
+  empty = [split for split, split_clips in clips.items() if not split_clips]
+  if empty:
+    raise ValueError(
+        f'{[str(root / "clips" / f"{split}.csv") for split in empty]} hold a header but no clip; '
+        'add their clips, or delete the files to build without those splits.')
   check_disjoint(clips)
   metadata = root / 'ego4d.json'
   videos = read_metadata(metadata) if metadata.exists() else {}

@@ -8,6 +8,9 @@ or through `tfds.data_source(..., download_and_prepare_kwargs={'download_config'
 tfds.download.DownloadConfig(manual_dir=D)})` after importing this module, which registers it.
 """
 import os
+import pathlib
+import pickle
+import tempfile
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -57,6 +60,7 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
     self.num_workers = os.cpu_count() if num_workers is None else num_workers
     self._any_class_counts = any_class_counts
     self._report = None
+    self._train_cache = None
     kwargs.setdefault('file_format', 'array_record')  # TFRecord would need TensorFlow.
     super().__init__(**kwargs)
 
@@ -74,33 +78,61 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     data = manifest.load(dl_manager.manual_dir, any_class_counts=self._any_class_counts)
     spec = self.builder_config.spec
-    chunks = {split: clips.make_chunks(split_clips, dl_manager.manual_dir, data.videos)
-              for split, split_clips in data.clips.items() if split_clips}
-    count, total, squares = 0, 0.0, 0.0
-    for _, moments in clips.run(clips.imu_moments, chunks.get('train', []), spec,
-                                num_workers=self.num_workers):
-      if not isinstance(moments, BaseException):  # A crashed chunk is quarantined later.
-        count, total, squares = count + moments[0], total + moments[1], squares + moments[2]
-    imu_mean, imu_std = preprocess.imu_mean_std(count, total, squares)
+    split_clips = dict(data.clips)
+    # Every modality reads inside the clip_seconds window, so it bounds what two clips share.
+    overlaps = manifest.overlapping_unlabeled(split_clips, spec.clip_seconds)
+    if 'unlabeled' in split_clips:
+      split_clips['unlabeled'] = [clip for clip in split_clips['unlabeled']
+                                  if clip.clip_uid not in overlaps]
+      if not split_clips['unlabeled']:
+        raise ValueError(
+            f'every clip of {dl_manager.manual_dir}/clips/unlabeled.csv overlaps a test or novel '
+            'clip of its video, which alignment pre-training must not see; give it windows '
+            'apart from those clips, or delete the file.')
+    chunks = {split: clips.make_chunks(these, dl_manager.manual_dir, data.videos)
+              for split, these in split_clips.items()}
+    cached, moments = self._decode_into_cache(chunks.pop('train', []))
+    imu_mean, imu_std = preprocess.imu_mean_std(*moments)
     self._report = report.BuildReport(
         config=self.builder_config.name, imu_mean=imu_mean, imu_std=imu_std,
-        imu_samples=count, shared_participants=manifest.shared_participants(data.clips))
+        imu_samples=moments[0], shared_participants=manifest.shared_participants(data.clips),
+        unlabeled_overlaps=overlaps)
     self.info.metadata.update({
         'class_names': list(data.class_names), 'num_base_classes': data.num_base_classes,
         'imu_mean': imu_mean.tolist(), 'imu_std': imu_std.tolist()})
-    return {split: self._generate_examples(split, split_chunks, imu_mean, imu_std)
-            for split, split_chunks in chunks.items()}
+    return {split: self._generate_examples(
+                split, _uncached(cached) if split == 'train' else self._decoded(chunks[split]),
+                imu_mean, imu_std)
+            for split in split_clips}
 
-  def _generate_examples(self, split, chunks, imu_mean, imu_std):
+  def _decode_into_cache(self, chunks):
+    """(pickled outcome lists, pooled IMU moments of the clips written) of the train split.
+
+    The train split is decoded before any split is written, so that the IMU statistics come
+    from exactly the clips that are written; the cache lives beside the dataset.
+    """
+    self._train_cache = tempfile.TemporaryDirectory(prefix='mmg_ego4d_train_',
+                                                    dir=self.data_dir_root)
+    paths, moments = [], (0, 0.0, 0.0)
+    for outcomes in self._decoded(chunks):
+      moments = tuple(a + b for a, b in zip(moments, clips.imu_moments(outcomes), strict=True))
+      paths.append(pathlib.Path(self._train_cache.name) / f'{len(paths):06d}.pickle')
+      paths[-1].write_bytes(pickle.dumps(outcomes))
+    return paths, moments
+
+  def _decoded(self, chunks):
+    """Outcome lists of `chunks`, decoded in the worker processes."""
     spec = self.builder_config.spec
-    for chunk, outcomes in clips.run(clips.build_chunk, chunks, spec, imu_mean, imu_std,
+    for chunk, outcomes in clips.run(clips.build_chunk, chunks, spec,
                                      num_workers=self.num_workers):
-      if isinstance(outcomes, BaseException):
-        outcomes = clips.crashed(chunk, outcomes)
+      yield clips.crashed(chunk, outcomes) if isinstance(outcomes, BaseException) else outcomes
+
+  def _generate_examples(self, split, outcome_lists, imu_mean, imu_std):
+    for outcomes in outcome_lists:
       for outcome in outcomes:
         self._report.add(split, outcome)
         if outcome.example is not None:
-          yield outcome.clip.clip_uid, outcome.example
+          yield outcome.clip.clip_uid, clips.standardized(outcome, imu_mean, imu_std)
     if not self._report.splits[split]['written']:
       reasons = {(q['modality'], q['reason']) for q in self._report.quarantine
                  if q['split'] == split}
@@ -108,10 +140,22 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
                        f'{sorted(reasons)[:10]}. Fix those files, or remove clips/{split}.csv.')
 
   def _download_and_prepare(self, dl_manager, download_config):
-    super()._download_and_prepare(dl_manager, download_config)
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    finally:
+      if self._train_cache is not None:
+        self._train_cache.cleanup()
     self._report.write(self.data_path)
     self.info.metadata['build_report'] = self._report.to_json()
 
   def _post_download_and_prepare_hook(self):
     super()._post_download_and_prepare_hook()
     print(report.summary(self._report.to_json(), self.data_path), flush=True)
+
+
+def _uncached(paths):
+  """The outcome lists pickled at `paths`, each file deleted once read."""
+  for path in paths:
+    outcomes = pickle.loads(path.read_bytes())
+    path.unlink()
+    yield outcomes

@@ -1,7 +1,9 @@
 """What a build did: clips written per split, modalities present, quarantine, IMU normalization.
 
 Written into the dataset directory as `build_report.json` and `quarantine.jsonl` (one line per
-skipped clip: clip_uid, split, video_uid, modality, reason), and printed as a summary.
+skipped clip: clip_uid, split, video_uid, modality, reason), and printed as a summary. Notes
+that name a file (an IMU CSV without data) list their files, and the unlabeled clips left out
+for overlapping test or novel clips are listed with the clip each overlaps.
 """
 import collections
 import json
@@ -15,14 +17,18 @@ QUARANTINE_FILE = 'quarantine.jsonl'
 class BuildReport:
   """Accumulates clip outcomes during a build."""
 
-  def __init__(self, *, config, imu_mean, imu_std, imu_samples, shared_participants):
+  def __init__(self, *, config, imu_mean, imu_std, imu_samples, shared_participants,
+               unlabeled_overlaps):
+    """unlabeled_overlaps: unlabeled clip_uid -> the test or novel clip_uid it overlaps."""
     self.config = config
     self.imu_normalization = {'mean': list(map(float, imu_mean)),
                               'std': list(map(float, imu_std)),
                               'train_samples': int(imu_samples)}
     self.shared_participants = shared_participants
+    self.unlabeled_overlaps = unlabeled_overlaps
     self.splits = {}
     self.quarantine = []
+    self.noted_files = collections.defaultdict(set)
 
   def add(self, split, outcome):
     counts = self.splits.setdefault(split, {
@@ -41,14 +47,20 @@ class BuildReport:
       counts['present'][name] += int(present)
     for key, note in outcome.notes.items():
       counts['notes'][f'{key}: {_generic(note)}'] += 1
+      self.noted_files[f'{key}: {_generic(note)}'].update(_paths(note))
 
   def to_json(self):
     splits = {split: {**counts, 'notes': dict(counts['notes'])}
               for split, counts in self.splits.items()}
     reasons = collections.Counter(f'{q["modality"]}: {_generic(q["reason"])}'
                                   for q in self.quarantine)
+    noted_files = {note: sorted(paths) for note, paths in sorted(self.noted_files.items())
+                   if paths}
     return {'config': self.config, 'splits': splits, 'imu_normalization': self.imu_normalization,
-            'quarantine_reasons': dict(reasons), 'shared_participants': self.shared_participants}
+            'quarantine_reasons': dict(reasons), 'noted_files': noted_files,
+            'unlabeled_overlaps': {'count': len(self.unlabeled_overlaps),
+                                   'clips': self.unlabeled_overlaps},
+            'shared_participants': self.shared_participants}
 
   def write(self, directory):
     (directory / REPORT_FILE).write_text(json.dumps(self.to_json(), indent=1))
@@ -61,6 +73,11 @@ def _generic(reason):
   """A reason without its file paths and numbers, so that equal causes count together."""
   words = [word for word in reason.split() if '/' not in word]
   return ' '.join('#' if any(c.isdigit() for c in word) else word for word in words)[:120]
+
+
+def _paths(note):
+  """The file paths a note names."""
+  return [word.strip(',;:()') for word in note.split() if '/' in word]
 
 
 def summary(report_json, directory):
@@ -79,6 +96,12 @@ def summary(report_json, directory):
   lines.append(f'  quarantined: {sum(reasons.values())} clips, listed in '
                f'{directory / QUARANTINE_FILE}')
   lines += [f'      {n:6d} x {reason}' for reason, n in sorted(reasons.items())]
+  for note, paths in report_json['noted_files'].items():
+    lines.append(f'  warning: {len(paths)} files: {note}: {", ".join(paths[:5])}')
+  overlaps = report_json['unlabeled_overlaps']
+  if overlaps['count']:
+    lines.append(f'  excluded from unlabeled: {overlaps["count"]} clips whose windows overlap '
+                 f'test or novel clips of their video (listed in {directory / REPORT_FILE})')
   shared = report_json['shared_participants']
   if shared:
     lines.append(f'  warning: {len(shared)} participants appear in several labeled splits '

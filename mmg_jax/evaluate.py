@@ -187,3 +187,17 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
     support_idx, query_idx = episode_cache['episodes']
     results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx) for i in fewshot}
   return [results[i] for i in range(len(rows))]
+
+
+@jax.jit
+def episode_predictions(support_embeddings, query_embeddings, support_idx, query_idx):
+  """The class row (0..N-1) of each query's nearest prototype: what `episode_accuracy` scores.
+
+  Inputs as `episode_accuracy`'s; prototypes, distances and ties (the lowest row wins) are those
+  of `losses.proto_loss`, so query q of row n is right where the prediction is n.
+  Returns [E, N, Q] int32.
+  """
+  prototypes = support_embeddings[support_idx].astype(jnp.float32).mean(axis=2)  # [E, N, D]
+  queries = query_embeddings[query_idx].astype(jnp.float32)  # [E, N, Q, D]
+  logits = -jnp.sum((queries[:, :, :, None, :] - prototypes[:, None, None]) ** 2, axis=-1)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)

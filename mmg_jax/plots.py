@@ -17,7 +17,12 @@ W/embeddings.npz holds, for one pipeline's trained model on one split:
   `labels`     int [N]       the class of each clip;
   `subset`     str [N]       the modality subset each was embedded with, as 'V A I' short names;
   `pipeline`, `split`        str scalars, for the title.
-Clip i appears once per subset. Every figure is drawn with matplotlib's Agg canvas (no display).
+Clip i appears once per subset.
+
+Two figures show data rather than a run (notebooks/quickstart.ipynb draws them): `draw_clip`, one
+clip's video frames, audio fbank and IMU channels; `draw_episode`, one few-shot episode, support
+clips in one modality, queries in another, each query marked with its nearest prototype's class.
+Every figure is drawn with matplotlib's Agg canvas (no display).
 """
 import functools
 import glob
@@ -30,6 +35,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from data_pipeline import preprocess
 from mmg_jax import modalities
 
 PLOTS_DIR = 'plots'
@@ -44,6 +50,12 @@ _NOT_LOSSES = ('step', 'examples_per_sec', 'lr', 'grad_norm')
 _SETTING_MARKERS = {'regular': 'o', 'missing': 's', 'zero-shot': '^'}
 _SUBSET_MARKERS = dict(zip(modalities.ALL_SUBSETS, 'osD^v<>', strict=True))
 _DPI = 100
+_MODALITY_TITLES = {'video': 'video', 'audio': 'audio fbank', 'imu': 'IMU'}
+# The axes of each modality of a clip (loaders' examples): (ndim, last axis or None, as text).
+_CLIP_AXES = {'video': (4, 3, '[T, H, W, 3]'), 'audio': (2, None, '[T_a, mel bins]'),
+              'imu': (2, len(preprocess.IMU_CHANNELS), f'[L, {len(preprocess.IMU_CHANNELS)}]')}
+# A query's title color and mark, by whether its nearest prototype is its own class.
+_MARKS = {True: ('tab:green', '\u2713'), False: ('tab:red', '\u2717')}
 
 
 def _subset_order(subsets):
@@ -443,3 +455,134 @@ def draw_run(workdir, models=None):
   else:
     notes.append(f'embedding map: no {embeddings} (see mmg_jax.plots for its format).')
   return paths, notes
+
+
+def _clip_array(example, modality, where):
+  """example[modality] as an array, checked against _CLIP_AXES; a ValueError if it is not."""
+  data = np.asarray(example[modality]) if modality in example else None
+  ndim, channels, axes = _CLIP_AXES[modality]
+  if data is None or data.ndim != ndim or (channels and data.shape[-1] != channels):
+    shape = 'missing' if data is None else f'of shape {data.shape}'
+    raise ValueError(f'{where} has {modality} {shape}, but a clip holds {modality} {axes} (an '
+                     'example of data_pipeline.loaders.data_source); pass such an example.')
+  return data
+
+
+def _draw_modality(ax, modality, data):
+  """One modality of a clip in one panel: the middle video frame, the fbank (time across, mel
+  bins up) or the IMU channels against the sample."""
+  if modality == 'video':
+    ax.imshow(data[len(data) // 2])
+  elif modality == 'audio':
+    ax.imshow(data.T, origin='lower', aspect='auto', cmap='magma')
+  else:
+    for c, name in enumerate(preprocess.IMU_CHANNELS):
+      ax.plot(data[:, c], linewidth=0.8, label=name)
+
+
+def _text(value):
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def draw_clip(example, path=None):
+  """One clip as the model reads it: its video frames, its audio fbank and its IMU channels
+  (accelerometer, gyroscope; standardized) against time.
+
+  example: {'video' [T, H, W, 3], 'audio' [T_a, mel bins], 'imu' [L, 6], optionally 'label',
+  'clip_id', 'present' [3]}, as data_pipeline.loaders.data_source yields. Returns the Figure;
+  with `path`, also writes it there as a PNG.
+  """
+  video, audio, imu = (_clip_array(example, m, 'the example') for m in modalities.MODALITIES)
+  present = np.asarray(example.get('present', np.ones(len(modalities.MODALITIES), bool)))
+  absent = {m: '' if present[i] else ' (absent)' for i, m in enumerate(modalities.MODALITIES)}
+  fig = Figure(figsize=(max(8.0, 1.4 * len(video)), 8.5), layout='constrained')
+  grid = fig.add_gridspec(4, len(video), height_ratios=(1.3, 1.2, 1, 1))
+  for t, frame in enumerate(video):
+    ax = fig.add_subplot(grid[0, t])
+    ax.imshow(frame)
+    ax.set_title(f'video frame {t}{absent["video"] if t == 0 else ""}', fontsize='small')
+    ax.set_axis_off()
+  ax = fig.add_subplot(grid[1, :])
+  fig.colorbar(ax.imshow(audio.T, origin='lower', aspect='auto', cmap='magma'), ax=ax)
+  ax.set_title(f'audio fbank{absent["audio"]}')
+  ax.set_xlabel('frame')
+  ax.set_ylabel('mel bin')
+  for row, (sensor, channels) in enumerate((('accelerometer', range(0, 3)),
+                                            ('gyroscope', range(3, 6))), start=2):
+    ax = fig.add_subplot(grid[row, :])
+    for c in channels:
+      ax.plot(imu[:, c], linewidth=0.9, label=preprocess.IMU_CHANNELS[c])
+    ax.legend(fontsize='small', loc='upper right')
+    ax.set_title(f'IMU {sensor}{absent["imu"]}')
+    ax.set_xlabel('sample')
+    ax.set_ylabel('standardized')
+  names = [f'clip {_text(example[k])}' if k == 'clip_id' else f'class {_text(example[k])}'
+           for k in ('clip_id', 'label') if k in example]
+  fig.suptitle(', '.join(names) or 'one clip')
+  if path is not None:
+    fig.savefig(path, dpi=_DPI)
+  return fig
+
+
+def _episode_arrays(support_idx, query_idx, predicted):
+  """The three index arrays of one episode as numpy, checked: [N, K], [N, Q], [N, Q] in [0, N)."""
+  support_idx, query_idx, predicted = (np.asarray(a) for a in (support_idx, query_idx, predicted))
+  n_way = support_idx.shape[0] if support_idx.ndim == 2 else None
+  if (n_way is None or query_idx.ndim != 2 or query_idx.shape[0] != n_way
+      or predicted.shape != query_idx.shape or predicted.min() < 0 or predicted.max() >= n_way):
+    raise ValueError(f'an episode needs support_idx [N, K], query_idx [N, Q] and predicted [N, Q] '
+                     f'class rows in [0, N); got shapes {support_idx.shape}, {query_idx.shape} '
+                     f'and {predicted.shape} (values {predicted.min()}..{predicted.max()}). Pass '
+                     'one episode: index [e] of the arrays of evaluate.sample_eval_episodes and '
+                     'evaluate.episode_predictions.')
+  return support_idx, query_idx, predicted
+
+
+def _episode_panels(subfig, source, indices, modality, classes):
+  """A line of panels per class of one modality of the clips at indices [N, J]; the axes [N, J]."""
+  axes = subfig.subplots(*indices.shape, squeeze=False)
+  for (n, j), ax in np.ndenumerate(axes):
+    clip = _clip_array(source[int(indices[n, j])], modality, f'example {indices[n, j]}')
+    _draw_modality(ax, modality, clip)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if j == 0:
+      ax.set_ylabel(f'class {classes[n]}')
+  return axes
+
+
+def draw_episode(source, support_idx, query_idx, predicted, *, support_modality='video',
+                 query_modality='imu', max_queries=5, path=None):
+  """One few-shot episode: a line per class, its support clips in one modality, then its
+  queries in another, each titled with the class of its nearest prototype, green and a tick
+  when that is its own class, red and a cross when not.
+
+  source: the examples the indices point into (a data_pipeline.loaders.data_source);
+  support_idx [N, K] and query_idx [N, Q]: one episode (line n is class n); predicted [N, Q]: the
+  class line of each query's nearest prototype (evaluate.episode_predictions). Classes are named
+  by their clips' labels. The first `max_queries` queries of each class are drawn; the accuracy
+  in the title counts all of them. Returns the Figure; with `path`, also writes it as a PNG.
+  """
+  support_idx, query_idx, predicted = _episode_arrays(support_idx, query_idx, predicted)
+  n_way, k_shot = support_idx.shape
+  num_shown = min(max_queries, query_idx.shape[1])
+  classes = [_text(source[int(i)]['label']) for i in support_idx[:, 0]]
+  support, query = (_MODALITY_TITLES[m] for m in (support_modality, query_modality))
+  fig = Figure(figsize=(1.5 * (k_shot + num_shown) + 1, 1.4 * n_way + 1.2), layout='constrained')
+  left, right = fig.subfigures(1, 2, width_ratios=(k_shot, num_shown))
+  _episode_panels(left, source, support_idx, support_modality, classes)
+  left.suptitle(f'support: {support}', fontsize='medium')
+  axes = _episode_panels(right, source, query_idx[:, :num_shown], query_modality, classes)
+  right.suptitle(f'queries: {query}, titled with the nearest prototype', fontsize='medium')
+  for (n, q), ax in np.ndenumerate(axes):
+    color, mark = _MARKS[bool(predicted[n, q] == n)]
+    ax.set_title(f'{classes[predicted[n, q]]} {mark}', color=color, fontsize='small')
+    for spine in ax.spines.values():
+      spine.set_color(color)
+      spine.set_linewidth(2.5)
+  accuracy = np.mean(predicted == np.arange(n_way)[:, None])
+  fig.suptitle(f'one {n_way}-way {k_shot}-shot episode, support {support} -> query {query}: '
+               f'{100 * accuracy:.0f}% of its {predicted.size} queries nearest their own prototype')
+  if path is not None:
+    fig.savefig(path, dpi=_DPI)
+  return fig

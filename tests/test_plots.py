@@ -282,3 +282,93 @@ def test_report_command_on_a_workdir_without_results_says_so(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, check=False)
   assert result.returncode != 0
   assert 'no pipeline of' in result.stderr and 'has been evaluated yet' in result.stderr
+
+
+# Figures of data, not of a run: one clip, one few-shot episode (notebooks/quickstart.ipynb).
+
+
+@pytest.fixture(scope='module')
+def novel():
+  """The tiny embedded dataset's novel split, as loaders read it (built on first use)."""
+  from data_pipeline import loaders
+  return loaders.data_source(fewshot.get_config('tiny').dataset, 'novel')
+
+
+def test_clip_figure_shows_the_clips_own_frames_fbank_and_imu_channels(novel, tmp_path):
+  example = novel[3]
+  fig = plots.draw_clip(example, tmp_path / 'clip.png')
+  num_frames = len(example['video'])
+  frames, fbank = fig.axes[:num_frames], fig.axes[num_frames]
+  for t, ax in enumerate(frames):
+    np.testing.assert_array_equal(ax.images[0].get_array(), example['video'][t])
+  np.testing.assert_array_equal(fbank.images[0].get_array(), example['audio'].T)
+  lines = [line for ax in fig.axes if 'IMU' in ax.get_title() for line in ax.get_lines()]
+  assert [line.get_label() for line in lines] == [
+      'accl_x', 'accl_y', 'accl_z', 'gyro_x', 'gyro_y', 'gyro_z']
+  for c, line in enumerate(lines):
+    np.testing.assert_array_equal(line.get_ydata(), example['imu'][:, c])
+  assert fig.get_suptitle() == (f'clip {example["clip_id"].decode()}, '
+                                f'class {example["label"]}')
+  assert _png_size(tmp_path / 'clip.png')[0] > 400
+
+
+def test_clip_figure_marks_absent_modalities(novel):
+  example = novel[0] | {'present': np.array([True, False, True])}
+  titles = [ax.get_title() for ax in plots.draw_clip(example).axes]
+  assert [t for t in titles if '(absent)' in t] == ['audio fbank (absent)']
+
+
+def test_clip_figure_refuses_an_imu_without_six_channels(novel):
+  with pytest.raises(ValueError, match=r'has imu of shape \(100, 5\).*imu \[L, 6\]'):
+    plots.draw_clip(novel[0] | {'imu': novel[0]['imu'][:, :5]})
+
+
+def _episode(novel, seed=0):
+  """Episode `seed` of the tiny config's fixed evaluation episodes on the novel split."""
+  from data_pipeline import loaders
+  from mmg_jax import evaluate
+  support, query = evaluate.sample_eval_episodes(loaders.split_labels(novel),
+                                                 fewshot.get_config('tiny').eval.fewshot)
+  return np.asarray(support[seed]), np.asarray(query[seed])
+
+
+def test_episode_figure_titles_each_query_with_its_predicted_class_right_or_wrong(novel):
+  support_idx, query_idx = _episode(novel)
+  n_way, q_query = query_idx.shape
+  predicted = (np.arange(n_way)[:, None] + np.arange(q_query)) % n_way  # right in column 0 only
+  fig = plots.draw_episode(novel, support_idx, query_idx, predicted, support_modality='video',
+                           query_modality='imu', max_queries=3)
+  support_axes, query_axes = (np.reshape(sub.axes, (n_way, -1)) for sub in fig.subfigs)
+  assert support_axes.shape[1] == support_idx.shape[1] and query_axes.shape[1] == 3
+  for (n, k), ax in np.ndenumerate(support_axes):
+    video = novel[int(support_idx[n, k])]['video']
+    np.testing.assert_array_equal(ax.images[0].get_array(), video[len(video) // 2])
+  classes = [novel[int(i)]['label'] for i in support_idx[:, 0]]
+  for (n, q), ax in np.ndenumerate(query_axes):
+    np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(),
+                                  novel[int(query_idx[n, q])]['imu'][:, 0])
+    right = q == 0
+    assert ax.get_title() == f'{classes[predicted[n, q]]} {"✓" if right else "✗"}'
+    assert ax.title.get_color() == ('tab:green' if right else 'tab:red')
+  assert [ax.get_ylabel() for ax in query_axes[:, 0]] == [f'class {c}' for c in classes]
+  # The accuracy counts every query, drawn or not: 1 right of each class's q_query.
+  assert f': {100 / q_query:.0f}% of its {n_way * q_query} queries' in fig.get_suptitle()
+
+
+def test_episode_figure_draws_the_modalities_it_is_given(novel):
+  support_idx, query_idx = _episode(novel, seed=1)
+  fig = plots.draw_episode(novel, support_idx, query_idx, np.zeros(query_idx.shape, int),
+                           support_modality='audio', query_modality='video')
+  support_ax, query_ax = fig.subfigs[0].axes[0], fig.subfigs[1].axes[0]
+  np.testing.assert_array_equal(support_ax.images[0].get_array(),
+                                novel[int(support_idx[0, 0])]['audio'].T)
+  video = novel[int(query_idx[0, 0])]['video']
+  np.testing.assert_array_equal(query_ax.images[0].get_array(), video[len(video) // 2])
+
+
+def test_episode_figure_refuses_predictions_outside_the_episodes_classes(novel):
+  support_idx, query_idx = _episode(novel)
+  with pytest.raises(ValueError, match=r'predicted \[N, Q\] class rows in \[0, N\)'):
+    plots.draw_episode(novel, support_idx, query_idx, np.full(query_idx.shape, 5))
+  with pytest.raises(ValueError, match='Pass one episode'):
+    plots.draw_episode(novel, support_idx[None], query_idx[None], np.zeros(query_idx.shape))

@@ -376,6 +376,8 @@ def test_build_command_writes_arrayrecord_splits_and_reports(manual_dir, tmp_pat
                 (builder.data_path / 'quarantine.jsonl').read_text().splitlines()]
   assert sorted((q['clip_uid'], q['split'], q['modality']) for q in quarantine) == [
       ('d1', 'test', 'imu'), ('u2', 'unlabeled', 'video'), ('x1', 'train', 'video')]
+  (unreadable,) = [q['reason'] for q in quarantine if q['clip_uid'] == 'd1']
+  assert str(manual_dir / 'imu' / 'vd.csv') in unreadable
   report = json.loads((builder.data_path / 'build_report.json').read_text())
   assert report['splits']['train']['present'] == {'video': 3, 'audio': 2, 'imu': 3}
   assert report['shared_participants'] == {'p1': ['novel', 'train']}
@@ -483,7 +485,13 @@ def test_an_unexpected_error_reading_a_file_quarantines_its_clip_naming_it(tmp_p
   assert 'IndexError' in outcome.quarantine[1]
 
 
-def test_a_header_only_manifest_stops_the_build_before_decoding(faulty_dir, tmp_path):
+@pytest.mark.parametrize('split,rows,message', [
+    ('val', [], r"val\.csv'\] hold a header but no clip.*delete"),
+    ('unlabeled', [('u1', 'vs', 4.5, 6.5, '', '')], 'every clip of .*unlabeled.csv overlaps'),
+])
+def test_manifests_that_would_lose_a_split_stop_the_build(faulty_dir, tmp_path, split, rows,
+                                                         message):
+  """A header-only manifest, or unlabeled clips that all overlap test clips: nothing built."""
   import shutil
 
   import tensorflow_datasets as tfds
@@ -492,10 +500,10 @@ def test_a_header_only_manifest_stops_the_build_before_decoding(faulty_dir, tmp_
 
   root = tmp_path / 'raw'
   shutil.copytree(faulty_dir, root)
-  (root / 'clips' / 'val.csv').write_text('clip_uid,video_uid,start_sec,end_sec,label\n')
+  _write_clips(root, split, rows)
   builder = mmg_ego4d_dataset_builder.MmgEgo4d(config='small', data_dir=tmp_path / 'tfds',
                                                num_workers=0)
-  with pytest.raises(ValueError, match=r"val\.csv'\] hold a header but no clip.*delete"):
+  with pytest.raises(ValueError, match=message):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
   assert not builder.is_prepared()
 

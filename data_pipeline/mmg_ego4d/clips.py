@@ -3,8 +3,9 @@
 Work is split into chunks of clips of one video, so that a worker opens each file once per
 chunk. A clip's modality with no data is kept absent (zeros, `present` False) with a note; a
 clip whose file is unreadable, or whose window holds no data at all, becomes a quarantine
-entry instead of an example. A worker that
-crashes (FFmpeg on a damaged file) takes only its own chunk's clips to quarantine.
+entry instead of an example. A worker that crashes (FFmpeg on a damaged file) takes only its
+own chunk's clips to quarantine. Workers leave IMU unstandardized: the statistics come from the
+train clips written, which only the builder's process knows (`standardized`).
 """
 import concurrent.futures
 import contextlib

@@ -235,8 +235,9 @@ def optimizer_config(learning_rate, num_steps):
       'weight_decay': 0.05,
       'grad_clip_norm': 1.0,
       'accumulate_steps': 1,
-      # The top-level params this stage trains, e.g. ('head',); None: all of them.
-      'trainable': None,
+      # The top-level params this stage trains, e.g. ('head',); None: all of them. A placeholder
+      # so that --config...optimizer.trainable="('fusion','head')" overrides it.
+      'trainable': ml_collections.config_dict.placeholder(tuple),
   })
 
 

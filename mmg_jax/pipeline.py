@@ -24,6 +24,7 @@ Modality discipline is enforced, not assumed:
 """
 import functools
 import json
+import math
 import os
 
 import jax
@@ -37,6 +38,7 @@ from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 
 STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
+LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
 UNLABELED_SPLIT = 'unlabeled'
 STAGE_FILE = 'stage.json'  # a stage directory's record of the config it trains under
 # Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
@@ -77,6 +79,7 @@ def validate(config):
     if not any(_is_mmg_unimodal(s) and len(_subset(s)) == 3 for s in stages):
       raise ValueError(f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
                        'with a unimodal_ce stage over video, audio and IMU on MMG labels.')
+  _validate_evaluation(config.eval)
   _validate_pretrained(config)
   unused = sorted(set(config.pipelines) - used)
   if unused:
@@ -94,6 +97,23 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
   if stage.kind != 'align' and stage.split == UNLABELED_SPLIT:
     raise ValueError(f'{where} ({stage.kind}) needs labels but reads the {UNLABELED_SPLIT!r} '
                      'split; use the train split.')
+  try:
+    modalities.check(stage.modalities)
+  except ValueError as e:
+    raise ValueError(f'{where}: modalities: {e}') from None
+  counts = ['num_steps', 'log_every', 'checkpoint_every', 'optimizer.accumulate_steps']
+  counts += (['n_way', 'k_shot', 'q_query', 'episodes_per_batch'] if stage.kind == 'meta' else
+             ['batch_size'])
+  _check_numbers(where, stage, counts, lambda x: isinstance(x, int) and x >= 1,
+                 'a whole number of at least 1')
+  _check_numbers(where, stage, ['optimizer.learning_rate'], lambda x: math.isfinite(x) and x > 0,
+                 'finite and positive')
+  _check_numbers(where, stage, [k for k in LOSS_WEIGHTS if k in stage] +
+                 ['optimizer.weight_decay'], lambda x: math.isfinite(x) and x >= 0,
+                 'finite and at least 0')
+  if 'temperature' in stage:
+    _check_numbers(where, stage, ['temperature'], lambda x: math.isfinite(x) and x > 0,
+                   'finite and positive')
   subset = _subset(stage)
   accumulate_steps = stage.optimizer.accumulate_steps
   if stage.kind == 'meta' and stage.episodes_per_batch % accumulate_steps:
@@ -105,6 +125,92 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
     raise ValueError(f'{where} uses L_align, which pairs video with audio and IMU, but may see '
                      f'only {list(subset)}; allow video and another modality or set align_weight '
                      'to 0.')
+
+
+def _check_numbers(where, stage, fields, good, what):
+  """Raises naming the first of the stage's dotted `fields` whose value is not `good`."""
+  for field in fields:
+    value = stage
+    for key in field.split('.'):
+      value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not good(value):
+      raise ValueError(f'{where}: {field}={value!r} must be {what}.')
+
+
+def _validate_evaluation(evaluation):
+  where = 'config.eval'
+  _check_numbers(where, evaluation, ['batch_size', 'fewshot.n_way', 'fewshot.k_shot',
+                                     'fewshot.q_query', 'fewshot.num_episodes'],
+                 lambda x: isinstance(x, int) and x >= 1, 'a whole number of at least 1')
+
+
+def check_feasible(config, names, mesh):
+  """What `validate` cannot know without the data and the devices, checked for pipelines
+  `names` before any of them trains (seconds: the model is only traced, never run).
+
+  Every batch splits over the processes, devices and micro-batches; every stage's split exists
+  and holds a batch; every episode (meta stages and the few-shot evaluation) finds n_way
+  classes with k_shot + q_query clips; every optimizer.trainable name is a param of its model.
+  """
+  sources, labels = {}, {}
+
+  def source(split):
+    if split not in sources:
+      sources[split] = loaders.data_source(config.dataset, split)
+    return sources[split]
+
+  def split_labels(split):  # read only where episodes are drawn: it reads every clip
+    if split not in labels:
+      labels[split] = loaders.split_labels(source(split))
+    return labels[split]
+
+  for name in names:
+    pipeline = config.pipelines[name]
+    params = jax.eval_shape(functools.partial(
+        init_params, mmg.MMGModel(config=model_config(config, pipeline)),
+        example_batch(config.dataset), config.seed))
+    for stage in pipeline.stages:
+      where = f'stage {stage.name!r} of pipeline {name!r}'
+      try:
+        _check_stage_feasible(stage, params, len(source(stage.split)), mesh,
+                              labels=split_labels if stage.kind == 'meta' else None)
+      except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+  evaluation = config.eval
+  try:
+    sharding.check_batch_size(evaluation.batch_size, mesh)
+  except ValueError as e:
+    raise ValueError(f'config.eval.batch_size: {e}') from None
+  if any(config.eval.rows[i].metric == '5w5s_acc' for i in select_rows(config)):
+    fewshot = evaluation.fewshot
+    _check_episodes(split_labels(evaluation.fewshot_split), fewshot.n_way,
+                    fewshot.k_shot + fewshot.q_query,
+                    f'the few-shot evaluation (config.eval.fewshot, split '
+                    f'{evaluation.fewshot_split!r})')
+
+
+def _check_stage_feasible(stage, params, num_clips, mesh, *, labels):
+  """labels(split) -> the split's labels, for a meta stage's episodes."""
+  if stage.kind == 'meta':
+    batch_size = stage.episodes_per_batch * stage.n_way * (stage.k_shot + stage.q_query)
+    _check_episodes(labels(stage.split), stage.n_way, stage.k_shot + stage.q_query,
+                    f'split {stage.split!r}')
+  else:
+    batch_size = stage.batch_size
+    if num_clips // jax.process_count() < batch_size // jax.process_count():
+      raise ValueError(f'batch_size={batch_size} is larger than its split {stage.split!r} '
+                       f'({num_clips} clips); lower batch_size.')
+  sharding.check_batch_size(batch_size, mesh, accumulate_steps=stage.optimizer.accumulate_steps)
+  train.frozen_names(params, stage.optimizer.trainable)
+
+
+def _check_episodes(labels, n_way, per_class, where):
+  counts = np.bincount(labels)
+  enough = int(np.sum(counts >= per_class))
+  if enough < n_way:
+    raise ValueError(f'{where}: an episode needs {n_way} classes with k_shot + q_query = '
+                     f'{per_class} clips each, and only {enough} classes have that many (most '
+                     f'clips in a class: {counts.max()}); lower n_way, k_shot or q_query.')
 
 
 def _validate_pretrained(config):
@@ -501,9 +607,10 @@ def run(config, workdir, *, train_missing=True):
   config_rows = [config.eval.rows[i] for i in selected]
   names = sorted({row.pipeline for row in config_rows})
   directories = stage_directories(config)
+  mesh = sharding.make_mesh()
+  check_feasible(config, names, mesh)
   if not train_missing and (unfinished := unfinished_stages(config, names, workdir, directories)):
     raise ValueError(_unfinished_message(unfinished))
-  mesh = sharding.make_mesh()
   forwards, episode_cache, results, unimodal = {}, {}, {}, None
   for name in names:
     model, params = train_pipeline(config, name, workdir, mesh, directories,

@@ -1,0 +1,100 @@
+"""Bad input through the public entry points: each is refused before anything trains, with one
+paragraph that names what is wrong and where, and nothing of an earlier run is lost."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import fewshot, manyshot
+from mmg_jax import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stages(config):
+  return config.pipelines.train_VAI.stages
+
+
+def _set(path, value):
+  """An edit of the tiny few-shot config: the dotted `path` (stages by index) set to value."""
+  def edit(config):
+    *parents, last = path.split('.')
+    node = config
+    for key in parents:
+      node = _stages(config) if key == 'stages' else node[int(key)] if key.isdigit() else node[key]
+    node[last] = value
+  return edit
+
+
+CASES = {
+    # config edit: the message, which must name the stage or field
+    'nan learning rate': (_set('stages.1.optimizer.learning_rate', float('nan')),
+                          r"stage 'multimodal' of pipeline 'train_VAI': "
+                          r'optimizer.learning_rate=nan must be finite and positive'),
+    'negative loss weight': (_set('stages.1.align_weight', -1.0),
+                             r"stage 'multimodal' .*align_weight=-1.0 must be finite and at "
+                             'least 0'),
+    'zero steps': (_set('stages.0.num_steps', 0),
+                   r"stage 'unimodal' .*num_steps=0 must be a whole number of at least 1"),
+    'unknown modality': (_set('stages.0.modalities', ('video', 'depth')),
+                         r"stage 'unimodal' of pipeline 'train_VAI': modalities: .*unknown: "
+                         r"\['depth'\]"),
+    'misspelt trainable': (_set('stages.1.optimizer.trainable', ('fusoin',)),
+                           r"stage 'multimodal' .*optimizer.trainable names \['fusoin'\], which "
+                           'are not params'),
+    'batch not divisible by the devices': (
+        _set('stages.0.batch_size', 12),
+        r"stage 'unimodal' .*global batch size 12 must be divisible by 8 devices"),
+    'batch larger than the split': (_set('stages.0.batch_size', 8 * 1000),
+                                    r"stage 'unimodal' .*batch_size=8000 is larger than its "
+                                    r"split 'train'"),
+    'meta episodes the split cannot fill': (
+        _set('stages.2.k_shot', 40),
+        r"stage 'meta' .*an episode needs 5 classes with k_shot \+ q_query = 42 clips each, and "
+        'only 0 classes'),
+    'evaluation batch not divisible': (_set('eval.batch_size', 12),
+                                       r'config.eval.batch_size: global batch size 12 must be '
+                                       'divisible by 8 devices'),
+    'evaluation episodes the split cannot fill': (
+        _set('eval.fewshot.q_query', 30),
+        r"the few-shot evaluation \(config.eval.fewshot, split 'novel'\): an episode needs 5 "
+        'classes with k_shot \\+ q_query = 35'),
+    'unknown row selector': (_set('eval.only', 'zero-shoot'),
+                             r"eval.only='zero-shoot': \['zero-shoot'\] matches no row"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bad_config_is_refused_before_anything_trains(case, tmp_path):
+  edit, message = CASES[case]
+  config = fewshot.get_config('tiny')
+  edit(config)
+  with pytest.raises(ValueError, match=message):
+    pipeline.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []  # no stage directory claimed, nothing written
+
+
+def test_checks_cover_every_pipeline_of_the_run_not_just_the_first():
+  config = manyshot.get_config('tiny')
+  config.pipelines.zeroshot_train_V.stages[-1].optimizer.trainable = ('haed',)
+  with pytest.raises(ValueError, match=r"pipeline 'zeroshot_train_V'.*\['haed'\]"):
+    pipeline.run(config, '/nonexistent/never/written')
+
+
+def _main(*flags):
+  return subprocess.run([sys.executable, '-m', 'mmg_jax.main', '--config=configs/fewshot.py:tiny',
+                         *flags], cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def test_the_cli_prints_one_paragraph_and_the_traceback_only_when_asked(tmp_path):
+  """optimizer.trainable is overridable from the command line, as the README says of every
+  field, and a misspelt name is refused at start-up."""
+  flag = "--config.pipelines.train_VAI.stages[1].optimizer.trainable=('fusoin',)"
+  result = _main(f'--workdir={tmp_path}', flag)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.startswith("error: stage 'multimodal' of pipeline 'train_VAI': "
+                                  "optimizer.trainable names ['fusoin']")
+  assert '--verbosity=1 for the traceback' in result.stderr and os.listdir(tmp_path) == []
+  result = _main(f'--workdir={tmp_path}', flag, '--verbosity=1')
+  assert result.returncode == 1 and 'Traceback' in result.stderr

@@ -5,40 +5,108 @@ jointly by all processes) and 'data' (each process's grain iterator position, on
 file per process). Saves are asynchronous: `save` returns once device arrays are copied to
 the host, and the files are written in the background while training goes on. Every process
 must call `save` and `restore` at the same steps.
+
+Nothing good is lost on a bad disk: an old checkpoint is deleted only once the newer one that
+replaces it is fully on disk (orbax's own rotation would run even when the newer write fails),
+a save that fails raises `SaveFailed`, and a checkpoint that cannot be read is set aside for
+the one before it (`restore_latest`).
 """
+import contextlib
 import os
+import time
+import warnings
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class SaveFailed(Exception):
+  """A checkpoint could not be written (disk full, no permission); the earlier ones are kept."""
+
+
+class UnreadableCheckpoint(Exception):
+  """A checkpoint step could not be read back (a truncated or missing file)."""
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of a stage in `directory`."""
+  """Keeps the last `keep` checkpoints of a stage in `directory` (None: all of them)."""
 
   def __init__(self, directory, *, keep):
     self.directory = os.path.abspath(directory)
+    self.keep = keep
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        max_to_keep=None, create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True)
     handlers = {'state': ocp.StandardCheckpointHandler(),
                 'data': grain.checkpoint.CheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                           options=options)
+    self._writing = None  # the step whose files are being written in the background
+    self._failed = False
 
   def latest_step(self):
-    """The last fully written step, or None."""
+    """The last fully written step (or the one being written), or None."""
     return self._manager.latest_step()
 
   def save(self, step, state, data_iterator):
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)))
+    """Starts writing `step`; first waits for the previous save and raises SaveFailed if it, or
+    this one's start, failed."""
+    self._finish_writing()
+    with self._save_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator)))
+    self._writing = step
+
+  def wait(self):
+    """Blocks until the pending save is on disk; raises SaveFailed if it failed."""
+    self._finish_writing()
+
+  def _finish_writing(self):
+    """Waits for the pending save, checks that orbax finalized it, then drops the checkpoints
+    past `keep`."""
+    if self._writing is None:
+      return
+    step, self._writing = self._writing, None
+    with self._save_errors(step):
+      self._manager.wait_until_finished()
+    self._manager.reload()  # orbax lists a step as saved before its files are written
+    if step not in self._manager.all_steps():
+      raise SaveFailed(self._save_failed_message(step, 'orbax did not finalize it; its error is '
+                                                       'logged above'))
+    if self.keep is not None:
+      for old in self._manager.all_steps()[:-self.keep]:
+        self._manager.delete(old)
+
+  @contextlib.contextmanager
+  def _save_errors(self, step):
+    """Turns any error of orbax writing `step` into a SaveFailed naming the directory."""
+    try:
+      yield
+    except Exception as e:  # orbax raises OSError, ValueError (tensorstore) and more
+      self._failed = True
+      raise SaveFailed(self._save_failed_message(step, _first_line(e))) from e
+
+  def _save_failed_message(self, step, cause):
+    self._manager.reload()
+    kept = [s for s in self._manager.all_steps() if s != step]
+    resume = (f'the checkpoints of steps {kept} are kept: rerun the same command to resume from '
+              f'step {kept[-1]}' if kept else 'no earlier checkpoint exists: rerun the same '
+              'command to start the stage again')
+    return (f'could not write the checkpoint of step {step} to {self.directory} ({cause}). The '
+            f'disk may be full or not writable: free space or fix the permissions; {resume}.')
 
   def restore(self, step, abstract_state, data_iterator=None):
     """Returns the state saved at `step`, laid out like `abstract_state` (a tree of
-    jax.ShapeDtypeStruct with shardings); moves `data_iterator`, if given, to its position."""
-    saved = _leaf_shapes(self._manager.item_metadata(step)['state'].tree)
+    jax.ShapeDtypeStruct with shardings); moves `data_iterator`, if given, to its position.
+
+    Raises UnreadableCheckpoint when the step's files cannot be read, ValueError when they
+    hold another model or optimizer.
+    """
+    with self._read_errors(step):
+      saved = _leaf_shapes(self._manager.item_metadata(step)['state'].tree)
     wanted = _leaf_shapes(abstract_state)
     if saved != wanted:
       differences = [f'{path}: checkpoint {saved.get(path)}, config {wanted.get(path)}'
@@ -52,25 +120,81 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
+    with self._read_errors(step):
+      return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
+
+  def restore_latest(self, abstract_state, data_iterator=None):
+    """(step, state) of the newest checkpoint that reads back, or (None, None) without any.
+
+    Newer unreadable checkpoints are renamed `<step>.unreadable-<time>` (orbax then ignores
+    them) with a warning naming both steps. When none reads back, nothing is renamed and
+    UnreadableCheckpoint is raised: that is more likely an incompatible reader than bad disks.
+    A failed restore may have moved `data_iterator`; the successful one sets its position.
+    """
+    unreadable = []
+    for step in reversed(self._manager.all_steps()):
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except UnreadableCheckpoint as e:
+        unreadable.append((step, e))
+        continue
+      for bad_step, error in unreadable:
+        self._set_aside(bad_step, error, fallback=step)
+      return step, state
+    if unreadable:
+      raise UnreadableCheckpoint(
+          f'none of the checkpoints in {self.directory} can be read ('
+          f'{"; ".join(str(e) for _, e in unreadable)}). If the files are intact, the orbax '
+          'version may differ from the one that wrote them; otherwise delete the directory to '
+          'retrain the stage.')
+    return None, None
+
+  @contextlib.contextmanager
+  def _read_errors(self, step):
+    try:
+      yield
+    except Exception as e:  # orbax raises ValueError, OSError, JSONDecodeError, AttributeError
+      raise UnreadableCheckpoint(f'step {step}: {_first_line(e)}') from e
+
+  def _set_aside(self, step, error, *, fallback):
+    """Renames the unreadable `step` out of orbax's sight, with a warning."""
+    path = os.path.join(self.directory, str(step))
+    aside = f'{path}.unreadable-{time.strftime("%Y%m%dT%H%M%S")}'
+    if jax.process_index() == 0:
+      os.rename(path, aside)
+      warnings.warn(f'the checkpoint of step {step} in {self.directory} cannot be read '
+                    f'({error}); resuming from the one of step {fallback} instead. The '
+                    f'unreadable files are kept in {aside}.', stacklevel=3)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint set aside {path}')
+    self._manager.reload()
 
   def reached_preemption(self, step):
     """True at the step all processes agreed to save at after a preemption notice (needs
     jax.distributed; always False in a single process)."""
     return self._manager.reached_preemption(step)
 
-  def wait(self):
-    """Blocks until pending saves are on disk."""
-    self._manager.wait_until_finished()
-
   def close(self):
-    self._manager.close()
+    """Finishes the pending save (SaveFailed if it failed) and closes the manager."""
+    try:
+      self._finish_writing()
+    finally:
+      # After a failed save orbax raises its error again here; SaveFailed has reported it.
+      with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+        self._manager.close()
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc_info):
     self.close()
+
+
+def _first_line(error):
+  """'OSError: [Errno 27] File too large': an orbax error's type and first line, for a message
+  (tensorstore errors append a long spec)."""
+  lines = str(error).splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
 
 
 def _leaf_shapes(tree):

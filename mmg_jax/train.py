@@ -11,8 +11,10 @@ params and optimizer state stay float32; each encoder's `remat` option recompute
 in the backward pass; `optimizer.accumulate_steps = k` cuts each global batch into k
 micro-batches inside the step (see `gradients`).
 """
+import contextlib
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -34,8 +36,25 @@ class TrainState:
   opt_state: optax.OptState
 
 
-class Preempted(Exception):
+class StageStopped(Exception):
+  """A stage stopped before its end for a reason its message gives, with what to do. Its
+  checkpoints hold finite states only, so rerunning the command resumes from the last one."""
+
+
+class Preempted(StageStopped):
   """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
+
+
+class NonFinite(StageStopped):
+  """A step gave a non-finite loss, loss part, learning rate or gradient norm."""
+
+
+class SaveFailed(StageStopped):
+  """A checkpoint could not be written (disk full, no permission); the earlier ones are kept."""
+
+
+class UnreadableCheckpoints(StageStopped):
+  """None of a stage's checkpoints can be read back."""
 
 
 def learning_rate_schedule(config, num_steps):
@@ -139,7 +158,9 @@ def train_step(state, batch, rng, *, loss_fn, optimizer, schedule, accumulate_st
   """One optimizer step on a global batch; pure, jitted by `run_stage` with shardings.
 
   `rng` is the stage key; the step uses fold_in(rng, state.step), so a resumed run draws the
-  same keys as an uninterrupted one. Returns the new state and scalar metrics.
+  same keys as an uninterrupted one. Returns the new state and scalar metrics, with 'finite':
+  whether the loss, its parts, the learning rate and the gradient norm are all finite. That
+  also vouches for the new params: AdamW moves each by about the learning rate at most.
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
@@ -151,7 +172,9 @@ def train_step(state, batch, rng, *, loss_fn, optimizer, schedule, accumulate_st
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = metrics | {'lr': schedule(state.step), 'grad_norm': optax.tree.norm(grads)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics | {
+      'finite': finite}
 
 
 def init_state(params, optimizer):
@@ -219,6 +242,12 @@ class StageLog:
     if self.active:
       self.tensorboard.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
 
 def _message(name, text):
   """A console line from process 0."""
@@ -252,9 +281,41 @@ class SigtermFlag:
 
 
 def _mean_metrics(history):
-  """List of per-step metric dicts (device scalars) -> dict of python floats."""
+  """List of per-step metric dicts (device scalars) -> dict of python floats, without the
+  'finite' flags (`_check_finite` reads them)."""
   history = jax.device_get(history)
-  return {k: float(sum(m[k] for m in history) / len(history)) for k in history[0]}
+  return {k: float(sum(m[k] for m in history) / len(history)) for k in history[0]
+          if k != 'finite'}
+
+
+def _check_finite(name, step, metrics, *, last_checkpoint, learning_rate):
+  """Raises NonFinite unless `step`'s metrics have their 'finite' flag set.
+
+  Reading the flag waits for the step and moves one scalar to the host. It is replicated, so
+  every process reads the same value and all stop at the same step.
+  """
+  if bool(metrics['finite']):
+    return
+  values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
+  parts = ', '.join(f'{k} {v:.4g}' for k, v in values.items())
+  bad = ', '.join(k for k, v in values.items() if not math.isfinite(v))
+  kept = (f'the last checkpoint (step {last_checkpoint}) holds finite params and is kept' if
+          last_checkpoint else 'no checkpoint was saved')
+  raise NonFinite(
+      f'stage {name!r} stopped at step {step}: {bad} not finite ({parts}); {kept}. Lower the '
+      f'learning rate (optimizer.learning_rate={learning_rate}) or lengthen the warmup, or check '
+      'the data for NaN or inf values.')
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(name):
+  """Checkpoint failures as StageStopped errors that name the stage."""
+  try:
+    yield
+  except checkpoint.SaveFailed as e:
+    raise SaveFailed(f'stage {name!r}: {e}') from e
+  except checkpoint.UnreadableCheckpoint as e:
+    raise UnreadableCheckpoints(f'stage {name!r}: {e}') from e
 
 
 def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, num_steps,
@@ -269,9 +330,16 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   optimizer: ConfigDict for `make_optimizer`, plus accumulate_steps.
   Checkpoints go to workdir/<name>/checkpoints every `checkpoint_every` steps, at the end, and
   on SIGTERM (then `Preempted` is raised); the last `keep` are kept. A stage whose final
-  checkpoint exists is not trained again: its params are restored and returned. Logs:
+  checkpoint exists is not trained again: its params are restored and returned. A latest
+  checkpoint that cannot be read is set aside, with a warning, for the one before it. Logs:
   workdir/<name>/metrics.jsonl, TensorBoard events in workdir/<name>, a console line every
   `log_every` steps.
+
+  Stops with NonFinite at the first step whose loss, loss parts, learning rate or gradient
+  norm is not finite, before it is logged or saved: every checkpoint holds finite params.
+  Stops with SaveFailed when a checkpoint cannot be written; the earlier ones are kept.
+  Saves are asynchronous, so a write that fails in the background is reported at the next
+  save or at the end of the stage, the same step on every process.
   """
   if num_steps < 1:
     raise ValueError(f'stage {name!r}: num_steps={num_steps} must be at least 1.')
@@ -281,34 +349,39 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   state_init = jax.jit(functools.partial(init_state, optimizer=tx), out_shardings=replicated)
   abstract_state = _abstract_state(state_init, init_params, replicated)
 
-  with checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=keep) as ckpt:
-    start_step = ckpt.latest_step() or 0
-    if start_step > num_steps:
-      raise ValueError(f'stage {name!r} has a checkpoint at step {start_step}, past num_steps='
+  with (_checkpoint_errors(name),
+        checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=keep) as ckpt):
+    latest = ckpt.latest_step()
+    if latest is not None and latest > num_steps:
+      raise ValueError(f'stage {name!r} has a checkpoint at step {latest}, past num_steps='
                        f'{num_steps}: use a fresh --workdir for a shorter run.')
-    if start_step == num_steps:
-      _message(name, f'finished earlier ({num_steps} steps); restoring its params.')
-      return ckpt.restore(start_step, abstract_state).params
+    if latest == num_steps:
+      step, state = ckpt.restore_latest(abstract_state)
+      if step == num_steps:
+        _message(name, f'finished earlier ({num_steps} steps); restoring its params.')
+        return state.params
 
-    log = StageLog(stage_dir, name, start_step=start_step, num_steps=num_steps)
     data_iterator = iter(loader)
-    if start_step:
-      log.message(f'resuming from the checkpoint at step {start_step}/{num_steps}.')
-      state = ckpt.restore(start_step, abstract_state, data_iterator)
-    else:
-      log.message(f'training {type(model).__name__} for {num_steps} steps.')
-      state = state_init(sharding.replicate(init_params, mesh))
-
-    step_fn = jax.jit(
-        functools.partial(train_step, loss_fn=loss_fn, optimizer=tx,
-                          schedule=learning_rate_schedule(optimizer, num_steps),
-                          accumulate_steps=optimizer.accumulate_steps, mesh=mesh,
-                          trainable=optimizer.trainable),
-        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-        out_shardings=(replicated, replicated), donate_argnums=0)
-    stage_rng = sharding.replicate(jax.random.PRNGKey(seed), mesh)
-    history = []
-    with SigtermFlag() as sigterm:
+    start_step, state = ckpt.restore_latest(abstract_state, data_iterator)
+    start_step = start_step or 0
+    with (StageLog(stage_dir, name, start_step=start_step, num_steps=num_steps) as log,
+          SigtermFlag() as sigterm):
+      if start_step:
+        log.message(f'resuming from the checkpoint at step {start_step}/{num_steps}.')
+      else:
+        log.message(f'training {type(model).__name__} for {num_steps} steps.')
+        state = state_init(sharding.replicate(init_params, mesh))
+      step_fn = jax.jit(
+          functools.partial(train_step, loss_fn=loss_fn, optimizer=tx,
+                            schedule=learning_rate_schedule(optimizer, num_steps),
+                            accumulate_steps=optimizer.accumulate_steps, mesh=mesh,
+                            trainable=optimizer.trainable),
+          in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+          out_shardings=(replicated, replicated), donate_argnums=0)
+      stage_rng = sharding.replicate(jax.random.PRNGKey(seed), mesh)
+      check_finite = functools.partial(_check_finite, name,
+                                       learning_rate=optimizer.learning_rate)
+      history = []
       for step in range(start_step + 1, num_steps + 1):
         batch = sharding.shard_batch(next(data_iterator), mesh)
         if step == start_step + 1:
@@ -318,24 +391,26 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
         state, metrics = step_fn(state, batch, stage_rng)
         if history:
           # At most two steps in flight: bounds host memory, and deeper dispatch queues of
-          # collective programs can deadlock the CPU runtime (jaxlib 0.10, several devices).
-          jax.block_until_ready(history[-1])
+          # collective programs can deadlock the CPU runtime (jaxlib 0.10, several devices). The
+          # wait is the read of the last step's finite flag, one scalar per step.
+          check_finite(step - 1, history[-1], last_checkpoint=ckpt.latest_step())
         history.append(metrics)
-        if step % log_every == 0 or step == num_steps:
+        preempted = sigterm.received or ckpt.reached_preemption(step)
+        saving = step % checkpoint_every == 0 or step == num_steps or preempted
+        logging = step % log_every == 0 or step == num_steps
+        if saving or logging or step == start_step + 1:
+          check_finite(step, metrics, last_checkpoint=ckpt.latest_step())
+        if step == start_step + 1:
+          log.restart_clock(step)
+        if saving:
+          ckpt.save(step, state, data_iterator)
+        if logging:
           log.write(step, _mean_metrics(history), global_batch_size=global_batch_size)
           history = []
-        if step == start_step + 1:
-          jax.block_until_ready(metrics)
-          log.restart_clock(step)
-        preempted = sigterm.received or ckpt.reached_preemption(step)
-        if step % checkpoint_every == 0 or step == num_steps or preempted:
-          ckpt.save(step, state, data_iterator)
         if preempted:
           ckpt.wait()
-          log.close()
           raise Preempted(f'stage {name!r} stopped by a preemption notice at step {step}; the '
                           f'checkpoint is saved: rerun the same command to resume.')
-    log.close()
   return state.params
 
 
@@ -351,17 +426,23 @@ def final_params(name, *, workdir, params_shape, optimizer, num_steps, mesh):
 
   params_shape: a tree of jax.ShapeDtypeStruct (or arrays) of the params, e.g. an eval_shape of
   the model's init. Lets a caller drop a finished stage's params from the devices and get them
-  back when needed.
+  back when needed. A final checkpoint that cannot be read is set aside (see `run_stage`) and
+  UnreadableCheckpoints raised: the stage's next run resumes from the checkpoint before it.
   """
   tx = make_optimizer(optimizer, num_steps)
   replicated = sharding.replicated(mesh)
   abstract_state = _abstract_state(functools.partial(init_state, optimizer=tx), params_shape,
                                    replicated)
   directory = os.path.join(workdir, name, 'checkpoints')
-  with checkpoint.Checkpointer(directory, keep=None) as ckpt:
+  with _checkpoint_errors(name), checkpoint.Checkpointer(directory, keep=None) as ckpt:
     if ckpt.latest_step() != num_steps:
       raise ValueError(f'stage {name!r} has no final checkpoint (step {num_steps}) in '
                        f'{directory} (latest: {ckpt.latest_step()}); rerun the command to '
                        'finish the stage.')
     _message(name, f'restoring its final params (step {num_steps}).')
-    return ckpt.restore(num_steps, abstract_state).params
+    step, state = ckpt.restore_latest(abstract_state)
+    if step != num_steps:
+      raise UnreadableCheckpoints(
+          f'stage {name!r}: its final checkpoint (step {num_steps}) cannot be read and was set '
+          f'aside; rerun the command to train the stage on from step {step}.')
+    return state.params

@@ -1,15 +1,18 @@
-"""train.run_stage on a toy MLP: device-count invariance, accumulation, logs, skip, errors."""
+"""train.run_stage on a toy MLP: device-count invariance, accumulation, logs, skip, errors,
+the stop on a non-finite step."""
 import contextlib
 import functools
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
@@ -22,6 +25,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _metrics(workdir, name='toy'):
   with open(os.path.join(workdir, name, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
+
+
+def _saved_states(workdir, name='toy'):
+  """{step: train state as saved} of every checkpoint of a stage, read back by orbax alone."""
+  directory = os.path.join(workdir, name, 'checkpoints')
+  if not os.path.isdir(directory):
+    return {}
+  return {int(step): ocp.StandardCheckpointer().restore(os.path.join(directory, step, 'state'))
+          for step in os.listdir(directory) if step.isdigit()}
 
 
 def _assert_trees_close(a, b, **tolerance):
@@ -218,3 +230,39 @@ def test_main_names_the_missing_distributed_flags(tmp_path):
   process = _run_main_probe(tmp_path, '--num_processes=2')
   assert process.returncode != 0
   assert "missing: ['coordinator_address', 'process_id']" in process.stderr
+
+
+def test_a_nan_learning_rate_stops_the_stage_at_its_first_step(tmp_path):
+  """The first step's lr is NaN (its loss, from the init params, is still finite): the stage
+  stops there, before the checkpoint and the log of that step."""
+  with pytest.raises(train.NonFinite) as raised:
+    toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=4, checkpoint_every=1,
+                 log_every=1, optimizer=toy_task.optimizer_config(learning_rate=float('nan')))
+  message = str(raised.value)
+  assert message.startswith("stage 'toy' stopped at step 1: lr not finite (")
+  for part in ('loss', 'accuracy', 'grad_norm'):
+    assert re.search(rf'\b{part} \d', message), part
+  assert 'lr nan' in message and 'no checkpoint was saved' in message
+  assert 'Lower the learning rate (optimizer.learning_rate=nan)' in message
+  assert 'check the data' in message
+  assert isinstance(raised.value, train.StageStopped)
+  assert _saved_states(tmp_path) == {}
+  assert not os.path.exists(os.path.join(tmp_path, 'toy', 'metrics.jsonl'))
+
+
+def test_data_that_turns_nan_stops_the_stage_and_keeps_the_last_finite_checkpoint(tmp_path):
+  """Step 5's batch is NaN: the stage stops before it saves or logs step 6, and checkpoint 4,
+  the last finite one, stays the latest."""
+  source = toy_task.PoisonedSource(toy_task.examples(), nan_read=4 * 8 + 1)
+  with pytest.raises(train.NonFinite) as raised:
+    toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=8, global_batch_size=8,
+                 source=source, checkpoint_every=2, log_every=2, keep=3)
+  message = str(raised.value)
+  assert message.startswith("stage 'toy' stopped at step 5: grad_norm, loss not finite (")
+  assert 'loss nan' in message and re.search(r'\blr \d', message)
+  assert 'the last checkpoint (step 4) holds finite params and is kept' in message
+  saved = _saved_states(tmp_path)
+  assert sorted(saved) == [2, 4]
+  for state in saved.values():
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+  assert [r['step'] for r in _metrics(tmp_path)] == [2, 4]

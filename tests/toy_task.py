@@ -58,6 +58,21 @@ class GatedSource:
     return self.records[index]
 
 
+class PoisonedSource(GatedSource):
+  """An in-memory data source whose reads from the `nan_read`-th on (1-based) have NaN
+  features: data that turns bad at a known step."""
+
+  def __init__(self, records, nan_read):
+    super().__init__(records)
+    self.nan_read = nan_read
+
+  def __getitem__(self, index):
+    record = super().__getitem__(index)
+    if self.num_reads < self.nan_read:
+      return record
+    return record | {'x': np.full_like(record['x'], np.nan)}
+
+
 def make_loader(global_batch_size, *, seed=0, source=None):
   """Shuffled, repeated, batched; this process's rows of every global batch.
 

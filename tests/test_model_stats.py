@@ -151,10 +151,20 @@ def test_text_report_states_the_convention_and_has_a_row_per_model(tiny_stats):
       f'fusion {modalities.short_name(s)}' for s in modalities.ALL_SUBSETS]
 
 
+def _one_block_config():
+  """The tiny few-shot config with one block an encoder: the memory tests need the plan's
+  structure (every variant, remat around each block), and each block costs compile time."""
+  config = fewshot.get_config('tiny')
+  for m in modalities.MODALITIES:
+    config.model[m].depth = 1
+  config.model.video.stage_starts = ()
+  return config
+
+
 @pytest.fixture(scope='module')
 def tiny_memory():
-  """(config, report document with 'memory') of the tiny few-shot config: 16 compilations."""
-  config = fewshot.get_config('tiny')
+  """(config, report document with 'memory') of `_one_block_config`: 16 compilations."""
+  config = _one_block_config()
   return config, model_stats.report(config, xla=False, memory=True)
 
 

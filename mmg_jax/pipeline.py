@@ -265,16 +265,24 @@ def make_loss_fn(model, stage):
   (the global batch, or one micro-batch of it under gradient accumulation).
 
   The batch is first restricted to the stage's modalities (others absent and zeroed), and only
-  their encoders run.
+  their encoders run; a clip with none of them present (real Ego4D data has clips without IMU)
+  adds nothing to L_CE. Encoders the stage does not train (`optimizer.trainable`) run as at
+  evaluation, without drop-path.
   """
   subset = _subset(stage)
   allowed = modalities.mask(subset)
+  trainable = stage.optimizer.trainable
+  frozen = () if trainable is None else tuple(m for m in subset if f'{m}_encoder' not in trainable)
 
   def apply(params, batch, rng):
     dropout_rng, modality_rng = jax.random.split(rng)
     return model.apply({'params': params}, batch, train=True, modalities=subset,
-                       unimodal_embeddings=_uses_align(stage),
+                       unimodal_embeddings=_uses_align(stage), frozen_encoders=frozen,
                        rngs={'dropout': dropout_rng, 'modality': modality_rng})
+
+  def labeled(batch):
+    """Clips with at least one of the stage's modalities: only they are scored by L_CE."""
+    return jnp.any(batch['present'], axis=-1)
 
   def align(out, present):
     """L_align on the unimodal embeddings: the fusion's output for each modality alone."""
@@ -298,8 +306,10 @@ def make_loss_fn(model, stage):
 
   def supervised(params, batch, rng):
     out = apply(params, batch, rng)
-    ce = losses.cross_entropy(out['logits'], batch['label'])
-    accuracy = jnp.mean(jnp.argmax(out['logits'], -1) == batch['label'])
+    scored = labeled(batch)
+    ce = losses.cross_entropy(out['logits'], batch['label'], mask=scored)
+    accuracy = (jnp.sum((jnp.argmax(out['logits'], -1) == batch['label']) & scored)
+                / jnp.maximum(jnp.sum(scored), 1))
     metrics = {'ce': ce, 'accuracy': accuracy}
     loss = stage.ce_weight * ce
     if stage.align_weight > 0:
@@ -321,7 +331,7 @@ def make_loss_fn(model, stage):
     metrics = {'proto': proto, 'accuracy': accuracy}
     loss = stage.proto_weight * proto
     if stage.ce_weight > 0:
-      metrics['ce'] = losses.cross_entropy(out['logits'], batch['label'])
+      metrics['ce'] = losses.cross_entropy(out['logits'], batch['label'], mask=labeled(batch))
       loss += stage.ce_weight * metrics['ce']
     return loss, metrics
 

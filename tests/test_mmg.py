@@ -272,3 +272,25 @@ def test_paper_size_shapes():
     assert params[f'{m}_head']['kernel'].shape == (width, NUM_CLASSES)
     assert params['fusion'][f'proj_{m}']['kernel'].shape == (width, 768)
   assert params['head']['kernel'].shape == (768, NUM_CLASSES)
+
+
+def test_frozen_encoders_run_as_at_evaluation_while_the_fusion_trains():
+  """With drop-path in the encoders and no other randomness, train=True with every encoder
+  frozen is the evaluation output, and without frozen encoders it is not."""
+  config = model_config(modality_dropout=0.0)
+  for m in modalities.MODALITIES:
+    config[m].drop_path = 0.5
+  assert config.fusion.dropout == 0.0 and config.fusion.drop_path == 0.0
+  model = mmg.MMGModel(config=config)
+  batch = make_batch(random_inputs(5), np.ones((BATCH_SIZE, 3), bool))
+
+  @functools.partial(jax.jit, static_argnames=('train', 'frozen'), compiler_options=FAST_COMPILE)
+  def fused(params, train, frozen):
+    return model.apply({'params': params}, batch, train=train, frozen_encoders=frozen,
+                       rngs={'dropout': jax.random.key(3), 'modality': jax.random.key(4)})['fused']
+
+  params = model_params()
+  evaluation = fused(params, False, ())
+  np.testing.assert_array_equal(fused(params, True, modalities.MODALITIES), evaluation)
+  assert not np.allclose(fused(params, True, ()), evaluation, atol=1e-4)
+  assert not np.allclose(fused(params, True, ('audio', 'imu')), evaluation, atol=1e-4)

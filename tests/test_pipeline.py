@@ -169,6 +169,31 @@ def test_labeled_stage_is_blind_to_modalities_it_may_not_see(kind):
                                                       jax.tree.leaves(moved), strict=True))
 
 
+@pytest.mark.parametrize('kind', ['supervised', 'meta'])
+def test_a_clip_with_none_of_the_stage_modalities_adds_nothing_to_l_ce(kind):
+  """Real clips can lack IMU (and audio): in a stage that sees only those, their labels must
+  not be trained on."""
+  config = manyshot.get_config('tiny')
+  stage = common.supervised_stage('tiny', modalities=('imu',), align_weight=0.0)
+  if kind == 'meta':  # L_CE beside L_proto, one 2-way 1-shot 1-query episode
+    stage = common.meta_stage('tiny', [('audio',), ('imu',)])
+    stage.update({'modalities': ('audio', 'imu'), 'n_way': 2, 'k_shot': 1, 'q_query': 1,
+                  'episodes_per_batch': 2, 'proto_weight': 0.0, 'ce_weight': 1.0})
+  model = mmg.MMGModel(config=config.model)
+  rng = np.random.default_rng(0)
+  present = np.ones((8, 3), bool)
+  present[[0, 5], 1:] = False  # clips 0 and 5 have neither audio nor IMU
+  batch = _random_batch(rng, config, 8, present=present)
+  params = _random_params(model, batch, rng)
+  loss_fn = jax.jit(lambda b: pipeline.make_loss_fn(model, stage)(params, b, jax.random.key(1)))
+  loss, _ = loss_fn(batch)
+  relabeled = {**batch, 'label': batch['label'].copy()}
+  relabeled['label'][[0, 5]] = (batch['label'][[0, 5]] + 7) % 65
+  assert loss_fn(relabeled)[0] == loss
+  relabeled['label'][1] = (batch['label'][1] + 7) % 65  # a clip with IMU does count
+  assert loss_fn(relabeled)[0] != loss
+
+
 def test_alignment_trains_the_fusion_that_evaluation_reads():
   """L_align alone moves the fusion's input projection of every modality.
 

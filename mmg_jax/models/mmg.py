@@ -51,13 +51,15 @@ class MMGModel(nn.Module):
   Returns {'fused': [B, embed_dim], 'logits': [B, C], 'unimodal_logits': {m: [B, C]},
   'present': [B, 3]} (+ 'embeddings': {m: [B, embed_dim]} with `unimodal_embeddings`), one
   entry per modality that ran in the dicts, all float32. 'present' is the presence the fusion
-  used.
+  used. The encoders of `frozen_encoders` (modality names) run as at evaluation (no dropout or
+  drop-path) even when `train`: a stage that does not train them reads their features as they
+  are.
   """
   config: ml_collections.ConfigDict  # configs/common.model_config(size)
 
   @nn.compact
   def __call__(self, batch, *, train, modalities=modalities_lib.MODALITIES,
-               unimodal_embeddings=False):
+               unimodal_embeddings=False, frozen_encoders=()):
     config = self.config
     modalities = modalities_lib.check(modalities)
     dtype = jnp.dtype(config.dtype)
@@ -71,7 +73,8 @@ class MMGModel(nn.Module):
     features, unimodal_logits = {}, {}
     for m in modalities:
       x = normalize_video(batch[m], dtype) if m == 'video' else batch[m]
-      pooled, tokens = ENCODERS[m](config[m], dtype=dtype, name=f'{m}_encoder')(x, train=train)
+      encoder = ENCODERS[m](config[m], dtype=dtype, name=f'{m}_encoder')
+      pooled, tokens = encoder(x, train=train and m not in frozen_encoders)
       features[m] = (pooled, tokens)
       unimodal_logits[m] = dense(config.num_classes, name=f'{m}_head')(pooled)
 

@@ -89,8 +89,8 @@ def make_forward(model):
   def forward(params, batch, allowed):
     out = model.apply({'params': params}, restrict(batch, allowed), train=False)
     return {'fused': out['fused'], 'logits': out['logits'],
-            'unimodal_logits': out['unimodal_logits'], 'label': batch['label'],
-            'mask': batch['mask']}
+            'unimodal_logits': out['unimodal_logits'], 'present': out['present'],
+            'label': batch['label'], 'mask': batch['mask']}
 
   return forward
 
@@ -118,25 +118,38 @@ def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh)
 
 
 def top1_row(row, outputs, labels):
-  """A many-shot result row: top-1 of the fused logits under the row's test subset."""
-  correct = np.argmax(outputs[modalities.check(row['test'])]['logits'], axis=-1) == labels
+  """A many-shot result row: top-1 of the fused logits under the row's test subset, over the
+  clips with at least one of the test modalities present (`n` counts them)."""
+  out = outputs[modalities.check(row['test'])]
+  scored = np.any(out['present'], axis=-1)
+  _check_scored(scored, f'row {row["setting"]} {row["train"]} -> {row["test"]}')
+  correct = (np.argmax(out['logits'], axis=-1) == labels)[scored]
   accuracy, ci95 = proportion_ci95(correct)
   return {**row, 'mean': 100 * accuracy, 'ci95': 100 * ci95, 'n': int(correct.size)}
 
 
 def unimodal_rows(outputs, labels, paper):
-  """Unimodal baselines: top-1 of each encoder's own head, one row per modality.
+  """Unimodal baselines: top-1 of each encoder's own head, one row per modality, over the clips
+  where it is present.
 
   outputs: `predict_split` outputs of the params after unimodal pre-training, under the subset
   of every modality (each head reads only its own encoder). paper: {modality: top-1}.
   """
-  rows = []
-  for m in modalities.MODALITIES:
-    correct = np.argmax(outputs[modalities.MODALITIES]['unimodal_logits'][m], -1) == labels
+  rows, out = [], outputs[modalities.MODALITIES]
+  for i, m in enumerate(modalities.MODALITIES):
+    scored = out['present'][:, i]
+    _check_scored(scored, f'the {m} baseline')
+    correct = (np.argmax(out['unimodal_logits'][m], -1) == labels)[scored]
     accuracy, ci95 = proportion_ci95(correct)
     rows.append({'modality': m, 'metric': 'top1', 'mean': 100 * accuracy, 'ci95': 100 * ci95,
                  'n': int(correct.size), 'paper': paper[m]})
   return rows
+
+
+def _check_scored(scored, what):
+  if not np.any(scored):
+    raise ValueError(f'{what}: no evaluation clip has any of its test modalities present, so '
+                     'there is nothing to score; check the dataset build report.')
 
 
 def fewshot_row(row, outputs, support_idx, query_idx):

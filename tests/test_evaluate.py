@@ -49,7 +49,8 @@ def test_unimodal_rows_are_the_top1_of_each_encoder_head():
   heads = {m: RNG.normal(size=(200, 65)) for m in modalities.MODALITIES}
   for i, m in enumerate(modalities.MODALITIES):  # make the heads differ in accuracy
     heads[m][np.arange(0, 200, i + 2), labels[::i + 2]] += 100.0
-  outputs = {modalities.MODALITIES: {'unimodal_logits': heads}}
+  outputs = {modalities.MODALITIES: {'unimodal_logits': heads,
+                                     'present': np.ones((200, 3), bool)}}
   rows = evaluate.unimodal_rows(outputs, labels, {'video': 1.0, 'audio': 2.0, 'imu': 3.0})
   assert [row['modality'] for row in rows] == list(modalities.MODALITIES)
   for row in rows:
@@ -60,6 +61,28 @@ def test_unimodal_rows_are_the_top1_of_each_encoder_head():
     assert row['n'] == 200 and row['metric'] == 'top1'
   assert rows[0]['mean'] > rows[1]['mean'] > rows[2]['mean']
   assert [row['paper'] for row in rows] == [1.0, 2.0, 3.0]
+
+
+def test_clips_without_a_test_modality_are_not_scored():
+  """Real clips can lack IMU: an IMU row and the IMU baseline score only clips that have it."""
+  labels = RNG.integers(0, 65, 100)
+  logits = RNG.normal(size=(100, 65))
+  logits[:50][np.arange(50), labels[:50]] += 100.0  # the first half is right
+  has_imu = np.arange(100) % 4 != 0
+  present = np.stack([np.ones(100, bool), np.ones(100, bool), has_imu], -1)
+  outputs = {('imu',): {'logits': logits, 'present': present & [False, False, True]},
+             modalities.MODALITIES: {'present': present,
+                                     'unimodal_logits': dict.fromkeys(modalities.MODALITIES,
+                                                                      logits)}}
+  row = evaluate.top1_row(_row('missing', modalities.MODALITIES, ['imu'], 'top1'), outputs, labels)
+  correct = (np.argmax(logits, -1) == labels)[has_imu]
+  assert row['n'] == 75 and row['mean'] == pytest.approx(100 * correct.mean())
+  baselines = evaluate.unimodal_rows(outputs, labels, dict.fromkeys(modalities.MODALITIES, 0.0))
+  assert [r['n'] for r in baselines] == [100, 100, 75]
+  assert baselines[2]['mean'] == pytest.approx(100 * correct.mean()) != baselines[0]['mean']
+  outputs[('imu',)]['present'] = np.zeros((100, 3), bool)
+  with pytest.raises(ValueError, match='no evaluation clip has any of its test modalities'):
+    evaluate.top1_row(_row('missing', modalities.MODALITIES, ['imu'], 'top1'), outputs, labels)
 
 
 def test_episode_accuracy_matches_numpy_nearest_prototype():
@@ -100,7 +123,8 @@ def _fake_predict(calls, labels_of_split):
     for subset in subsets:
       rng = np.random.default_rng([len(split), *modalities.mask(subset).astype(int)])
       outputs[subset] = {'fused': rng.normal(size=(labels.size, 4)).astype(np.float32),
-                         'logits': rng.normal(size=(labels.size, 70)).astype(np.float32)}
+                         'logits': rng.normal(size=(labels.size, 70)).astype(np.float32),
+                         'present': np.tile(modalities.mask(subset), (labels.size, 1))}
     return outputs, labels
 
   return predict

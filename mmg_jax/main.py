@@ -11,6 +11,10 @@ processes (one per host), every process runs this same command:
     more than one task are detected without it); jax.distributed finds its peers itself.
   - elsewhere: --coordinator_address=HOST:PORT (process 0's) --num_processes=N --process_id=I.
 Each process reads its own shard of the data; only process 0 writes logs and reports.
+
+One run at a time per workdir (mmg_jax/workdir.py's lock). Results (results.json/md, plots) are
+written after each pipeline's rows. Bad input and stopped stages print one paragraph and exit 1;
+--verbosity=1 shows the traceback.
 """
 import os
 
@@ -35,8 +39,10 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-based")
 flags.mark_flag_as_required('config')
-# What a user can fix (config, data, workdir): one paragraph, no traceback. By convention the
-# project raises ValueError for bad input; anything else is a bug and keeps its traceback.
+# What a user can fix (config, data, workdir): one paragraph and exit status 1, no traceback. By
+# convention the project raises ValueError for bad input, and a stage that stops (non-finite
+# loss, failed save, preemption) raises train.StageStopped; anything else is a bug and keeps its
+# traceback.
 USER_ERRORS = (ValueError,)
 
 
@@ -82,19 +88,19 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config']))
   # Imported once the flags are known good: the pipeline pulls in every model and loader.
+  import mmg_jax.workdir
   from mmg_jax import pipeline, train
   if jax.process_index() == 0:
     print(f'{jax.process_count()} process(es), {jax.device_count()} devices; workdir '
           f'{workdir}', flush=True)
   try:
-    pipeline.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
-  except train.Preempted as e:
-    raise SystemExit(str(e)) from e
-  except USER_ERRORS as e:
+    with mmg_jax.workdir.lock(workdir, process_index=jax.process_index()):
+      pipeline.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
+  except (*USER_ERRORS, train.StageStopped, mmg_jax.workdir.WorkdirBusy) as e:
     if flags.FLAGS.verbosity >= 1:
       raise
-    raise SystemExit(f'error: {e}\n(run with --verbosity=1 for the traceback)') from e
-
+    hint = '' if isinstance(e, train.Preempted) else '\n(run with --verbosity=1 for the traceback)'
+    raise SystemExit(f'error: {e}{hint}') from e
 
 if __name__ == '__main__':
   app.run(main)

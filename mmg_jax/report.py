@@ -17,6 +17,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+import mmg_jax.workdir
 from mmg_jax import modalities
 
 _NAMES = {short: name for name, short in modalities.SHORT.items()}
@@ -188,15 +189,7 @@ def plot_links(paths, workdir):
 
 
 def _write_markdown(workdir, text):
-  _write_text(os.path.join(workdir, 'results.md'), text)
-
-
-def _write_text(path, text):
-  """Writes `path` whole or not at all (a temp file renamed over it): a crash mid-write leaves
-  the previous results."""
-  with open(f'{path}.tmp', 'w') as f:
-    f.write(text)
-  os.replace(f'{path}.tmp', path)
+  mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.md'), text)
 
 
 def redraw(workdir, models=None):
@@ -229,8 +222,8 @@ def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
     print(text, flush=True)
   os.makedirs(workdir, exist_ok=True)
   _write_markdown(workdir, text)
-  _write_text(os.path.join(workdir, 'results.json'),
-              json.dumps(to_json(kind, rows, unimodal), indent=2) + '\n')
+  mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.json'),
+                                    json.dumps(to_json(kind, rows, unimodal), indent=2) + '\n')
   if plots:
     redraw(workdir)
   return text

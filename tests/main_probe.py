@@ -14,8 +14,9 @@ from absl import app
 from mmg_jax import main
 
 
-def _report(config, workdir):
+def _report(config, workdir, *, train_missing):
   print(json.dumps({'config': config.to_dict(), 'workdir': workdir,
+                    'train_missing': train_missing,
                     'process_index': jax.process_index(), 'process_count': jax.process_count(),
                     'device_count': jax.device_count()}), flush=True)
 
@@ -23,5 +24,6 @@ def _report(config, workdir):
 if __name__ == '__main__':
   # Stand-ins for the modules main imports after parsing flags (they load models and data).
   sys.modules['mmg_jax.pipeline'] = types.SimpleNamespace(run=_report)
-  sys.modules['mmg_jax.train'] = types.SimpleNamespace(Preempted=RuntimeError)
+  sys.modules['mmg_jax.train'] = types.SimpleNamespace(Preempted=RuntimeError,
+                                                       StageStopped=RuntimeError)
   app.run(main.main)

@@ -1,13 +1,15 @@
 """Bad input through the public entry points: each is refused before anything trains, with one
 paragraph that names what is wrong and where, and nothing of an earlier run is lost."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from configs import fewshot, manyshot
-from mmg_jax import pipeline
+import mmg_jax.workdir
+from configs import common, fewshot, manyshot
+from mmg_jax import pipeline, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,6 +97,34 @@ def test_the_cli_prints_one_paragraph_and_the_traceback_only_when_asked(tmp_path
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert result.stderr.startswith("error: stage 'multimodal' of pipeline 'train_VAI': "
                                   "optimizer.trainable names ['fusoin']")
-  assert '--verbosity=1 for the traceback' in result.stderr and os.listdir(tmp_path) == []
+  assert '--verbosity=1 for the traceback' in result.stderr
+  assert os.listdir(tmp_path) == [mmg_jax.workdir.LOCK_FILE]  # and no stage directory
   result = _main(f'--workdir={tmp_path}', flag, '--verbosity=1')
   assert result.returncode == 1 and 'Traceback' in result.stderr
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
+  with mmg_jax.workdir.lock(str(tmp_path)):
+    result = _main(f'--workdir={tmp_path}')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert f'error: {tmp_path} is in use by pid {os.getpid()}' in result.stderr
+  assert os.listdir(tmp_path) == [mmg_jax.workdir.LOCK_FILE]
+
+
+def test_a_loss_that_diverges_stops_the_run_and_keeps_the_earlier_pipelines_results(tmp_path):
+  """Pipeline 'a' is evaluated and written; 'b' (a learning rate that sends the params to
+  infinity) stops at its first non-finite step, and no result comes from its params."""
+  config = fewshot.get_config('tiny')
+  good, bad = common.unimodal_stage('tiny'), common.unimodal_stage('tiny')
+  bad.optimizer.update({'learning_rate': 1e30, 'warmup_steps': 0})
+  config.pipelines = {'a': common.pipeline(good), 'b': common.pipeline(bad)}
+  for i, row in enumerate(config.eval.rows):
+    row.pipeline = 'a' if i < 7 else 'b'
+  with pytest.raises(train.NonFinite, match=r"stage 'unimodal'.* step 2"):
+    pipeline.run(config, str(tmp_path))
+  doc = json.loads((tmp_path / 'results.json').read_text())
+  assert not doc['complete']
+  assert [row['mean'] is None for row in doc['rows']] == [False] * 7 + [True] * 6
+  assert '| zero-shot | A | V | pending |' in (tmp_path / 'results.md').read_text()
+  assert not (tmp_path / 'b' / 'unimodal' / 'checkpoints').exists() or not os.listdir(
+      tmp_path / 'b' / 'unimodal' / 'checkpoints')

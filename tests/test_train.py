@@ -212,9 +212,11 @@ def _run_main_probe(tmp_path, *flags):
   config_file.write_text('import ml_collections\n\n\ndef get_config(arg=None):\n'
                          "  return ml_collections.ConfigDict({'size': arg or 'small', "
                          "'seed': 0})\n")
+  # Run from tmp_path, so that the default workdir (and main's lock file in it) lands there.
   return subprocess.run(
       [sys.executable, '-m', 'tests.main_probe', f'--config={config_file}:tiny', *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      cwd=tmp_path, env=os.environ | {'PYTHONPATH': REPO}, capture_output=True, text=True,
+      timeout=120)
 
 
 def test_main_hands_the_overridden_config_and_default_workdir_to_the_pipeline(tmp_path):
@@ -223,7 +225,8 @@ def test_main_hands_the_overridden_config_and_default_workdir_to_the_pipeline(tm
   report = json.loads(process.stdout.strip().splitlines()[-1])
   assert report['config'] == {'size': 'tiny', 'seed': 3}
   assert report['workdir'] == os.path.join('runs', 'experiment_tiny')
-  assert report['process_count'] == 1
+  assert report['process_count'] == 1 and report['train_missing']
+  assert (tmp_path / 'runs' / 'experiment_tiny' / 'run.lock').is_file()
 
 
 def test_main_names_the_missing_distributed_flags(tmp_path):

@@ -17,6 +17,8 @@ written after each pipeline's rows. Bad input and stopped stages print one parag
 --verbosity=1 shows the traceback.
 """
 import os
+import sys
+import threading
 
 import jax
 from absl import app, flags, logging
@@ -38,6 +40,9 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, "HOST:PORT where process 0 serves the coordination service")
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-based")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'seconds a process waits for its peers at start-up before it '
+    'exits with a message naming the coordinator')
 flags.mark_flag_as_required('config')
 # What a user can fix (config, data, workdir): one paragraph and exit status 1, no traceback. By
 # convention the project raises ValueError for bad input, and a stage that stops (non-finite
@@ -76,6 +81,38 @@ def distributed_arguments(mode, coordinator_address, num_processes, process_id, 
   return None
 
 
+def start_distributed(arguments, timeout):
+  """jax.distributed.initialize, or exit 2 with a message when the peers do not all arrive
+  within `timeout` seconds.
+
+  jax aborts the process without a Python exception (and with a C++ stack naming no process)
+  when its own initialization_timeout expires; ours fires first, so the user reads who waited
+  for whom.
+  """
+  address = arguments.get('coordinator_address') or 'the address jax.distributed detected'
+  process_id, count = arguments.get('process_id'), arguments.get('num_processes')
+  if process_id == 0:
+    missing = f'processes 1..{count - 1} did not all' if count else 'not every process did'
+    text = f'{missing} reach the coordinator (this process, at {address})'
+  else:
+    text = f'process {process_id} could not reach the coordinator (process 0) at {address}'
+
+  def give_up():
+    print(f'error: {text} within --distributed_timeout={timeout} s. Start every process with '
+          'the same --coordinator_address and --num_processes, check that process 0 runs and '
+          'that the port is reachable, or raise --distributed_timeout.', file=sys.stderr,
+          flush=True)
+    os._exit(2)  # the jax client thread blocks a normal exit
+
+  timer = threading.Timer(timeout, give_up)
+  timer.daemon = True
+  timer.start()
+  try:
+    jax.distributed.initialize(**arguments, initialization_timeout=timeout + 30)
+  finally:
+    timer.cancel()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -84,7 +121,7 @@ def main(argv):
   arguments = distributed_arguments(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                                     _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
   if arguments is not None:
-    jax.distributed.initialize(**arguments)
+    start_distributed(arguments, _DISTRIBUTED_TIMEOUT.value)
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config']))
   # Imported once the flags are known good: the pipeline pulls in every model and loader.

@@ -117,8 +117,10 @@ def test_the_launchers_two_processes_give_the_one_process_table(tmp_path):
   """
   config = ['--config=configs/fewshot.py:tiny', '--config.eval.fewshot.num_episodes=10']
   env = os.environ | {'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']}
-  # Optimization level 0 halves the compile time, which is nearly all of these runs.
-  xla_flags = '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={}'
+  # Optimization level 0 halves the compile time, which is nearly all of these runs; the flags
+  # as test_pipeline's and the notebook's runs give them, so the session's compilation cache
+  # serves the programs they share.
+  xla_flags = '--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0'
   commands = {'two': ['./run.sh', 'local-multiprocess', '2', config[0][len('--config='):],
                       *config[1:]],
               'one': [sys.executable, '-m', 'mmg_jax.main', *config]}

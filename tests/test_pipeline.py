@@ -20,17 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def main_env(tmp_path_factory):
+def main_env():
   """Environment of the end-to-end `python -m mmg_jax.main` runs.
 
   They compile some programs twice (the resumed run; the stages and the evaluation that the
-  few-shot and many-shot configs share): a shared persistent compilation cache compiles each
-  once. LLVM optimization level 0 halves the compile time of the tiny model, which dominates
-  these runs (the tiny steps run in milliseconds either way).
+  few-shot and many-shot configs, the notebook and the launcher test share): the session's
+  persistent compilation cache (conftest.py) compiles each once, for programs of 0.5 s or more.
+  LLVM optimization level 0 halves the compile time of the tiny model, which dominates these
+  runs (the tiny steps run in milliseconds either way).
   """
   xla_flags = os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
   return os.environ | {'XLA_FLAGS': xla_flags,
-                       'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
                        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
 
 

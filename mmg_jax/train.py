@@ -245,8 +245,11 @@ class StageLog:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc_info):
-    self.close()
+  def __exit__(self, exc_type, *exc_info):
+    # Closing flushes the event file; on a full disk that fails too, and must not hide the
+    # error that stopped the stage (SaveFailed).
+    with contextlib.suppress(OSError) if exc_type else contextlib.nullcontext():
+      self.close()
 
 
 def _message(name, text):

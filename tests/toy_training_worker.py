@@ -2,9 +2,13 @@
 
   python -m tests.toy_training_worker --workdir=DIR --output=params.npz [--gate_fifo=F ...]
 
-Exit status 3 means the stage stopped on a preemption notice after saving a checkpoint.
+Exit status 3 means the stage stopped on a preemption notice after saving a checkpoint, 4 that
+it stopped on another train.StageStopped (a failed save, a non-finite step); the message is on
+stdout. A write past a file size limit (a test's stand-in for a full disk) fails with EFBIG
+instead of killing the worker.
 """
 import argparse
+import signal
 import sys
 
 # tensorboardX imports torch when it is installed: seconds of start-up this worker never needs.
@@ -18,6 +22,7 @@ from mmg_jax import sharding, train  # noqa: E402
 from tests import toy_task  # noqa: E402
 
 PREEMPTED_EXIT_CODE = 3
+STOPPED_EXIT_CODE = 4
 
 
 def parse_args(argv):
@@ -27,6 +32,7 @@ def parse_args(argv):
   parser.add_argument('--num_steps', type=int, default=12)
   parser.add_argument('--checkpoint_every', type=int, default=4)
   parser.add_argument('--log_every', type=int, default=1)
+  parser.add_argument('--keep', type=int, default=2, help='checkpoints kept')
   parser.add_argument('--dropout', type=float, default=0.1)
   parser.add_argument('--gate_fifo', help='FIFO that the gated read waits on')
   parser.add_argument('--gate_read', type=int, help='which data read (1-based) waits')
@@ -38,6 +44,7 @@ def parse_args(argv):
 
 def main(argv):
   args = parse_args(argv)
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id,
@@ -46,10 +53,13 @@ def main(argv):
   try:
     params = toy_task.run(args.workdir, sharding.make_mesh(), num_steps=args.num_steps,
                           dropout=args.dropout, source=source, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every)
+                          checkpoint_every=args.checkpoint_every, keep=args.keep)
   except train.Preempted as e:
     print(e, flush=True)
     return PREEMPTED_EXIT_CODE
+  except train.StageStopped as e:
+    print(e, flush=True)
+    return STOPPED_EXIT_CODE
   params = sharding.gather(params)  # a collective: every process takes part
   if args.output and jax.process_index() == 0:
     np.savez(args.output, **traverse_util.flatten_dict(params, sep='/'))

@@ -416,7 +416,8 @@ def test_evaluate_only_names_every_unfinished_stage(main_env, tmp_path):
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   for stage in ('unimodal', 'multimodal', 'meta'):
     assert f'{tmp_path}/train_VAI/{stage}: no checkpoint' in result.stderr
-  assert 'without --mode=evaluate' in result.stderr and not os.listdir(tmp_path)
+  assert 'without --mode=evaluate' in result.stderr
+  assert os.listdir(tmp_path) == ['run.lock']  # main's lock; no stage directory
 
 
 def test_only_selects_rows_by_setting_pipeline_or_modalities():

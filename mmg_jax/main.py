@@ -91,9 +91,11 @@ def start_distributed(arguments, timeout):
   """
   address = arguments.get('coordinator_address') or 'the address jax.distributed detected'
   process_id, count = arguments.get('process_id'), arguments.get('num_processes')
-  if process_id == 0:
-    missing = f'processes 1..{count - 1} did not all' if count else 'not every process did'
-    text = f'{missing} reach the coordinator (this process, at {address})'
+  if process_id is None:  # found by jax from the cluster (TPU, SLURM, Open MPI)
+    text = f'the processes did not all reach the coordinator at {address}'
+  elif process_id == 0:
+    text = (f'processes 1..{count - 1} did not all reach the coordinator (this process, at '
+            f'{address})')
   else:
     text = f'process {process_id} could not reach the coordinator (process 0) at {address}'
 
@@ -138,6 +140,7 @@ def main(argv):
       raise
     hint = '' if isinstance(e, train.Preempted) else '\n(run with --verbosity=1 for the traceback)'
     raise SystemExit(f'error: {e}{hint}') from e
+
 
 if __name__ == '__main__':
   app.run(main)

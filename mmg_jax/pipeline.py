@@ -164,11 +164,14 @@ def check_feasible(config, names, mesh):
       labels[split] = loaders.split_labels(source(split))
     return labels[split]
 
+  batch, params_of = example_batch(config.dataset), {}
   for name in names:
     pipeline = config.pipelines[name]
-    params = jax.eval_shape(functools.partial(
-        init_params, mmg.MMGModel(config=model_config(config, pipeline)),
-        example_batch(config.dataset), config.seed))
+    model_cfg = model_config(config, pipeline)
+    if model_cfg.to_json() not in params_of:  # one trace per model, not per pipeline
+      params_of[model_cfg.to_json()] = jax.eval_shape(functools.partial(
+          init_params, mmg.MMGModel(config=model_cfg), batch, config.seed))
+    params = params_of[model_cfg.to_json()]
     for stage in pipeline.stages:
       where = f'stage {stage.name!r} of pipeline {name!r}'
       try:

@@ -370,7 +370,7 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(main_env, tmp_path):
   assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
   # Re-running the same command trains nothing again and reproduces the results.
   out = _main(main_env, 'configs/fewshot.py:tiny', workdir)
-  assert out.count('finished earlier') == 3  # run_stage's word for a skipped stage
+  assert out.count('finished earlier') == 3  # train_pipeline's word for a stage it skips
   assert _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc
 

@@ -7,6 +7,8 @@ outputs on the host:
 - few-shot ('5w5s_acc'): N-way K-shot episodes on the `novel` split, prototypes from the fused
   embeddings of the support under the row's support subset (`train`), queries under its query
   subset (`test`); one fixed episode list (seeded) serves every row.
+Clips without any of a row's test (query, support) modalities are not scored (real Ego4D clips
+may lack IMU); `n` counts what was scored.
 Numbers are percentages with a 95% confidence interval, as the paper reports them.
 """
 import functools
@@ -66,17 +68,38 @@ def prototype_embedding(fused, temperature=1.0):
 
 
 @jax.jit
-def episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx):
+def episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx,
+                     support_valid=None, query_valid=None):
   """Accuracy of each episode: the query's nearest prototype must be its own class.
 
   support_embeddings, query_embeddings: [num_examples, D], the same examples embedded under the
   support and the query modalities; support_idx [E, N, K], query_idx [E, N, Q] index them (row n
-  of an episode is class n). Prototypes and distances are those of the meta-training loss
-  (`losses.proto_loss`). Returns [E] float32 accuracies in [0, 1].
+  of an episode is class n). support_valid, query_valid: [num_examples] bool, whether an example
+  has any of the support (query) modalities (None: all). Prototypes, distances and masking are
+  those of the meta-training loss (`losses.proto_loss`). Returns [E] float32 accuracies in
+  [0, 1], over each episode's valid queries; `scorable_episodes` says which episodes count.
   """
-  _, accuracy = jax.vmap(losses.proto_loss)(support_embeddings[support_idx],
-                                            query_embeddings[query_idx])
+  support_valid = _all_valid(support_valid, support_embeddings)
+  query_valid = _all_valid(query_valid, query_embeddings)
+  _, accuracy = jax.vmap(losses.proto_loss)(
+      support_embeddings[support_idx], query_embeddings[query_idx], support_valid[support_idx],
+      query_valid[query_idx])
   return accuracy
+
+
+def scorable_episodes(support_idx, query_idx, support_valid, query_valid):
+  """[E] bool: episodes where every class has a valid support clip and some query is valid.
+
+  An episode missing a class's prototype would be scored as an easier (N-1)-way task, so it is
+  left out of the row rather than scored; inputs as `episode_accuracy`'s (numpy).
+  """
+  support_valid, query_valid = np.asarray(support_valid), np.asarray(query_valid)
+  every_class = np.all(np.any(support_valid[support_idx], axis=2), axis=1)
+  return every_class & np.any(query_valid[query_idx], axis=(1, 2))
+
+
+def _all_valid(valid, embeddings):
+  return jnp.ones(embeddings.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
 
 
 def make_forward(model):
@@ -154,12 +177,22 @@ def _check_scored(scored, what):
 
 def fewshot_row(row, outputs, support_idx, query_idx):
   """A few-shot result row: support under `row['train']`, query under `row['test']`, nearest
-  prototype in `prototype_embedding` space."""
-  support, query = (prototype_embedding(outputs[modalities.check(row[k])]['fused'])
-                    for k in ('train', 'test'))
-  accuracies = episode_accuracy(support, query, support_idx, query_idx)
-  mean, ci95 = mean_ci95(np.asarray(accuracies))
-  return {**row, 'mean': 100 * mean, 'ci95': 100 * ci95, 'n': int(support_idx.shape[0])}
+  prototype in `prototype_embedding` space, over the episodes `scorable_episodes` keeps (`n`
+  counts them): clips without any of the row's support (query) modalities are neither
+  prototypes nor queries."""
+  support, query = (outputs[modalities.check(row[k])] for k in ('train', 'test'))
+  support_valid, query_valid = (np.any(out['present'], axis=-1) for out in (support, query))
+  accuracies = episode_accuracy(prototype_embedding(support['fused']),
+                                prototype_embedding(query['fused']), support_idx, query_idx,
+                                support_valid, query_valid)
+  scored = scorable_episodes(support_idx, query_idx, support_valid, query_valid)
+  if not np.any(scored):
+    raise ValueError(f'row {row["setting"]} {row["train"]} -> {row["test"]}: no evaluation '
+                     'episode has a support clip with the support modalities for every class '
+                     'and a query clip with the query modalities, so there is nothing to score; '
+                     'check the dataset build report.')
+  mean, ci95 = mean_ci95(np.asarray(accuracies)[scored])
+  return {**row, 'mean': 100 * mean, 'ci95': 100 * ci95, 'n': int(np.sum(scored))}
 
 
 def sample_eval_episodes(labels, fewshot):

@@ -7,6 +7,9 @@ import jax.numpy as jnp
 
 from mmg_jax import modalities
 
+# The logit of a class without a prototype in an episode: far below any squared distance.
+NO_PROTOTYPE = -1e30
+
 
 def cross_entropy(logits, labels, mask=None):
   """L_CE: mean softmax cross-entropy over the unmasked examples.
@@ -63,14 +66,17 @@ def align_loss(z_video, z_others, *, temperature, valid=None):
   return total
 
 
-def proto_loss(support, query):
+def proto_loss(support, query, support_valid=None, query_valid=None):
   """L_proto of one episode: prototypical cross-entropy of the queries, and their accuracy.
 
-  Prototypes are the support means of each class; logits are negative squared Euclidean
+  Prototypes are the means of each class's valid support; logits are negative squared Euclidean
   distances from each query to every prototype. Row n of `support` and `query` is class n.
-  vmap over a leading episode axis for batches of episodes.
+  Invalid entries (clips without the episode's modalities) take no part: a class with no valid
+  support has no prototype (it can be neither predicted nor scored), and only valid queries of
+  classes with a prototype are scored. vmap over a leading episode axis for batches of episodes.
 
-  support: [N, K, D]; query: [N, Q, D]. Returns (loss, accuracy), scalars.
+  support: [N, K, D]; query: [N, Q, D]; support_valid: [N, K], query_valid: [N, Q] bool (None:
+  all valid). Returns (loss, accuracy), scalars; both 0 when no query is scored.
   """
   _check_shape('support', support, 3)
   _check_shape('query', query, 3)
@@ -78,15 +84,23 @@ def proto_loss(support, query):
     raise ValueError(f'query [N, Q, D] {query.shape} must match support [N, K, D] '
                      f'{support.shape} in N (classes) and D (embedding size).')
   n_way, q_query, _ = query.shape
-  prototypes = support.astype(jnp.float32).mean(axis=1)  # [N, D]
+  support_valid = _valid_or_all('support_valid', support_valid, support.shape[:2])
+  query_valid = _valid_or_all('query_valid', query_valid, query.shape[:2])
+  counts = jnp.sum(support_valid, axis=1)  # [N]
+  weights = support_valid.astype(jnp.float32)[..., None]
+  prototypes = (jnp.sum(support.astype(jnp.float32) * weights, axis=1)
+                / jnp.maximum(counts, 1)[:, None])  # [N, D]
   queries = query.astype(jnp.float32).reshape(n_way * q_query, -1)
   logits = -jnp.sum((queries[:, None, :] - prototypes[None, :, :]) ** 2, axis=-1)  # [N*Q, N]
+  # A finite floor, not -inf: one_hot * log_softmax must stay finite for the masked columns.
+  logits = jnp.where(counts[None, :] > 0, logits, NO_PROTOTYPE)
   labels = jnp.repeat(jnp.arange(n_way), q_query)
-  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-  return cross_entropy(logits, labels), accuracy
+  scored = (query_valid & (counts > 0)[:, None]).reshape(-1)
+  accuracy = _masked_mean(jnp.argmax(logits, axis=-1) == labels, scored)
+  return cross_entropy(logits, labels, mask=scored), accuracy
 
 
-def cross_modal_proto_loss(embeddings, *, n_way, k_shot, q_query):
+def cross_modal_proto_loss(embeddings, *, n_way, k_shot, q_query, valid=None):
   """Cross-modal L_proto: proto_loss over a batch of episodes embedded in one forward pass.
 
   The batch holds episodes laid out [E, N, K+Q] flattened on the batch axis (support first in
@@ -94,17 +108,28 @@ def cross_modal_proto_loss(embeddings, *, n_way, k_shot, q_query):
   from its episode's support or query modality subset (`episodes.sample_episode_modalities`), so
   prototypes and queries come from different modalities.
 
-  embeddings: [E * N * (K+Q), D] (the model's 'fused'). Returns (loss, accuracy), means over
-  the E episodes.
+  embeddings: [E * N * (K+Q), D] (the model's 'fused'); valid: [E * N * (K+Q)] bool, False for
+  rows that had none of their subset's modalities (None: all valid). Returns (loss, accuracy),
+  means over the E episodes.
   """
   _check_shape('embeddings', embeddings, 2)
   per_episode = n_way * (k_shot + q_query)
   if embeddings.shape[0] % per_episode:
     raise ValueError(f'embeddings {embeddings.shape} must hold whole {n_way}-way {k_shot}-shot '
                      f'{q_query}-query episodes: a batch of a multiple of {per_episode} rows.')
+  valid = _valid_or_all('valid', valid, embeddings.shape[:1])
   episodes = embeddings.reshape(-1, n_way, k_shot + q_query, embeddings.shape[1])
-  losses, accuracies = jax.vmap(proto_loss)(episodes[:, :, :k_shot], episodes[:, :, k_shot:])
+  valid = valid.reshape(episodes.shape[:3])
+  losses, accuracies = jax.vmap(proto_loss)(episodes[:, :, :k_shot], episodes[:, :, k_shot:],
+                                            valid[:, :, :k_shot], valid[:, :, k_shot:])
   return losses.mean(), accuracies.mean()
+
+
+def _valid_or_all(name, valid, shape):
+  if valid is None:
+    return jnp.ones(shape, bool)
+  _check_shape(name, valid, len(shape), shape)
+  return jnp.asarray(valid, bool)
 
 
 def _l2_normalize(z, eps=1e-6):

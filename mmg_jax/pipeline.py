@@ -321,7 +321,9 @@ def make_loss_fn(model, stage):
     return loss, metrics
 
   def meta(params, batch, rng):
-    """Presence is drawn for the episodes of `batch` itself: a micro-batch holds fewer."""
+    """Presence is drawn for the episodes of `batch` itself: a micro-batch holds fewer. A clip
+    with none of its episode subset's modalities (real Ego4D clips may lack IMU) is neither a
+    prototype nor a scored query."""
     episode_rng, rng = jax.random.split(rng)
     present = batch['present'] & episodes.sample_episode_modalities(
         episode_rng, num_episodes=_num_episodes(stage, batch['present'].shape[0]),
@@ -330,7 +332,7 @@ def make_loss_fn(model, stage):
     out = apply(params, {**batch, 'present': present}, rng)
     proto, accuracy = losses.cross_modal_proto_loss(
         evaluate.prototype_embedding(out['fused'], stage.temperature), n_way=stage.n_way,
-        k_shot=stage.k_shot, q_query=stage.q_query)
+        k_shot=stage.k_shot, q_query=stage.q_query, valid=jnp.any(present, axis=-1))
     metrics = {'proto': proto, 'accuracy': accuracy}
     loss = stage.proto_weight * proto
     if stage.ce_weight > 0:

@@ -16,16 +16,24 @@ def _evaluation(num_episodes=40):
                   'seed': 7}})
 
 
-def _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx):
-  """Nearest prototype under squared Euclidean distance, one episode at a time."""
+def _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx,
+                            support_valid=None, query_valid=None):
+  """Nearest prototype under squared Euclidean distance, one episode at a time, over the valid
+  clips; NaN for an episode with a class without valid support or without valid queries."""
+  support_valid = np.ones(len(support_embeddings), bool) if support_valid is None else support_valid
+  query_valid = np.ones(len(query_embeddings), bool) if query_valid is None else query_valid
   accuracies = []
   for s_idx, q_idx in zip(support_idx, query_idx, strict=True):
-    prototypes = support_embeddings[s_idx].mean(axis=1)  # [N, D]
+    if not all(support_valid[row].any() for row in s_idx):
+      accuracies.append(np.nan)
+      continue
+    prototypes = np.stack([support_embeddings[row[support_valid[row]]].mean(axis=0)
+                           for row in s_idx])  # [N, D]
     correct = []
     for n, row in enumerate(q_idx):
-      for q in query_embeddings[row]:
+      for q in query_embeddings[row[query_valid[row]]]:
         correct.append(np.argmin(((prototypes - q) ** 2).sum(-1)) == n)
-    accuracies.append(np.mean(correct))
+    accuracies.append(np.mean(correct) if correct else np.nan)
   return np.array(accuracies)
 
 
@@ -98,6 +106,41 @@ def test_episode_accuracy_matches_numpy_nearest_prototype():
   want = _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx)
   np.testing.assert_allclose(got, want, atol=1e-6)
   assert 0 < want.mean() < 1
+
+
+def test_episodes_skip_clips_without_the_row_modalities():
+  """A clip lacking the support (query) modalities is neither a prototype nor a query; an
+  episode left without a prototype for some class is not scored."""
+  support_embeddings = RNG.normal(size=(NOVEL.size, 6)).astype(np.float32)
+  query_embeddings = support_embeddings + 0.8 * RNG.normal(size=support_embeddings.shape)
+  support_valid, query_valid = RNG.uniform(size=(2, NOVEL.size)) < [[0.5], [0.7]]
+  support_idx, query_idx = (np.asarray(x) for x in evaluate.sample_eval_episodes(
+      NOVEL, _evaluation(num_episodes=60).fewshot))
+  got = np.asarray(evaluate.episode_accuracy(support_embeddings, query_embeddings, support_idx,
+                                             query_idx, support_valid, query_valid))
+  want = _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx,
+                                 support_valid, query_valid)
+  scored = evaluate.scorable_episodes(support_idx, query_idx, support_valid, query_valid)
+  np.testing.assert_array_equal(scored, ~np.isnan(want))
+  assert 0 < scored.sum() < 60  # both kinds of episode occur
+  np.testing.assert_allclose(got[scored], want[scored], atol=1e-6)
+
+  # Through a few-shot row: the same episodes, on outputs whose `present` marks the clips.
+  present = np.zeros((NOVEL.size, 3), bool)
+  outputs = {('video',): {'fused': support_embeddings, 'present': present.copy()},
+             ('audio',): {'fused': query_embeddings, 'present': present.copy()}}
+  outputs['video',]['present'][:, 0] = support_valid
+  outputs['audio',]['present'][:, 1] = query_valid
+  row = evaluate.fewshot_row(_row('zero-shot', ['video'], ['audio'], '5w5s_acc'), outputs,
+                             support_idx, query_idx)
+  unit = _numpy_episode_accuracy(_unit(support_embeddings), _unit(query_embeddings),
+                                 support_idx, query_idx, support_valid, query_valid)
+  assert row['n'] == scored.sum()
+  np.testing.assert_allclose(row['mean'], 100 * np.nanmean(unit), rtol=1e-6)
+  outputs['audio',]['present'][:] = False
+  with pytest.raises(ValueError, match='no evaluation episode'):
+    evaluate.fewshot_row(_row('zero-shot', ['video'], ['audio'], '5w5s_acc'), outputs,
+                         support_idx, query_idx)
 
 
 def _unit(x):

@@ -191,16 +191,22 @@ def test_align_loss_rejects_non_positive_temperature():
 # proto_loss and cross_modal_proto_loss
 
 
-def numpy_proto_loss(support, query):
-  """Prototypes, squared distances and cross-entropy, query by query."""
-  prototypes = support.astype(np.float64).mean(axis=1)
+def numpy_proto_loss(support, query, support_valid=None, query_valid=None):
+  """Prototypes, squared distances and cross-entropy, query by query; invalid support clips
+  leave their class's mean, classes without valid support leave the candidates, and only valid
+  queries of the remaining classes are scored."""
+  n_way = support.shape[0]
+  support_valid = np.ones(support.shape[:2], bool) if support_valid is None else support_valid
+  query_valid = np.ones(query.shape[:2], bool) if query_valid is None else query_valid
+  classes = [n for n in range(n_way) if support_valid[n].any()]
+  prototypes = [support[n][support_valid[n]].astype(np.float64).mean(axis=0) for n in classes]
   nlls, hits = [], []
-  for n in range(query.shape[0]):
-    for q in query[n].astype(np.float64):
+  for n in classes:
+    for q in query[n][query_valid[n]].astype(np.float64):
       logits = -np.array([np.sum((q - p) ** 2) for p in prototypes])
-      nlls.append(numpy_cross_entropy(logits[None], np.array([n]))[0])
-      hits.append(np.argmax(logits) == n)
-  return np.mean(nlls), np.mean(hits)
+      nlls.append(numpy_cross_entropy(logits[None], np.array([classes.index(n)]))[0])
+      hits.append(classes[np.argmax(logits)] == n)
+  return (np.mean(nlls), np.mean(hits)) if nlls else (0.0, 0.0)
 
 
 def test_proto_loss_matches_numpy():
@@ -264,3 +270,44 @@ def test_cross_modal_proto_loss_gradients_are_finite():
 def test_cross_modal_proto_loss_rejects_partial_episodes():
   with pytest.raises(ValueError, match='multiple of 20 rows'):
     losses.cross_modal_proto_loss(np.zeros((30, 4)), n_way=4, k_shot=2, q_query=3)
+
+
+def test_masked_proto_loss_matches_numpy_on_the_valid_clips_only():
+  """Invalid clips (no episode modality) change nothing, whatever their embeddings hold."""
+  support, query = random((4, 3, 6), 72), random((4, 5, 6), 73)
+  support_valid = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)
+  query_valid = np.array([[1, 0, 1, 1, 1], [1, 1, 1, 1, 0], [1] * 5, [0, 1, 1, 1, 1]], bool)
+  loss, accuracy = jax.jit(losses.proto_loss)(support, query, support_valid, query_valid)
+  expected_loss, expected_accuracy = numpy_proto_loss(support, query, support_valid, query_valid)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(accuracy, expected_accuracy, rtol=1e-6)
+  garbage = np.where(support_valid[..., None], support, 1e6), np.where(query_valid[..., None],
+                                                                       query, -1e6)
+  np.testing.assert_allclose(losses.proto_loss(*garbage, support_valid, query_valid),
+                             (loss, accuracy), rtol=1e-6)
+  grads = jax.grad(lambda s, q: losses.proto_loss(s, q, support_valid, query_valid)[0],
+                   (0, 1))(support, query)
+  assert_finite_tree(grads)
+  np.testing.assert_array_equal(grads[0][~support_valid], 0)
+  np.testing.assert_array_equal(grads[1][~query_valid], 0)
+
+
+def test_proto_loss_without_any_valid_support_scores_nothing():
+  support, query = random((3, 2, 4), 74), random((3, 2, 4), 75)
+  none = np.zeros((3, 2), bool)
+  loss, accuracy = losses.proto_loss(support, query, none, np.ones((3, 2), bool))
+  assert float(loss) == 0.0 and float(accuracy) == 0.0
+  assert_finite_tree(jax.grad(lambda s: losses.proto_loss(s, query, none)[0])(support))
+
+
+def test_cross_modal_proto_loss_masks_invalid_rows_of_each_episode():
+  num_episodes, n_way, k_shot, q_query = 2, 3, 2, 2
+  episodes = random((num_episodes, n_way, k_shot + q_query, 5), 92)
+  valid = np.random.default_rng(93).uniform(size=episodes.shape[:3]) < 0.7
+  loss, accuracy = jax.jit(lambda e, v: losses.cross_modal_proto_loss(
+      e, n_way=n_way, k_shot=k_shot, q_query=q_query, valid=v))(
+          episodes.reshape(-1, 5), valid.reshape(-1))
+  expected = [numpy_proto_loss(e[:, :k_shot], e[:, k_shot:], v[:, :k_shot], v[:, k_shot:])
+              for e, v in zip(episodes, valid, strict=True)]
+  np.testing.assert_allclose(loss, np.mean([e_loss for e_loss, _ in expected]), rtol=1e-5)
+  np.testing.assert_allclose(accuracy, np.mean([a for _, a in expected]), rtol=1e-6)

@@ -128,3 +128,20 @@ def test_a_loss_that_diverges_stops_the_run_and_keeps_the_earlier_pipelines_resu
   assert '| zero-shot | A | V | pending |' in (tmp_path / 'results.md').read_text()
   assert not (tmp_path / 'b' / 'unimodal' / 'checkpoints').exists() or not os.listdir(
       tmp_path / 'b' / 'unimodal' / 'checkpoints')
+
+
+def test_the_cli_exits_non_zero_at_the_first_non_finite_step_and_saves_nothing(tmp_path):
+  """A learning rate that sends the params to infinity, set from the command line: exit 1 with
+  the stage and step, no checkpoint of non-finite params, no results, and the stage directory's
+  claim dropped so that the corrected rerun is not refused."""
+  stage = '--config.pipelines.train_VAI.stages[0].optimizer'
+  result = _main(f'--workdir={tmp_path}', f'{stage}.learning_rate=1e30',
+                 f'{stage}.warmup_steps=0')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.startswith("error: stage 'unimodal' stopped at step 2: "), result.stderr
+  assert 'not finite' in result.stderr and 'no checkpoint was saved' in result.stderr
+  stage_dir = tmp_path / 'train_VAI' / 'unimodal'
+  assert not (stage_dir / 'checkpoints').exists() or not os.listdir(stage_dir / 'checkpoints')
+  assert not (stage_dir / pipeline.STAGE_FILE).exists()
+  assert not (tmp_path / 'results.json').exists()

@@ -1,8 +1,8 @@
 """Many-shot and few-shot evaluation over the modality settings of the paper's tables.
 
-Both run the trained model once per (split, modality subset) over every example, with the
-modalities outside the subset removed from the batch (`restrict`), and score the rows from those
-outputs on the host:
+Both read each split once, run the encoders once per example and the fusion once per modality
+subset (`make_forward`: the same outputs as the model run on each subset's `restrict`ed batch),
+and score the rows from those outputs on the host:
 - many-shot ('top1'): top-1 of the fused logits on the `test` split, on the row's test subset;
 - few-shot ('5w5s_acc'): N-way K-shot episodes on the `novel` split, prototypes from the fused
   embeddings of the support under the row's support subset (`train`), queries under its query
@@ -31,7 +31,8 @@ def restrict(batch, allowed):
   """
   out = dict(batch)
   for i, name in enumerate(modalities.MODALITIES):
-    out[name] = jnp.where(allowed[i], batch[name], jnp.zeros_like(batch[name]))
+    if name in batch:  # a batch of cached features holds its stage's modalities only
+      out[name] = jnp.where(allowed[i], batch[name], jnp.zeros_like(batch[name]))
   out['present'] = batch['present'] & allowed
   return out
 
@@ -103,41 +104,49 @@ def _all_valid(valid, embeddings):
 
 
 def make_forward(model):
-  """A jitted (params, batch, allowed [3]) -> outputs of one evaluation batch, for `model`.
+  """A jitted (params, batch, subsets) -> outputs of one evaluation batch under each modality
+  subset, for `model`.
 
-  `allowed` is traced: one compiled program serves every modality subset.
+  The encoders of the modalities the subsets use run once, and the fusion (cheap) once per
+  subset, on the batch's presence restricted to it: absent modalities have no influence on the
+  fusion (MMGModel.fuse), so this equals running the model on the `restrict`ed batch of each
+  subset, with a fraction of the encoder work. `subsets` (a tuple of modality tuples) is static.
   """
 
-  @jax.jit
-  def forward(params, batch, allowed):
-    out = model.apply({'params': params}, restrict(batch, allowed), train=False)
-    return {'fused': out['fused'], 'logits': out['logits'],
-            'unimodal_logits': out['unimodal_logits'], 'present': out['present'],
-            'label': batch['label'], 'mask': batch['mask']}
+  @functools.partial(jax.jit, static_argnames='subsets')
+  def forward(params, batch, subsets):
+    variables = {'params': params}
+    used = modalities.check({m for subset in subsets for m in subset})
+    features, unimodal_logits = model.apply(variables, batch, train=False, modalities=used,
+                                            method='encode')
+    outputs = {}
+    for subset in subsets:
+      present = jnp.asarray(batch['present'], bool) & modalities.mask(subset)
+      fused, logits = model.apply(variables, features, present, train=False, method='fuse')
+      outputs[subset] = {'fused': fused, 'logits': logits, 'present': present}
+    return {'subsets': outputs, 'unimodal_logits': unimodal_logits, 'label': batch['label'],
+            'mask': batch['mask']}
 
   return forward
 
 
 def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh):
-  """Model outputs on every example of `split`, once per modality subset; padding dropped.
+  """Model outputs on every example of `split` under each modality subset; padding dropped.
 
-  Reads the split once. Returns ({subset: {'fused': [n, D], 'logits': [n, C],
-  'unimodal_logits': {m: [n, C]}}}, labels [n]).
+  Reads the split once and encodes each batch once (`make_forward`). Returns ({subset:
+  {'fused': [n, D], 'logits': [n, C], 'present': [n, 3], 'unimodal_logits': {m: [n, C]}}},
+  labels [n]); the encoders' own logits, of the modalities the subsets use, are the same
+  arrays under every subset.
   """
-  subsets = [modalities.check(s) for s in subsets]
-  chunks = {subset: [] for subset in subsets}
-  for host_batch in loaders.eval_batches(dataset, split, global_batch_size=batch_size):
-    batch = sharding.shard_batch(host_batch, mesh)
-    for subset in subsets:
-      out = forward(params, batch, jnp.asarray(modalities.mask(subset)))
-      chunks[subset].append(sharding.gather(out))
-  outputs, labels = {}, None
-  for subset, parts in chunks.items():
-    out = jax.tree.map(lambda *chunks: np.concatenate(chunks), *parts)
-    keep = np.flatnonzero(out.pop('mask'))
-    labels = out.pop('label')[keep]
-    outputs[subset] = jax.tree.map(functools.partial(np.take, indices=keep, axis=0), out)
-  return outputs, labels
+  subsets = tuple(dict.fromkeys(modalities.check(s) for s in subsets))
+  chunks = [sharding.gather(forward(params, sharding.shard_batch(host_batch, mesh), subsets))
+            for host_batch in loaders.eval_batches(dataset, split, global_batch_size=batch_size)]
+  out = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+  keep = functools.partial(np.take, indices=np.flatnonzero(out['mask']), axis=0)
+  unimodal_logits = jax.tree.map(keep, out['unimodal_logits'])
+  outputs = {subset: jax.tree.map(keep, out['subsets'][subset])
+             | {'unimodal_logits': unimodal_logits} for subset in subsets}
+  return outputs, keep(out['label'])
 
 
 def top1_row(row, outputs, labels):

@@ -231,3 +231,32 @@ def test_restrict_removes_disallowed_modalities_entirely():
   np.testing.assert_array_equal(out['present'], batch['present'] & [False, True, False])
   np.testing.assert_array_equal(out['label'], batch['label'])
   assert out['video'].dtype == np.uint8
+
+
+@pytest.mark.parametrize('fusion_kind', ['transformer', 'mlp'])
+def test_encoding_once_equals_the_model_on_each_restricted_batch(fusion_kind):
+  """make_forward runs the encoders once and fuses per subset; each subset's outputs are those
+  of the whole model on the batch `restrict`ed to the subset (today's reference path)."""
+  import jax
+
+  from mmg_jax.models import mmg
+  from tests import test_mmg
+  config = test_mmg.model_config()
+  config.fusion.kind = fusion_kind
+  model = mmg.MMGModel(config=config)
+  present = np.concatenate([test_mmg.subset_presence()[1:], [[True, True, False]]])
+  batch = test_mmg.make_batch(test_mmg.random_inputs(3), present)
+  params = jax.jit(lambda b: model.init(jax.random.key(0), b, train=False))(batch)['params']
+  subsets = (('video', 'audio', 'imu'), ('audio',), ('video', 'imu'), ('imu',))
+  got = evaluate.make_forward(model)(params, batch, subsets)
+  reference = jax.jit(lambda b, allowed: model.apply(
+      {'params': params}, evaluate.restrict(b, allowed), train=False))
+  for subset in subsets:
+    want = reference(batch, modalities.mask(subset))
+    for key in ('fused', 'logits', 'present'):
+      np.testing.assert_allclose(got['subsets'][subset][key], want[key], rtol=1e-5, atol=1e-5,
+                                 err_msg=f'{subset} {key}')
+  want = reference(batch, modalities.mask(modalities.MODALITIES))['unimodal_logits']
+  for m in modalities.MODALITIES:
+    np.testing.assert_allclose(got['unimodal_logits'][m], want[m], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got['label'], batch['label'])

@@ -45,6 +45,20 @@ def normalize_video(video, dtype=jnp.float32):
   return ((video.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
+def pack_features(features, num_tokens):
+  """`MMGModel.encode` features as one float32 array per modality, [B, 1 + num_tokens, D]: the
+  pooled feature, then the tokens average-pooled to the fusion's `num_tokens` slots, which is
+  all the fusion reads of them (pooling them again to as many slots is the identity)."""
+  return {m: jnp.concatenate([pooled[:, None], fusion.pool_tokens(tokens, num_tokens)],
+                             axis=1).astype(jnp.float32)
+          for m, (pooled, tokens) in features.items()}
+
+
+def unpack_features(packed, dtype):
+  """`pack_features` arrays -> {m: (pooled, tokens)} in the model's compute dtype."""
+  return {m: (x[:, 0].astype(dtype), x[:, 1:].astype(dtype)) for m, x in packed.items()}
+
+
 class MMGModel(nn.Module):
   """The multimodal model of the paper; see the module docstring for inputs and outputs.
 
@@ -54,41 +68,67 @@ class MMGModel(nn.Module):
   used. The encoders of `frozen_encoders` (modality names) run as at evaluation (no dropout or
   drop-path) even when `train`: a stage that does not train them reads their features as they
   are.
+
+  `encode` and `fuse` are the two halves of a call, for callers that encode once and fuse many
+  times (evaluation over modality subsets, the frozen-feature cache):
+    features, unimodal_logits = model.apply(variables, batch, train=False, method='encode')
+    fused, logits = model.apply(variables, features, present, train=False, method='fuse')
   """
   config: ml_collections.ConfigDict  # configs/common.model_config(size)
 
-  @nn.compact
-  def __call__(self, batch, *, train, modalities=modalities_lib.MODALITIES,
-               unimodal_embeddings=False, frozen_encoders=()):
+  def setup(self):
     config = self.config
-    modalities = modalities_lib.check(modalities)
     dtype = jnp.dtype(config.dtype)
-    dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=layers.dense_init)
+    head = functools.partial(nn.Dense, config.num_classes, dtype=dtype,
+                             kernel_init=layers.dense_init)
+    for m in modalities_lib.MODALITIES:  # params '<m>_encoder' and '<m>_head'
+      setattr(self, f'{m}_encoder', ENCODERS[m](config[m], dtype=dtype))
+      setattr(self, f'{m}_head', head())
+    self.fusion = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype)
+    self.head = head()
+
+  def encode(self, batch, *, train, modalities=modalities_lib.MODALITIES, frozen_encoders=()):
+    """The encoders of `modalities` on the batch's inputs: ({m: (pooled [B, D], tokens [B, N,
+    D])}, {m: unimodal logits [B, C] float32}). Presence is not read here: `fuse` masks."""
+    dtype = jnp.dtype(self.config.dtype)
+    features = {}
+    for m in modalities_lib.check(modalities):
+      x = normalize_video(batch[m], dtype) if m == 'video' else batch[m]
+      features[m] = getattr(self, f'{m}_encoder')(x, train=train and m not in frozen_encoders)
+    return features, self.unimodal_heads(features)
+
+  def unimodal_heads(self, features):
+    """{m: logits [B, C] float32} of each encoder's own head on its pooled feature."""
+    return {m: getattr(self, f'{m}_head')(pooled).astype(jnp.float32)
+            for m, (pooled, _) in features.items()}
+
+  def fuse(self, features, present, *, train):
+    """(fused [B, embed_dim], logits [B, C]), float32, of `encode`'s features under presence
+    `present` [B, 3]: absent modalities have no influence, whatever their features hold."""
+    fused = self.fusion(features, present, train=train)
+    return fused.astype(jnp.float32), self.head(fused).astype(jnp.float32)
+
+  def __call__(self, batch, *, train, modalities=modalities_lib.MODALITIES,
+               unimodal_embeddings=False, frozen_encoders=(), encoded=False):
+    """encoded: batch[m] holds `pack_features` of the encoders' outputs (the frozen-feature
+    cache) instead of inputs, and the encoders do not run."""
+    modalities = modalities_lib.check(modalities)
     available = jnp.asarray(batch['present'], bool) & modalities_lib.mask(modalities)
     present = available
-    if train and config.modality_dropout > 0:
+    if train and self.config.modality_dropout > 0:
       present = fusion.drop_modalities(self.make_rng('modality'), present,
-                                       config.modality_dropout)
-
-    features, unimodal_logits = {}, {}
-    for m in modalities:
-      x = normalize_video(batch[m], dtype) if m == 'video' else batch[m]
-      encoder = ENCODERS[m](config[m], dtype=dtype, name=f'{m}_encoder')
-      pooled, tokens = encoder(x, train=train and m not in frozen_encoders)
-      features[m] = (pooled, tokens)
-      unimodal_logits[m] = dense(config.num_classes, name=f'{m}_head')(pooled)
-
-    fuse = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype)
-    fused = fuse(features, present, train=train)
-    logits = dense(config.num_classes, name='head')(fused)
-    out = {
-        'fused': fused.astype(jnp.float32),
-        'logits': logits.astype(jnp.float32),
-        'unimodal_logits': {m: z.astype(jnp.float32) for m, z in unimodal_logits.items()},
-        'present': present,
-    }
+                                       self.config.modality_dropout)
+    if encoded:
+      features = unpack_features({m: batch[m] for m in modalities}, jnp.dtype(self.config.dtype))
+      unimodal_logits = self.unimodal_heads(features)
+    else:
+      features, unimodal_logits = self.encode(batch, train=train, modalities=modalities,
+                                              frozen_encoders=frozen_encoders)
+    fused, logits = self.fuse(features, present, train=train)
+    out = {'fused': fused, 'logits': logits, 'unimodal_logits': unimodal_logits,
+           'present': present}
     if unimodal_embeddings:
       out['embeddings'] = {
-          m: fuse(features, available & modalities_lib.mask((m,)), train=train).astype(
+          m: self.fusion(features, available & modalities_lib.mask((m,)), train=train).astype(
               jnp.float32) for m in modalities}
     return out

@@ -30,6 +30,10 @@ def base(arg=None):
   config.size = size
   config.dataset = dataset_config(size)
   config.model = model_config(size)
+  # Stages that train none of their encoders read the encoders' features from a cache
+  # computed once (mmg_jax/feature_cache.py); False runs the frozen encoders at every step.
+  # Keep it as it was when resuming an interrupted stage.
+  config.feature_cache = True
   return config
 
 

@@ -25,7 +25,8 @@ import tensorflow_datasets as tfds
 
 from mmg_jax import episodes
 
-BATCH_KEYS = ('video', 'audio', 'imu', 'present', 'label', 'mask')
+INPUT_KEYS = ('video', 'audio', 'imu')
+BATCH_KEYS = (*INPUT_KEYS, 'present', 'label', 'mask')
 # The module that registers each builder with TFDS, imported on first use.
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
@@ -45,15 +46,16 @@ def data_source(dataset, split):
 
 
 def train_batches(dataset, split, *, global_batch_size, seed, process_index=None,
-                  process_count=None):
+                  process_count=None, source=None):
   """Shuffled, endlessly repeated batches; a grain DataLoader.
 
   The global order is the split reshuffled every epoch with `seed` (grain's shuffle), cut into
   consecutive global batches that may span two epochs; each process reads its rows of them.
-  Its iterator (`iter(loader)`) has get_state/set_state for checkpoints.
+  Its iterator (`iter(loader)`) has get_state/set_state for checkpoints. `source` replaces the
+  split's examples with others in the same order (an `ArraySource` of cached features).
   """
   rows = _process_rows(global_batch_size, process_index, process_count)
-  source = data_source(dataset, split)
+  source = data_source(dataset, split) if source is None else source
   if len(source) < global_batch_size:
     raise ValueError(f'split {split!r} of {dataset.name} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower global_batch_size.')
@@ -75,17 +77,18 @@ def eval_batches(dataset, split, *, global_batch_size, process_index=None, proce
 
 
 def episode_batches(dataset, split, *, n_way, k_shot, q_query, episodes_per_batch, seed,
-                    process_index=None, process_count=None):
+                    process_index=None, process_count=None, source=None):
   """Endless batches of few-shot episodes for meta-training; a grain DataLoader.
 
   Batch `step` holds the episodes `episodes.sample_episodes` draws from the split's labels with
   `fold_in(key(seed), step)`, laid out [E, N, K+Q] and flattened on the batch axis (each class
   row: K support then Q query examples). Every process draws the same episodes and keeps its
-  contiguous E / process_count of them: its rows of the global batch.
+  contiguous E / process_count of them: its rows of the global batch. `source` as in
+  `train_batches`.
   """
   episode_rows = _process_rows(episodes_per_batch, process_index, process_count,
                                what='episodes')
-  source = data_source(dataset, split)
+  source = data_source(dataset, split) if source is None else source
   labels = split_labels(source)
   sampler = EpisodeSampler(labels, n_way=n_way, k_shot=k_shot, q_query=q_query,
                            episodes_per_batch=episodes_per_batch, seed=seed)
@@ -193,15 +196,40 @@ class EpisodeSource:
 
 
 def to_model_example(element):
-  """Keeps the model's keys: label as int32, `mask` True unless the element says otherwise."""
-  return {'video': element['video'], 'audio': element['audio'], 'imu': element['imu'],
-          'present': element['present'], 'label': np.int32(element['label']),
-          'mask': np.bool_(element.get('mask', True))}
+  """Keeps the model's keys: label as int32, `mask` True unless the element says otherwise. A
+  cached-feature element holds the modalities of its stage only."""
+  inputs = {m: element[m] for m in INPUT_KEYS if m in element}
+  return inputs | {'present': element['present'], 'label': np.int32(element['label']),
+                   'mask': np.bool_(element.get('mask', True))}
 
 
 def stack(examples):
   """List of examples -> batch dict of arrays."""
-  return {key: np.stack([e[key] for e in examples]) for key in BATCH_KEYS}
+  return {key: np.stack([e[key] for e in examples]) for key in BATCH_KEYS if key in examples[0]}
+
+
+class ArraySource:
+  """A random-access data source over equal-length arrays {key: [N, ...]}, read as the TFDS
+  sources are: element i is {key: array[i]}."""
+
+  def __init__(self, arrays, *, name):
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f'{name}: arrays of different lengths {sorted(lengths)}.')
+    self._arrays = arrays
+    self._name = name
+
+  def __len__(self):
+    return len(next(iter(self._arrays.values())))
+
+  def __repr__(self):  # grain checks it when restoring an iterator state.
+    return self._name
+
+  def __getitem__(self, index):
+    return {k: np.asarray(v[index]) for k, v in self._arrays.items()}
+
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]
 
 
 def _builder(dataset):

@@ -33,7 +33,17 @@ import ml_collections
 import numpy as np
 
 from data_pipeline import features, loaders
-from mmg_jax import checkpoint, episodes, evaluate, losses, modalities, report, sharding, train
+from mmg_jax import (
+  checkpoint,
+  episodes,
+  evaluate,
+  feature_cache,
+  losses,
+  modalities,
+  report,
+  sharding,
+  train,
+)
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 
@@ -263,14 +273,15 @@ def _uses_align(stage):
   return stage.kind == 'align' or (stage.kind == 'supervised' and stage.align_weight > 0)
 
 
-def make_loss_fn(model, stage):
+def make_loss_fn(model, stage, *, encoded=False):
   """loss_fn(params, batch, rng) -> (loss, metrics) of one stage, over the batch it is given
   (the global batch, or one micro-batch of it under gradient accumulation).
 
   The batch is first restricted to the stage's modalities (others absent and zeroed), and only
   their encoders run; a clip with none of them present (real Ego4D data has clips without IMU)
   adds nothing to L_CE. Encoders the stage does not train (`optimizer.trainable`) run as at
-  evaluation, without drop-path.
+  evaluation, without drop-path. encoded: the batches hold the frozen encoders' cached
+  features (mmg_jax/feature_cache.py) and no encoder runs.
   """
   subset = _subset(stage)
   allowed = modalities.mask(subset)
@@ -281,7 +292,7 @@ def make_loss_fn(model, stage):
     dropout_rng, modality_rng = jax.random.split(rng)
     return model.apply({'params': params}, batch, train=True, modalities=subset,
                        unimodal_embeddings=_uses_align(stage), frozen_encoders=frozen,
-                       rngs={'dropout': dropout_rng, 'modality': modality_rng})
+                       encoded=encoded, rngs={'dropout': dropout_rng, 'modality': modality_rng})
 
   def labeled(batch):
     """Clips with at least one of the stage's modalities: only they are scored by L_CE."""
@@ -360,14 +371,16 @@ def _num_episodes(stage, batch_size):
   return batch_size // per_episode
 
 
-def make_loader(dataset, stage, seed):
-  """The stage's training batches: shuffled clips, or episodes for meta-training."""
+def make_loader(dataset, stage, seed, source=None):
+  """The stage's training batches: shuffled clips, or episodes for meta-training; from
+  `source` (the frozen-feature cache) instead of the split's clips when given."""
   if stage.kind == 'meta':
     return loaders.episode_batches(dataset, stage.split, n_way=stage.n_way, k_shot=stage.k_shot,
                                    q_query=stage.q_query,
-                                   episodes_per_batch=stage.episodes_per_batch, seed=seed)
+                                   episodes_per_batch=stage.episodes_per_batch, seed=seed,
+                                   source=source)
   return loaders.train_batches(dataset, stage.split, global_batch_size=stage.batch_size,
-                               seed=seed)
+                               seed=seed, source=source)
 
 
 def model_config(config, pipeline):
@@ -536,8 +549,8 @@ def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=Tr
                 init_params(model, example_batch(config.dataset), config.seed)
                 | pretrained_encoders(name, model_cfg))
     params = jax.device_get(params)  # while the stage trains, its state is the only device copy
-    params = _run_stage(config, model, stage, seed=config.seed + i, stage_dir=stage_dir,
-                        identity=identity, init=params, mesh=mesh)
+    params = _run_stage(config, model, stage, seed=config.seed + i, workdir=workdir,
+                        stage_dir=stage_dir, identity=identity, init=params, mesh=mesh)
     finished = None
   if params is None:  # every stage had finished
     params = _restore(config, model, *finished, workdir, mesh)
@@ -564,21 +577,33 @@ def _unfinished_message(unfinished):
           + '\n'.join(lines) + '\nrun the same command without --mode=evaluate to train them.')
 
 
-def _run_stage(config, model, stage, *, seed, stage_dir, identity, init, mesh):
+def _run_stage(config, model, stage, *, seed, workdir, stage_dir, identity, init, mesh):
   """train.run_stage in `stage_dir`, claimed for `identity`; a claim this call made is dropped
   again if the stage fails before its first checkpoint (nothing trained there)."""
   claimed = _claim_stage_dir(stage_dir, identity)
   try:
+    source = _feature_cache(config, model, stage, init, workdir, mesh)
     return train.run_stage(
         os.path.basename(stage_dir), workdir=os.path.dirname(stage_dir), model=model,
-        loss_fn=make_loss_fn(model, stage), init_params=init,
-        loader=make_loader(config.dataset, stage, seed), optimizer=stage.optimizer,
+        loss_fn=make_loss_fn(model, stage, encoded=source is not None), init_params=init,
+        loader=make_loader(config.dataset, stage, seed, source), optimizer=stage.optimizer,
         num_steps=stage.num_steps, mesh=mesh, seed=seed, log_every=stage.log_every,
         checkpoint_every=stage.checkpoint_every)
   except BaseException:
     if claimed and _checkpoint_steps(stage_dir) is None:
       os.remove(os.path.join(stage_dir, STAGE_FILE))
     raise
+
+
+def _feature_cache(config, model, stage, params, workdir, mesh):
+  """The cached features of a stage whose encoders are all frozen (`config.feature_cache`),
+  as a data source for its loader; None for a stage that runs its encoders."""
+  if not (config.feature_cache and feature_cache.applies(stage)):
+    return None
+  return feature_cache.load_or_compute(
+      model, params, config.dataset, stage.split, _subset(stage), workdir=workdir,
+      batch_size=config.eval.batch_size, mesh=mesh,
+      progress=lambda text: _say(stage.name, text))
 
 
 def _restore(config, model, stage, directory, workdir, mesh):

@@ -1,0 +1,129 @@
+"""Frozen-feature cache: a stage that trains none of its encoders reads their features, computed
+once per example, instead of running the encoders at every step.
+
+A frozen encoder runs as at evaluation (MMGModel's `frozen_encoders`: no dropout, no
+drop-path) and the loaders do not augment, so its features are a function of the example
+alone: training the fusion and heads from them equals training through the encoders, for one
+encoder pass per example instead of one per example per epoch. The many-shot zero-shot
+pipelines (configs/manyshot.py) train the fusion, then the head, on frozen pre-trained encoders.
+
+A cache is a directory <workdir>/feature_cache/<split>-<key>/ with one `<m>.npy` [N, 1 + T, D]
+per modality of the stage (`mmg.pack_features`: the pooled feature and the T tokens the fusion
+reads), `present.npy`, `label.npy` and `info.json`, in split order. The key hashes what the
+features depend on: the dataset and split, the encoders' configs and the bytes of their params,
+so another init or an encoder trained further is another cache, and a rerun (or a later stage
+on the same encoders and split) reads it back instead of computing it.
+"""
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from data_pipeline import loaders
+from mmg_jax import modalities, sharding
+from mmg_jax.models import mmg
+
+CACHE_DIR = 'feature_cache'
+_INFO = 'info.json'
+
+
+def applies(stage):
+  """Whether `stage` trains none of its modalities' encoders (`optimizer.trainable`)."""
+  trainable = stage.optimizer.trainable
+  return trainable is not None and not any(
+      f'{m}_encoder' in trainable for m in modalities.check(stage.modalities))
+
+
+def cache_key(dataset, split, model_config, params, subset):
+  """sha256 (hex) of everything the features of `subset` on `split` depend on."""
+  digest = hashlib.sha256()
+  digest.update(json.dumps({'dataset': dataset.to_dict(), 'split': split,
+                            'tokens': model_config.fusion.tokens_per_modality,
+                            'dtype': model_config.dtype,
+                            'encoders': {m: model_config[m].to_dict() for m in subset}},
+                           sort_keys=True, default=str).encode())
+  for m in subset:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params[f'{m}_encoder']):
+      leaf = np.asarray(jax.device_get(leaf))
+      digest.update(f'{m}{jax.tree_util.keystr(path)}{leaf.dtype}{leaf.shape}'.encode())
+      digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def make_encode(model, subset):
+  """A jitted (params, batch) -> the packed features of `subset`, with the batch's presence,
+  labels and padding mask."""
+  num_tokens = model.config.fusion.tokens_per_modality
+
+  @jax.jit
+  def encode(params, batch):
+    features, _ = model.apply({'params': params}, batch, train=False, modalities=subset,
+                              method='encode')
+    return mmg.pack_features(features, num_tokens) | {
+        k: batch[k] for k in ('present', 'label', 'mask')}
+
+  return encode
+
+
+def compute(model, params, dataset, split, subset, *, batch_size, mesh, progress=print):
+  """{m: [N, 1 + T, D] for m in subset, 'present': [N, 3], 'label': [N]} of every example of
+  `split`, in split order (padding dropped); every process gets the whole arrays."""
+  encode = make_encode(model, subset)
+  batches = loaders.eval_batches(dataset, split, global_batch_size=batch_size)
+  chunks = []
+  for i, host_batch in enumerate(batches):
+    chunks.append(sharding.gather(encode(params, sharding.shard_batch(host_batch, mesh))))
+    if (i + 1) % 50 == 0:
+      progress(f'  {(i + 1) * batch_size} clips encoded.')
+  arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  keep = np.flatnonzero(arrays.pop('mask'))
+  return {k: v[keep] for k, v in arrays.items()}
+
+
+def load_or_compute(model, params, dataset, split, subset, *, workdir, batch_size, mesh,
+                    progress=print):
+  """The stage's feature arrays, as a data source for `loaders` (`loaders.ArraySource`).
+
+  Read back from the workdir when this process finds them there (a single process only: the
+  processes of a run must all compute, or none), else computed and written by process 0.
+  """
+  subset = modalities.check(subset)
+  key = cache_key(dataset, split, model.config, params, subset)
+  directory = os.path.join(workdir, CACHE_DIR, f'{split}-{key[:16]}')
+  names = (*subset, 'present', 'label')
+  if jax.process_count() == 1 and _complete(directory, key):
+    progress(f'reading the frozen features of {list(subset)} on {split!r} from {directory}.')
+    arrays = {k: np.load(os.path.join(directory, f'{k}.npy'), mmap_mode='r') for k in names}
+  else:
+    progress(f'encoding {split!r} once with the frozen {list(subset)} encoders.')
+    arrays = compute(model, params, dataset, split, subset, batch_size=batch_size, mesh=mesh,
+                     progress=progress)
+    if jax.process_index() == 0:
+      _write(directory, key, arrays)
+  return loaders.ArraySource(arrays, name=f'FeatureCache({split}-{key[:16]})')
+
+
+def _complete(directory, key):
+  path = os.path.join(directory, _INFO)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get('key') == key
+
+
+def _write(directory, key, arrays):
+  """Writes the arrays beside the final directory, then renames it in: a cache directory is
+  whole or absent, never half written."""
+  partial = f'{directory}.partial'
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  for k, v in arrays.items():
+    np.save(os.path.join(partial, f'{k}.npy'), v)
+  with open(os.path.join(partial, _INFO), 'w') as f:
+    json.dump({'key': key, 'num_examples': len(arrays['label']),
+               'shapes': {k: list(v.shape) for k, v in arrays.items()}}, f)
+  shutil.rmtree(directory, ignore_errors=True)
+  os.rename(partial, directory)

@@ -1,12 +1,17 @@
-"""The start-up handshake: processes on threads meet at a free localhost port; who is missing,
-who disagrees, and the address are named."""
+"""The start-up handshake: processes on threads (or, through main, subprocesses) meet at a free
+localhost port; who is missing, who disagrees, and the address are named."""
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from mmg_jax import rendezvous
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port():
@@ -131,3 +136,28 @@ def _connect(port):
       if time.monotonic() > deadline:
         raise
       time.sleep(0.05)
+
+
+def test_main_exits_2_naming_the_missing_process_before_any_training(tmp_path):
+  """Two of three `mmg_jax.main` processes: both exit 2 after --distributed_timeout, before
+  the workdir exists, process 0 naming process 2 and the coordinator."""
+  address = f'localhost:{_free_port()}'
+  workdir = tmp_path / 'workdir'
+  processes = [
+      subprocess.Popen([sys.executable, '-m', 'mmg_jax.main', '--config=configs/fewshot.py:tiny',
+                        f'--coordinator_address={address}', '--num_processes=3',
+                        f'--process_id={i}', '--distributed_timeout=5', f'--workdir={workdir}'],
+                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=120) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  stderrs = [stderr for _, stderr in outputs]
+  assert [p.returncode for p in processes] == [2, 2], stderrs
+  assert (f'error: process 2 of 3 did not reach the coordinator at {address} within '
+          '--distributed_timeout=5 s.') in stderrs[0]
+  assert (f'error: process 1 reached the coordinator at {address}, but process 2 of 3 did '
+          'not within --distributed_timeout=5 s.') in stderrs[1]
+  assert not workdir.exists()

@@ -10,6 +10,9 @@ processes (one per host), every process runs this same command:
   - TPU pod slices, SLURM, Open MPI: add --distributed=on (SLURM and Open MPI launches with
     more than one task are detected without it); jax.distributed finds its peers itself.
   - elsewhere: --coordinator_address=HOST:PORT (process 0's) --num_processes=N --process_id=I.
+    The processes first check in with process 0 on that port (mmg_jax/rendezvous.py), so a
+    launch whose processes do not all arrive within --distributed_timeout exits 2 naming the
+    missing ids.
 Each process reads its own shard of the data; only process 0 writes logs and reports.
 
 One run at a time per workdir (mmg_jax/workdir.py's lock). Results (results.json/md, plots) are
@@ -24,6 +27,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mmg_jax import rendezvous
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file and size, e.g. configs/fewshot.py:tiny')
 _WORKDIR = flags.DEFINE_string(
@@ -37,12 +42,14 @@ _DISTRIBUTED = flags.DEFINE_enum(
     'initialize jax.distributed: on, off, or auto (when the flags below are given or a '
     'multi-task SLURM / Open MPI launch is detected)')
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
-    'coordinator_address', None, "HOST:PORT where process 0 serves the coordination service")
+    'coordinator_address', None,
+    'HOST:PORT where process 0 serves the start-up handshake (mmg_jax/rendezvous.py), then the '
+    'coordination service')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-based")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout', 300, 'seconds a process waits for its peers at start-up before it '
-    'exits with a message naming the coordinator')
+    'exits 2 with a message naming the coordinator (and, with --process_id, the missing ids)')
 flags.mark_flag_as_required('config')
 # What a user can fix (config, data, workdir): one paragraph and exit status 1, no traceback. By
 # convention the project raises ValueError for bad input, and a stage that stops (non-finite
@@ -72,6 +79,9 @@ def distributed_arguments(mode, coordinator_address, num_processes, process_id, 
   if given and len(given) < len(explicit):
     raise app.UsageError('--coordinator_address, --num_processes and --process_id go '
                          f'together; missing: {sorted(explicit.keys() - given.keys())}')
+  if given and not 0 <= process_id < num_processes:
+    raise app.UsageError(f'--process_id={process_id} is not one of 0..{num_processes - 1} '
+                         f'(--num_processes={num_processes})')
   if mode == 'off':
     if given:
       raise app.UsageError('--distributed=off contradicts --coordinator_address; drop one.')
@@ -81,38 +91,48 @@ def distributed_arguments(mode, coordinator_address, num_processes, process_id, 
   return None
 
 
+_PEERS_HINT = ('Start every process with the same --coordinator_address and --num_processes, '
+               'check that process 0 runs and that the port is reachable, or raise '
+               '--distributed_timeout.')
+
+
 def start_distributed(arguments, timeout):
-  """jax.distributed.initialize, or exit 2 with a message when the peers do not all arrive
-  within `timeout` seconds.
+  """jax.distributed.initialize, or exit 2 naming the coordinator and, when known, the
+  processes that did not arrive within `timeout` seconds.
 
-  jax aborts the process without a Python exception (and with a C++ stack naming no process)
-  when its own initialization_timeout expires; ours fires first, so the user reads who waited
-  for whom.
+  jax's coordination service does not say who registered, and when its own
+  initialization_timeout expires it aborts with a C++ stack that names no process. So a launch
+  given --process_id first meets at mmg_jax/rendezvous.py's handshake, which knows who is
+  missing; a timer around initialize itself, which fires before jax's timeout, covers
+  cluster-detected launches and a process that stops between the two.
   """
-  address = arguments.get('coordinator_address') or 'the address jax.distributed detected'
-  process_id, count = arguments.get('process_id'), arguments.get('num_processes')
-  if process_id is None:  # found by jax from the cluster (TPU, SLURM, Open MPI)
-    text = f'the processes did not all reach the coordinator at {address}'
-  elif process_id == 0:
-    text = (f'processes 1..{count - 1} did not all reach the coordinator (this process, at '
-            f'{address})')
+  address = arguments.get('coordinator_address')
+  if arguments.get('process_id') is None:  # found by jax from the cluster (TPU, SLURM, Open MPI)
+    stalled = ('the processes did not all reach the coordinator at '
+               f'{address or "the address jax.distributed detected"}')
   else:
-    text = f'process {process_id} could not reach the coordinator (process 0) at {address}'
-
-  def give_up():
-    print(f'error: {text} within --distributed_timeout={timeout} s. Start every process with '
-          'the same --coordinator_address and --num_processes, check that process 0 runs and '
-          'that the port is reachable, or raise --distributed_timeout.', file=sys.stderr,
-          flush=True)
-    os._exit(2)  # the jax client thread blocks a normal exit
-
-  timer = threading.Timer(timeout, give_up)
+    try:
+      rendezvous.meet(address, arguments['num_processes'], arguments['process_id'], timeout)
+    except rendezvous.PeersMissing as e:
+      _give_up(f'{e} within --distributed_timeout={timeout} s. {_PEERS_HINT}')
+    except rendezvous.RendezvousError as e:
+      _give_up(str(e))
+    stalled = (f'all {arguments["num_processes"]} processes reached the coordinator at '
+               f'{address}, but jax.distributed.initialize did not finish')
+  timer = threading.Timer(
+      timeout, _give_up, [f'{stalled} within --distributed_timeout={timeout} s. {_PEERS_HINT}'])
   timer.daemon = True
   timer.start()
   try:
     jax.distributed.initialize(**arguments, initialization_timeout=timeout + 30)
   finally:
     timer.cancel()
+
+
+def _give_up(text):
+  """Exit status 2 with `text`: the launch failed, before any training."""
+  print(f'error: {text}', file=sys.stderr, flush=True)
+  os._exit(2)  # once started, the jax client thread blocks a normal exit
 
 
 def main(argv):

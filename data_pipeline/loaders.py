@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmg_jax import episodes
+from data_pipeline import episodes
 
 BATCH_KEYS = ('video', 'audio', 'imu', 'present', 'label', 'mask')
 # The module that registers each builder with TFDS, imported on first use.

@@ -5,7 +5,7 @@ Masked entries never reach a log or a division, so masks give finite values and 
 import jax
 import jax.numpy as jnp
 
-from mmg_jax import modalities
+from data_pipeline import modalities
 
 
 def cross_entropy(logits, labels, mask=None):

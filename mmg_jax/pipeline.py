@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipeline import features, loaders
-from mmg_jax import checkpoint, episodes, evaluate, losses, modalities, report, sharding, train
+from data_pipeline import features, loaders, modalities
+from mmg_jax import checkpoint, episodes, evaluate, losses, report, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 

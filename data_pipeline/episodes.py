@@ -33,6 +33,17 @@ def sample_episodes(rng, labels, *, num_episodes, n_way, k_shot, q_query):
   return episode_idx[..., :k_shot], episode_idx[..., k_shot:]
 
 
+def check_fillable(labels, n_way, per_class, where):
+  """Raises unless `labels` hold `n_way` classes of at least `per_class` examples each: the
+  start-up check before any episode is drawn; `where` names the episodes in the message."""
+  counts = np.bincount(labels)
+  enough = int(np.sum(counts >= per_class))
+  if enough < n_way:
+    raise ValueError(f'{where}: an episode needs {n_way} classes with k_shot + q_query = '
+                     f'{per_class} clips each, and only {enough} classes have that many (most '
+                     f'clips in a class: {counts.max()}); lower n_way, k_shot or q_query.')
+
+
 def _class_table(labels, *, n_way, k_shot, q_query):
   """Host side: (members [C, max_count] int32 indices of each class, padded; counts [C])."""
   try:

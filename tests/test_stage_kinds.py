@@ -30,7 +30,8 @@ def test_every_config_stage_has_the_fields_its_kind_sizes_batches_by(module, arg
     for stage in p.stages:
       batches = STAGE_KINDS[stage.kind].batches
       assert all(isinstance(stage[field], int) for field in batches.counts), stage.name
-      assert batches.size(stage) % 8 == 0, stage.name
+      size = batches.size(stage)
+      assert isinstance(size, int) and size >= 1, stage.name
 
 
 def _with_stage(stage, config=None):

@@ -17,7 +17,8 @@ that begin with the same stages share them (pipeline.py), so e.g. 'full_fewshot'
 'full_meta' train their first two stages once.
 """
 from configs import common, manyshot
-from mmg_jax import modalities, report
+from data_pipeline import modalities
+from mmg_jax import report
 
 _MLP = {'fusion': {'kind': 'mlp'}}
 _AI = ('audio', 'imu')

@@ -12,7 +12,8 @@ modalities, on the same fixed episodes (config.eval.fewshot.seed) for every row.
 workdir/results.md and workdir/results.json.
 """
 from configs import common
-from mmg_jax import modalities, report
+from data_pipeline import modalities
+from mmg_jax import report
 
 
 def get_config(arg=None):

@@ -18,7 +18,8 @@ paper's stage table):
   once (in zeroshot_train_A/).
 """
 from configs import common
-from mmg_jax import modalities, report
+from data_pipeline import modalities
+from mmg_jax import report
 
 # L_align's weight in the many-shot supervised stage. At 1.0 (the few-shot run's weight) its
 # gradients crowd out L_CE in the 300-step 'small' budget: regular top-1 14.1 against 28.6 at 0.1.

@@ -23,10 +23,9 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmg_jax import episodes
+from data_pipeline import episodes, modalities
 
-INPUT_KEYS = ('video', 'audio', 'imu')
-BATCH_KEYS = (*INPUT_KEYS, 'present', 'label', 'mask')
+BATCH_KEYS = (*modalities.MODALITIES, 'present', 'label', 'mask')
 # The module that registers each builder with TFDS, imported on first use.
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
@@ -198,7 +197,7 @@ class EpisodeSource:
 def to_model_example(element):
   """Keeps the model's keys: label as int32, `mask` True unless the element says otherwise. A
   cached-feature element holds the modalities of its stage only."""
-  inputs = {m: element[m] for m in INPUT_KEYS if m in element}
+  inputs = {m: element[m] for m in modalities.MODALITIES if m in element}
   return inputs | {'present': element['present'], 'label': np.int32(element['label']),
                    'mask': np.bool_(element.get('mask', True))}
 

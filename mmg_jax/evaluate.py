@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline import loaders
-from mmg_jax import episodes, losses, modalities, sharding
+from data_pipeline import episodes, loaders, modalities
+from mmg_jax import losses, sharding
 
 Z95 = 1.96
 

@@ -22,8 +22,8 @@ import shutil
 import jax
 import numpy as np
 
-from data_pipeline import loaders
-from mmg_jax import modalities, sharding
+from data_pipeline import loaders, modalities
+from mmg_jax import sharding
 from mmg_jax.models import mmg
 
 CACHE_DIR = 'feature_cache'

@@ -5,7 +5,7 @@ Masked entries never reach a log or a division, so masks give finite values and 
 import jax
 import jax.numpy as jnp
 
-from mmg_jax import modalities
+from data_pipeline import modalities
 
 # The logit of a class without a prototype in an episode: far below any squared distance.
 NO_PROTOTYPE = -1e30

@@ -2,8 +2,8 @@
 
 The only module that knows stage order. A config (configs/fewshot.py, ...) holds
 - `pipelines`: name -> {'model_updates', 'stages'}, each stage a ConfigDict with a `name`, a
-  `kind` (one of STAGE_KINDS, the losses of the paper's stage table), the `split` it reads, the
-  `modalities` it may see, its optimizer and step budget;
+  `kind` (one of stage_kinds.STAGE_KINDS, the losses of the paper's stage table), the `split` it
+  reads, the `modalities` it may see, its optimizer and step budget;
 - `eval`: the result rows, each naming the pipeline whose final params it evaluates.
 
 Stage i of a pipeline starts from the params of stage i - 1 (the first from a fresh init) and
@@ -28,26 +28,14 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipeline import features, loaders
-from mmg_jax import (
-  checkpoint,
-  episodes,
-  evaluate,
-  feature_cache,
-  losses,
-  modalities,
-  report,
-  sharding,
-  train,
-)
+from data_pipeline import episodes, features, loaders, modalities
+from mmg_jax import checkpoint, evaluate, feature_cache, report, sharding, stage_kinds, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 
-STAGE_KINDS = ('unimodal_ce', 'align', 'supervised', 'meta')
 LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
 UNLABELED_SPLIT = 'unlabeled'
 STAGE_FILE = 'stage.json'  # a stage directory's record of the config it trains under
@@ -57,6 +45,10 @@ EXTERNAL_SPLITS = (features.PRETRAIN_SPLIT,)
 
 def _subset(stage):
   return modalities.check(stage.modalities)
+
+
+def _kind(stage):
+  return stage_kinds.STAGE_KINDS[stage.kind]
 
 
 def validate(config):
@@ -99,12 +91,11 @@ def validate(config):
 
 def _validate_stage(pipeline_name, stage, evaluation_splits):
   where = f'stage {stage.name!r} of pipeline {pipeline_name!r}'
-  if stage.kind not in STAGE_KINDS:
-    raise ValueError(f'{where} has kind {stage.kind!r}; use one of {STAGE_KINDS}.')
+  kind = stage_kinds.get(stage.kind, where)
   if stage.split in evaluation_splits:
     raise ValueError(f'{where} trains on {stage.split!r}, an evaluation split; train on '
                      f'train or {UNLABELED_SPLIT}.')
-  if stage.kind != 'align' and stage.split == UNLABELED_SPLIT:
+  if kind.needs_labels and stage.split == UNLABELED_SPLIT:
     raise ValueError(f'{where} ({stage.kind}) needs labels but reads the {UNLABELED_SPLIT!r} '
                      'split; use the train split.')
   try:
@@ -112,8 +103,7 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
   except ValueError as e:
     raise ValueError(f'{where}: modalities: {e}') from None
   counts = ['num_steps', 'log_every', 'checkpoint_every', 'optimizer.accumulate_steps']
-  counts += (['n_way', 'k_shot', 'q_query', 'episodes_per_batch'] if stage.kind == 'meta' else
-             ['batch_size'])
+  counts += kind.batches.counts
   _check_numbers(where, stage, counts, lambda x: isinstance(x, int) and x >= 1,
                  'a whole number of at least 1')
   _check_numbers(where, stage, ['optimizer.learning_rate'], lambda x: math.isfinite(x) and x > 0,
@@ -125,13 +115,8 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
     _check_numbers(where, stage, ['temperature'], lambda x: math.isfinite(x) and x > 0,
                    'finite and positive')
   subset = _subset(stage)
-  accumulate_steps = stage.optimizer.accumulate_steps
-  if stage.kind == 'meta' and stage.episodes_per_batch % accumulate_steps:
-    raise ValueError(f'{where} cuts its {stage.episodes_per_batch} episodes per batch into '
-                     f'optimizer.accumulate_steps={accumulate_steps} micro-batches, but an '
-                     'episode (its prototypes and queries) must lie whole inside one micro-batch; '
-                     'make episodes_per_batch a multiple of accumulate_steps.')
-  if _uses_align(stage) and ('video' not in subset or len(subset) < 2):
+  kind.batches.check(where, stage)
+  if kind.uses_align(stage) and ('video' not in subset or len(subset) < 2):
     raise ValueError(f'{where} uses L_align, which pairs video with audio and IMU, but may see '
                      f'only {list(subset)}; allow video and another modality or set align_weight '
                      'to 0.')
@@ -186,7 +171,7 @@ def check_feasible(config, names, mesh):
       where = f'stage {stage.name!r} of pipeline {name!r}'
       try:
         _check_stage_feasible(stage, params, len(source(stage.split)), mesh,
-                              labels=split_labels if stage.kind == 'meta' else None)
+                              labels=split_labels)
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
   evaluation = config.eval
@@ -196,34 +181,19 @@ def check_feasible(config, names, mesh):
     raise ValueError(f'config.eval.batch_size: {e}') from None
   if any(config.eval.rows[i].metric == '5w5s_acc' for i in select_rows(config)):
     fewshot = evaluation.fewshot
-    _check_episodes(split_labels(evaluation.fewshot_split), fewshot.n_way,
-                    fewshot.k_shot + fewshot.q_query,
-                    f'the few-shot evaluation (config.eval.fewshot, split '
-                    f'{evaluation.fewshot_split!r})')
+    episodes.check_fillable(split_labels(evaluation.fewshot_split), fewshot.n_way,
+                            fewshot.k_shot + fewshot.q_query,
+                            f'the few-shot evaluation (config.eval.fewshot, split '
+                            f'{evaluation.fewshot_split!r})')
 
 
 def _check_stage_feasible(stage, params, num_clips, mesh, *, labels):
-  """labels(split) -> the split's labels, for a meta stage's episodes."""
-  if stage.kind == 'meta':
-    batch_size = stage.episodes_per_batch * stage.n_way * (stage.k_shot + stage.q_query)
-    _check_episodes(labels(stage.split), stage.n_way, stage.k_shot + stage.q_query,
-                    f'split {stage.split!r}')
-  else:
-    batch_size = stage.batch_size
-    if num_clips // jax.process_count() < batch_size // jax.process_count():
-      raise ValueError(f'batch_size={batch_size} is larger than its split {stage.split!r} '
-                       f'({num_clips} clips); lower batch_size.')
-  sharding.check_batch_size(batch_size, mesh, accumulate_steps=stage.optimizer.accumulate_steps)
+  """labels(split) -> the split's labels, read only by checks that need them (episodes)."""
+  batches = _kind(stage).batches
+  batches.check_split(stage, num_clips, labels)
+  sharding.check_batch_size(batches.size(stage), mesh,
+                            accumulate_steps=stage.optimizer.accumulate_steps)
   train.frozen_names(params, stage.optimizer.trainable)
-
-
-def _check_episodes(labels, n_way, per_class, where):
-  counts = np.bincount(labels)
-  enough = int(np.sum(counts >= per_class))
-  if enough < n_way:
-    raise ValueError(f'{where}: an episode needs {n_way} classes with k_shot + q_query = '
-                     f'{per_class} clips each, and only {enough} classes have that many (most '
-                     f'clips in a class: {counts.max()}); lower n_way, k_shot or q_query.')
 
 
 def _validate_pretrained(config):
@@ -269,10 +239,6 @@ def _row_name(row):
           f'{modalities.short_name(row.test)} ({row.metric})')
 
 
-def _uses_align(stage):
-  return stage.kind == 'align' or (stage.kind == 'supervised' and stage.align_weight > 0)
-
-
 def make_loss_fn(model, stage, *, encoded=False):
   """loss_fn(params, batch, rng) -> (loss, metrics) of one stage, over the batch it is given
   (the global batch, or one micro-batch of it under gradient accumulation).
@@ -287,72 +253,15 @@ def make_loss_fn(model, stage, *, encoded=False):
   allowed = modalities.mask(subset)
   trainable = stage.optimizer.trainable
   frozen = () if trainable is None else tuple(m for m in subset if f'{m}_encoder' not in trainable)
+  kind = _kind(stage)
 
   def apply(params, batch, rng):
     dropout_rng, modality_rng = jax.random.split(rng)
     return model.apply({'params': params}, batch, train=True, modalities=subset,
-                       unimodal_embeddings=_uses_align(stage), frozen_encoders=frozen,
+                       unimodal_embeddings=kind.uses_align(stage), frozen_encoders=frozen,
                        encoded=encoded, rngs={'dropout': dropout_rng, 'modality': modality_rng})
 
-  def labeled(batch):
-    """Clips with at least one of the stage's modalities: only they are scored by L_CE."""
-    return jnp.any(batch['present'], axis=-1)
-
-  def align(out, present):
-    """L_align on the unimodal embeddings: the fusion's output for each modality alone."""
-    others = {m: out['embeddings'][m] for m in subset if m != 'video'}
-    return losses.align_loss(out['embeddings']['video'], others, temperature=stage.temperature,
-                             valid=present)
-
-  def unimodal_ce(params, batch, rng):
-    out = apply(params, batch, rng)
-    metrics = {}
-    for m in subset:
-      i = modalities.MODALITIES.index(m)
-      metrics[f'ce_{m}'] = losses.cross_entropy(out['unimodal_logits'][m], batch['label'],
-                                                mask=batch['present'][:, i])
-    return sum(metrics.values()), metrics
-
-  def align_only(params, batch, rng):
-    out = apply(params, batch, rng)
-    loss = align(out, batch['present'])
-    return loss, {'align': loss}
-
-  def supervised(params, batch, rng):
-    out = apply(params, batch, rng)
-    scored = labeled(batch)
-    ce = losses.cross_entropy(out['logits'], batch['label'], mask=scored)
-    accuracy = (jnp.sum((jnp.argmax(out['logits'], -1) == batch['label']) & scored)
-                / jnp.maximum(jnp.sum(scored), 1))
-    metrics = {'ce': ce, 'accuracy': accuracy}
-    loss = stage.ce_weight * ce
-    if stage.align_weight > 0:
-      metrics['align'] = align(out, batch['present'])
-      loss += stage.align_weight * metrics['align']
-    return loss, metrics
-
-  def meta(params, batch, rng):
-    """Presence is drawn for the episodes of `batch` itself: a micro-batch holds fewer. A clip
-    with none of its episode subset's modalities (real Ego4D clips may lack IMU) is neither a
-    prototype nor a scored query."""
-    episode_rng, rng = jax.random.split(rng)
-    present = batch['present'] & episodes.sample_episode_modalities(
-        episode_rng, num_episodes=_num_episodes(stage, batch['present'].shape[0]),
-        n_way=stage.n_way, k_shot=stage.k_shot, q_query=stage.q_query,
-        support_subsets=stage.support_subsets, query_subsets=stage.query_subsets)
-    out = apply(params, {**batch, 'present': present}, rng)
-    proto, accuracy = losses.cross_modal_proto_loss(
-        evaluate.prototype_embedding(out['fused'], stage.temperature), n_way=stage.n_way,
-        k_shot=stage.k_shot, q_query=stage.q_query, valid=jnp.any(present, axis=-1))
-    metrics = {'proto': proto, 'accuracy': accuracy}
-    loss = stage.proto_weight * proto
-    if stage.ce_weight > 0:
-      metrics['ce'] = losses.cross_entropy(out['logits'], batch['label'], mask=labeled(batch))
-      loss += stage.ce_weight * metrics['ce']
-    return loss, metrics
-
-  kind_loss = {'unimodal_ce': unimodal_ce, 'align': align_only, 'supervised': supervised,
-               'meta': meta}[stage.kind]
+  kind_loss = kind.loss(stage, apply)
 
   def loss_fn(params, batch, rng):
     return kind_loss(params, evaluate.restrict(batch, allowed), rng)
@@ -360,27 +269,10 @@ def make_loss_fn(model, stage, *, encoded=False):
   return loss_fn
 
 
-def _num_episodes(stage, batch_size):
-  """The whole episodes in a (micro-)batch of `batch_size` rows of a meta stage."""
-  per_episode = stage.n_way * (stage.k_shot + stage.q_query)
-  if batch_size % per_episode:
-    raise ValueError(f'meta stage {stage.name!r} got a batch of {batch_size} rows, which is not '
-                     f'whole {stage.n_way}-way {stage.k_shot}-shot {stage.q_query}-query episodes '
-                     f'of {per_episode} rows; episodes_per_batch must be a multiple of '
-                     'optimizer.accumulate_steps.')
-  return batch_size // per_episode
-
-
 def make_loader(dataset, stage, seed, source=None):
   """The stage's training batches: shuffled clips, or episodes for meta-training; from
   `source` (the frozen-feature cache) instead of the split's clips when given."""
-  if stage.kind == 'meta':
-    return loaders.episode_batches(dataset, stage.split, n_way=stage.n_way, k_shot=stage.k_shot,
-                                   q_query=stage.q_query,
-                                   episodes_per_batch=stage.episodes_per_batch, seed=seed,
-                                   source=source)
-  return loaders.train_batches(dataset, stage.split, global_batch_size=stage.batch_size,
-                               seed=seed, source=source)
+  return _kind(stage).batches.loader(dataset, stage, seed, source)
 
 
 def model_config(config, pipeline):
@@ -704,7 +596,7 @@ def _write_results(config, config_rows, results, workdir, unimodal):
 
 def _is_mmg_unimodal(stage):
   """Unimodal pre-training on MMG labels (not on an external corpus with classes of its own)."""
-  return stage.kind == 'unimodal_ce' and stage.split not in EXTERNAL_SPLITS
+  return _kind(stage).unimodal_heads and stage.split not in EXTERNAL_SPLITS
 
 
 def _unimodal_params(config, name, model, workdir, mesh, directories):

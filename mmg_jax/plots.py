@@ -35,8 +35,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from data_pipeline import preprocess
-from mmg_jax import modalities
+from data_pipeline import modalities, preprocess
 
 PLOTS_DIR = 'plots'
 EMBEDDINGS_FILE = 'embeddings.npz'

@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import mmg_jax.workdir
-from mmg_jax import modalities
+from data_pipeline import modalities
 
 _NAMES = {short: name for name, short in modalities.SHORT.items()}
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from configs import ablation, common, fewshot, manyshot
-from mmg_jax import modalities
+from data_pipeline import modalities
 
 CONFIGS = {'fewshot': fewshot, 'manyshot': manyshot, 'ablation': ablation}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

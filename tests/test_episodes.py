@@ -1,11 +1,13 @@
-"""Episode sampling: the N-way K-shot contract and the cross-modal modality subsets."""
+"""Episode sampling: the N-way K-shot contract (data_pipeline.episodes) and the cross-modal
+modality subsets of meta-training (mmg_jax.episodes)."""
 import functools
 
 import jax
 import numpy as np
 import pytest
 
-from mmg_jax import episodes, modalities
+from data_pipeline import episodes, modalities
+from mmg_jax.episodes import sample_episode_modalities
 
 
 def shuffled_labels(sizes, seed=0, num_unlabeled=0):
@@ -151,7 +153,7 @@ def sample_modalities(seed=0, **kwargs):
   kwargs = dict(num_episodes=300, n_way=2, k_shot=2, q_query=3,
                 support_subsets=[('video', 'audio', 'imu'), ('audio', 'imu')],
                 query_subsets=[('video',), ('audio', 'imu')]) | kwargs
-  return np.asarray(episodes.sample_episode_modalities(jax.random.key(seed), **kwargs))
+  return np.asarray(sample_episode_modalities(jax.random.key(seed), **kwargs))
 
 
 def episode_subsets(present, num_episodes=300, n_way=2, k_shot=2, q_query=3):
@@ -189,7 +191,7 @@ def test_subsets_are_normalized_and_deduplicated():
 
 
 def test_modalities_deterministic_and_jittable():
-  fn = functools.partial(episodes.sample_episode_modalities, num_episodes=300, n_way=2, k_shot=2,
+  fn = functools.partial(sample_episode_modalities, num_episodes=300, n_way=2, k_shot=2,
                          q_query=3, support_subsets=[('video',), ('audio',)],
                          query_subsets=[('video',), ('imu',)])
   np.testing.assert_array_equal(fn(jax.random.key(1)), jax.jit(fn)(jax.random.key(1)))

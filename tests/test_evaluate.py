@@ -3,7 +3,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmg_jax import evaluate, modalities
+from data_pipeline import modalities
+from mmg_jax import evaluate
 
 RNG = np.random.default_rng(0)
 NOVEL = np.repeat(np.arange(65, 72), 12)  # 7 novel classes x 12 clips, as the novel split.

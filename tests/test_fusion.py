@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mmg_jax import modalities
+from data_pipeline import modalities
 from mmg_jax.models import fusion
 
 # Encoder outputs of different widths and token counts, as the three encoders give.

@@ -6,8 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_pipeline import loaders
-from mmg_jax import episodes
+from data_pipeline import episodes, loaders
 
 # One episode shape for every test: sample_episodes compiles once per shape.
 EPISODES = dict(n_way=5, k_shot=2, q_query=3, episodes_per_batch=2)

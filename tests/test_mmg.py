@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from configs import common
-from data_pipeline import preprocess
-from mmg_jax import losses, modalities
+from data_pipeline import modalities, preprocess
+from mmg_jax import losses
 from mmg_jax.models import mmg
 from tests.test_fusion import FAST_COMPILE, numpy_params
 

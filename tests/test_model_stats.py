@@ -12,7 +12,8 @@ import pytest
 from flax import linen as nn
 
 from configs import common, fewshot
-from mmg_jax import modalities, train
+from data_pipeline import modalities
+from mmg_jax import train
 from mmg_jax.models import layers, mmg
 from mmg_jax.tools import model_stats
 

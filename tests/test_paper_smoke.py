@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from configs import ablation, common, fewshot, manyshot
-from data_pipeline import features, preprocess
+from data_pipeline import episodes, features, preprocess
 from data_pipeline.mmg_ego4d import manifest, sample_media
-from mmg_jax import episodes
 from mmg_jax.tools import paper_smoke
 
 CONFIGS = (fewshot, manyshot, ablation)

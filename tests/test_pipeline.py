@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common, fewshot, manyshot
-from mmg_jax import modalities, pipeline, report, sharding, train
+from data_pipeline import modalities
+from mmg_jax import pipeline, report, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 

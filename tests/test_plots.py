@@ -11,7 +11,8 @@ import pytest
 from matplotlib import image
 
 from configs import common, fewshot
-from mmg_jax import modalities, pipeline, plots, report
+from data_pipeline import modalities
+from mmg_jax import pipeline, plots, report
 from mmg_jax.tools import model_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ for overlapping test or novel clips are listed with the clip each overlaps.
 import collections
 import json
 
-from mmg_jax import modalities
+from data_pipeline import modalities
 
 REPORT_FILE = 'build_report.json'
 QUARANTINE_FILE = 'quarantine.jsonl'

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from mmg_jax.modalities import MODALITIES
+from data_pipeline.modalities import MODALITIES
 from mmg_jax.models import layers
 
 Dtype = Any

@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from data_pipeline import modalities as modalities_lib
 from data_pipeline import preprocess
-from mmg_jax import modalities as modalities_lib
 from mmg_jax.models import audio_ast, fusion, imu_transformer, layers, video_mvit
 
 # The one mapping from a modality to its encoder; each is built from config.model.<modality>.

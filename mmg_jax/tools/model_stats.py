@@ -41,7 +41,8 @@ from absl import app, flags
 from jax.extend import core as jex_core
 from ml_collections import config_flags
 
-from mmg_jax import modalities, pipeline, sharding, train
+from data_pipeline import modalities
+from mmg_jax import pipeline, sharding, train
 from mmg_jax.models import mmg
 
 # The paper's table (params M, GFLOPs as multiply-adds) and the tolerances we hold them to.

@@ -248,6 +248,7 @@ def loader_timing(size, num_batches, repeats, data_dir=None, options=None):
 
 
 def machine():
+  """Facts that the figures depend on: versions, devices, cores, XLA flags, the time (UTC)."""
   return {'jax_version': jax.__version__, 'backend': jax.default_backend(),
           'device_count': jax.device_count(), 'cpu_count': os.cpu_count(),
           'xla_flags': os.environ.get('XLA_FLAGS', ''),

@@ -1,0 +1,368 @@
+"""Speed of the model, the train step, few-shot evaluation and the loader on this machine.
+
+  python -m mmg_jax.tools.bench                         # paper size; minutes on CPU
+  python -m mmg_jax.tools.bench --format=json > bench.json
+  python -m mmg_jax.tools.bench --only=sgemm,encoders   # some parts (e.g. to try XLA flags)
+  python -m mmg_jax.tools.bench --size=tiny --notorch   # seconds, for tests
+
+Every figure comes from one process, so ratios between them hold on a noisy machine: each is the
+best of `--repeats` runs after a warm-up run, with compilation timed apart. Parts:
+- sgemm: a jitted float32 N x N matmul (N = 4096 at paper size), the practical peak of the
+  machine in GFLOP/s;
+- encoders: one jitted gradient w.r.t. params of a scalar of each encoder's outputs (pooled and
+  tokens; train=False, so no drop-path), at the batch of BATCH. gflop is 3 x 2 x the forward's
+  multiply-adds (model_stats: matmuls and convolutions), so fraction_of_sgemm = gflop / s /
+  sgemm_gflops. At paper size, when torch imports, the same gradient in PyTorch CPU
+  (torchvision's mvit_v1_b, transformers' ASTModel at max_length 384; random weights, eval mode)
+  and vs_torch = our seconds / torch's (no IMU reference);
+- train_step: the full MMGModel step of the size's multimodal supervised stage (L_CE + L_align,
+  every param, AdamW: model_stats.memory_stage) on random batches of the paper's shapes;
+- fewshot_eval: N-way K-shot Q-query episodes on random cached embeddings through
+  evaluate.episode_accuracy, against a per-episode NumPy loop on a few of them (which must agree);
+- loader: examples/s of the grain training loader of the 'small' dataset (tiny at tiny size)
+  against the examples/s its supervised train step consumes (ratio = loader / step).
+"""
+import contextlib
+import datetime
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs import fewshot
+from data_pipeline import loaders
+from mmg_jax import episodes, evaluate, modalities, pipeline, sharding, train
+from mmg_jax.models import mmg
+from mmg_jax.tools import model_stats
+
+PARTS = ('sgemm', 'encoders', 'train_step', 'fewshot_eval', 'loader')
+# Clips per encoder gradient: the issue's batches (MViT-B alone fills 2 cores).
+BATCH = {'video': 1, 'audio': 2, 'imu': 8}
+# What each size measures; 'tiny' keeps every part and shrinks its work to seconds.
+SETTINGS = {
+    'paper': {'sgemm_size': 4096, 'repeats': 3, 'train_batch': 2, 'loader_size': 'small',
+              'num_episodes': 10_000, 'loop_episodes': 100, 'loader_batches': 20,
+              'num_classes': 14, 'clips_per_class': 40, 'embed_dim': 768},
+    # train_batch 8 is the tiny stage's batch: the loader's step is then the same program.
+    'tiny': {'sgemm_size': 256, 'repeats': 2, 'train_batch': 8, 'loader_size': 'tiny',
+             'num_episodes': 200, 'loop_episodes': 20, 'loader_batches': 3,
+             'num_classes': 6, 'clips_per_class': 20, 'embed_dim': 32},
+}
+EPISODE = {'n_way': 5, 'k_shot': 5, 'q_query': 15}
+
+
+def best_time(run, repeats):
+  """Seconds of the fastest of `repeats` calls of `run()` (results awaited), after a warm-up."""
+  jax.block_until_ready(run())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def compile_timed(jitted, *args, options=None):
+  """(compiled, seconds of lowering + compiling) of a jitted function for `args`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile(options)
+  return compiled, time.perf_counter() - start
+
+
+def sgemm_gflops(size, repeats, options=None):
+  """GFLOP/s (2 N^3 per product) of a jitted float32 [N, N] @ [N, N]."""
+  a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in jax.random.split(
+      jax.random.key(0)))
+  matmul, _ = compile_timed(jax.jit(jnp.matmul), a, b, options=options)
+  return 2 * size**3 / best_time(lambda: matmul(a, b), repeats) / 1e9
+
+
+def encoder_fwd_bwd(model_config, modality, batch_size, repeats, options=None):
+  """{'fwd_bwd_s', 'compile_s', 'gflop'} of one gradient of the encoder w.r.t. its params."""
+  encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype))
+  shape = (batch_size, *model_stats.input_shape(model_config, modality))
+  x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+  params = jax.jit(functools.partial(encoder.init, train=False))(jax.random.key(0), x)['params']
+
+  def scalar(params, x):
+    pooled, tokens = encoder.apply({'params': params}, x, train=False)
+    return jnp.sum(pooled) + jnp.sum(tokens)
+
+  grad, compile_s = compile_timed(jax.jit(jax.grad(scalar)), params, x, options=options)
+  macs = model_stats.encoder_stats(model_config, modality, xla=False)['gflops'] * batch_size
+  return {'batch': batch_size, 'fwd_bwd_s': best_time(lambda: grad(params, x), repeats),
+          'compile_s': compile_s, 'gflop': 3 * 2 * macs}
+
+
+def torch_fwd_bwd(modality, batch_size, repeats):
+  """Seconds of the same gradient in PyTorch CPU at paper size; None without a reference model.
+
+  torch is a test requirement only: imported here, never at module import.
+  """
+  if modality not in ('video', 'audio'):
+    return None
+  import torch  # noqa: PLC0415
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  if modality == 'video':
+    from torchvision.models.video import mvit_v1_b  # noqa: PLC0415
+    model = mvit_v1_b(weights=None)
+    x = torch.randn(batch_size, 3, 16, 224, 224)
+    scalar = lambda: model(x).sum()  # noqa: E731
+  else:
+    from transformers import ASTConfig, ASTModel  # noqa: PLC0415
+    model = ASTModel(ASTConfig(max_length=384))
+    x = torch.randn(batch_size, 384, 128)
+
+    def scalar():
+      out = model(input_values=x)
+      return out.last_hidden_state.sum() + out.pooler_output.sum()
+  model.eval()
+
+  def run():
+    model.zero_grad(set_to_none=True)
+    scalar().backward()
+
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def random_batch(model_config, batch_size, seed=0):
+  """A device batch of `abstract_batch`'s shapes: random media, every modality present."""
+  shapes = model_stats.abstract_batch(model_config, batch_size)
+  rng = np.random.default_rng(seed)
+  batch = {m: rng.standard_normal(shapes[m].shape, np.float32) for m in ('audio', 'imu')}
+  return batch | {'video': rng.integers(0, 256, shapes['video'].shape, np.uint8),
+                  'present': np.ones(shapes['present'].shape, bool),
+                  'label': rng.integers(0, model_config.num_classes, batch_size, np.int32),
+                  'mask': np.ones(batch_size, bool)}
+
+
+def train_step_timing(config, batch_size, repeats, options=None):
+  """{'step_s', 'compile_s', 'clips_per_s'} of the optimizer step that run_stage jits for the
+  config's full-model supervised stage (model_stats.memory_stage), on one device."""
+  _, model_config, stage = model_stats.memory_stage(config)
+  model = mmg.MMGModel(config=model_config)
+  batch = random_batch(model_config, batch_size)
+  params = jax.jit(lambda b: model.init(jax.random.key(0), b, train=False))(batch)['params']
+  optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
+  state = train.init_state(params, optimizer)
+  del params
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(
+      functools.partial(train.train_step, loss_fn=pipeline.make_loss_fn(model, stage),
+                        optimizer=optimizer,
+                        schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
+                        accumulate_steps=1, mesh=mesh, trainable=stage.optimizer.trainable),
+      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  rng = jax.random.PRNGKey(0)
+  batch = sharding.shard_batch(batch, mesh)
+  compiled, compile_s = compile_timed(step, state, batch, rng, options=options)
+
+  def run():  # the state is donated: each step continues from the last one
+    nonlocal state
+    state, metrics = compiled(state, batch, rng)
+    return metrics
+
+  step_s = best_time(run, repeats)
+  return {'batch': batch_size, 'step_s': step_s, 'compile_s': compile_s,
+          'clips_per_s': batch_size / step_s}
+
+
+def loop_accuracy(support_embeddings, query_embeddings, support_idx, query_idx):
+  """episode_accuracy one episode at a time in NumPy: nearest prototype (mean of the support)
+  by squared Euclidean distance, lowest class row on ties."""
+  accuracies = []
+  for support, query in zip(support_idx, query_idx, strict=True):
+    prototypes = support_embeddings[support].mean(axis=1)  # [N, D]
+    queries = query_embeddings[query]  # [N, Q, D]
+    distances = ((queries[:, :, None, :] - prototypes[None, None]) ** 2).sum(-1)  # [N, Q, N]
+    accuracies.append(np.mean(distances.argmin(-1) == np.arange(len(support))[:, None]))
+  return np.asarray(accuracies)
+
+
+def fewshot_timing(settings, repeats):
+  """Seconds of episode_accuracy on `num_episodes` episodes against the NumPy loop's, scaled."""
+  num_examples = settings['num_classes'] * settings['clips_per_class']
+  labels = np.repeat(np.arange(settings['num_classes']), settings['clips_per_class'])
+  rng = np.random.default_rng(0)
+  support_emb, query_emb = (
+      np.asarray(evaluate.prototype_embedding(rng.standard_normal(
+          (num_examples, settings['embed_dim']), np.float32))) for _ in range(2))
+  start = time.perf_counter()
+  support_idx, query_idx = jax.block_until_ready(episodes.sample_episodes(
+      jax.random.key(0), labels, num_episodes=settings['num_episodes'], **EPISODE))
+  sample_s = time.perf_counter() - start  # compilation included: once per evaluation
+  args = [jnp.asarray(a) for a in (support_emb, query_emb, support_idx, query_idx)]
+  seconds = best_time(lambda: evaluate.episode_accuracy(*args), repeats)
+
+  num_loop = settings['loop_episodes']
+  support_idx, query_idx = np.asarray(support_idx), np.asarray(query_idx)
+  start = time.perf_counter()
+  expected = loop_accuracy(support_emb, query_emb, support_idx[:num_loop], query_idx[:num_loop])
+  loop_s = time.perf_counter() - start
+  ours = np.asarray(evaluate.episode_accuracy(*args))[:num_loop]
+  np.testing.assert_allclose(ours, expected, atol=1e-6,
+                             err_msg='episode_accuracy disagrees with the NumPy loop')
+  return {'num_episodes': settings['num_episodes'], **EPISODE, 'embed_dim': settings['embed_dim'],
+          'num_examples': num_examples, 'seconds': seconds, 'sample_s': sample_s,
+          'loop_episodes': num_loop, 'loop_s': loop_s,
+          'speedup': (loop_s / num_loop) / (seconds / settings['num_episodes'])}
+
+
+def loader_timing(size, num_batches, repeats, data_dir=None, options=None):
+  """{'examples_per_s', 'step_examples_per_s', 'ratio', ...} of the `size` training loader."""
+  config = fewshot.get_config(size)
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  _, _, stage = model_stats.memory_stage(config)
+  start = time.perf_counter()
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS reports a first build on stdout
+    loaders.data_source(config.dataset, stage.split)
+  build_s = time.perf_counter() - start  # the dataset build on first use; reading it after
+  batches = iter(loaders.train_batches(config.dataset, stage.split,
+                                       global_batch_size=stage.batch_size, seed=0))
+  next(batches)  # warm-up: opens the files, starts the prefetch
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(batches)
+  examples_per_s = num_batches * stage.batch_size / (time.perf_counter() - start)
+  step = train_step_timing(config, stage.batch_size, repeats, options)
+  return {'dataset': config.dataset.name, 'batch': stage.batch_size,
+          'examples_per_s': examples_per_s, 'build_or_open_s': build_s,
+          'step_examples_per_s': step['clips_per_s'], 'step_compile_s': step['compile_s'],
+          'ratio': examples_per_s / step['clips_per_s']}
+
+
+def machine():
+  """Facts that the figures depend on: versions, devices, cores, XLA flags, the time (UTC)."""
+  return {'jax_version': jax.__version__, 'backend': jax.default_backend(),
+          'device_count': jax.device_count(), 'cpu_count': os.cpu_count(),
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}
+
+
+def run(size, *, parts=PARTS, repeats=None, with_torch=True, data_dir=None, options=None,
+        progress=lambda text: None):
+  """The JSON-ready document of the `parts` measured at `size` ('paper' | 'tiny')."""
+  settings = SETTINGS[size]
+  repeats = repeats or settings['repeats']
+  config = fewshot.get_config(size)
+  doc = machine() | {'size': size, 'repeats': repeats, 'compiler_options': options or {}}
+  if 'sgemm' in parts or 'encoders' in parts:
+    doc['sgemm_gflops'] = sgemm_gflops(settings['sgemm_size'], repeats, options)
+    progress(f'sgemm {settings["sgemm_size"]}: {doc["sgemm_gflops"]:.1f} GFLOP/s')
+  if 'encoders' in parts:
+    doc['encoders'] = {}
+    for m in modalities.MODALITIES:
+      row = encoder_fwd_bwd(config.model, m, BATCH[m], repeats, options)
+      row['gflops_per_s'] = row['gflop'] / row['fwd_bwd_s']
+      row['fraction_of_sgemm'] = row['gflops_per_s'] / doc['sgemm_gflops']
+      row['torch_fwd_bwd_s'] = row['vs_torch'] = None
+      if with_torch and size == 'paper':
+        row['torch_fwd_bwd_s'] = _torch_or_none(m, BATCH[m], repeats, progress)
+        if row['torch_fwd_bwd_s']:
+          row['vs_torch'] = row['fwd_bwd_s'] / row['torch_fwd_bwd_s']
+      doc['encoders'][m] = row
+      progress(f'encoder {m}: {row["fwd_bwd_s"]:.3f} s (compile {row["compile_s"]:.1f} s), '
+               f'{row["fraction_of_sgemm"]:.2f} of sgemm, torch {row["torch_fwd_bwd_s"]}')
+  if 'train_step' in parts:
+    doc['train_step'] = train_step_timing(config, settings['train_batch'], repeats, options)
+    progress(f'train step: {doc["train_step"]}')
+  if 'fewshot_eval' in parts:
+    doc['fewshot_eval'] = fewshot_timing(settings, repeats)
+    progress(f'few-shot eval: {doc["fewshot_eval"]}')
+  if 'loader' in parts:
+    doc['loader'] = loader_timing(settings['loader_size'], settings['loader_batches'], repeats,
+                                  data_dir, options)
+    progress(f'loader: {doc["loader"]}')
+  return doc
+
+
+def _torch_or_none(modality, batch_size, repeats, progress):
+  try:
+    import torch  # noqa: F401, PLC0415
+  except ImportError:
+    progress('torch does not import: no PyTorch comparison')
+    return None
+  return torch_fwd_bwd(modality, batch_size, repeats)
+
+
+def format_text(doc):
+  """The document as readable tables."""
+  lines = [f'# {doc["size"]} size, jax {doc["jax_version"]} {doc["backend"]}, '
+           f'{doc["device_count"]} device(s), {doc["cpu_count"]} CPUs, {doc["date"]}; best of '
+           f'{doc["repeats"]} after a warm-up; XLA_FLAGS={doc["xla_flags"]!r}']
+  if 'sgemm_gflops' in doc:
+    lines.append(f'sgemm fp32: {doc["sgemm_gflops"]:.1f} GFLOP/s')
+  if 'encoders' in doc:
+    lines.append(f'{"encoder fwd+bwd":<16}{"batch":>6}{"s":>9}{"compile s":>11}{"GFLOP":>9}'
+                 f'{"GFLOP/s":>9}{"of sgemm":>10}{"torch s":>9}{"vs torch":>10}')
+    for m, row in doc['encoders'].items():
+      torch_s, vs = row['torch_fwd_bwd_s'], row['vs_torch']
+      lines.append(f'{m:<16}{row["batch"]:>6}{row["fwd_bwd_s"]:>9.3f}{row["compile_s"]:>11.1f}'
+                   f'{row["gflop"]:>9.1f}{row["gflops_per_s"]:>9.1f}'
+                   f'{row["fraction_of_sgemm"]:>10.2f}'
+                   f'{"-" if torch_s is None else f"{torch_s:.3f}":>9}'
+                   f'{"-" if vs is None else f"{vs:.2f}":>10}')
+  if 'train_step' in doc:
+    row = doc['train_step']
+    lines.append(f'train step (batch {row["batch"]}): {row["step_s"]:.2f} s, '
+                 f'{row["clips_per_s"]:.3f} clips/s, compile {row["compile_s"]:.1f} s')
+  if 'fewshot_eval' in doc:
+    row = doc['fewshot_eval']
+    lines.append(f'few-shot eval: {row["num_episodes"]} episodes ({row["n_way"]}-way '
+                 f'{row["k_shot"]}-shot {row["q_query"]}-query, D={row["embed_dim"]}) in '
+                 f'{row["seconds"]:.4f} s (sampling {row["sample_s"]:.2f} s); NumPy loop '
+                 f'{row["loop_s"]:.3f} s for {row["loop_episodes"]}: {row["speedup"]:.0f}x')
+  if 'loader' in doc:
+    row = doc['loader']
+    lines.append(f'loader {row["dataset"]} (batch {row["batch"]}): '
+                 f'{row["examples_per_s"]:.0f} examples/s; its train step '
+                 f'{row["step_examples_per_s"]:.1f} examples/s; ratio {row["ratio"]:.1f}')
+  return '\n'.join(lines)
+
+
+def _stderr(text):
+  print(text, file=sys.stderr, flush=True)
+
+
+def main(argv):
+  del argv
+  options = (model_stats.CPU_COMPILER_OPTIONS
+             if _COMPILER_OPTIONS.value and jax.default_backend() == 'cpu' else None)
+  unknown = set(_ONLY.value) - set(PARTS)
+  if unknown:
+    raise app.UsageError(f'--only: unknown parts {sorted(unknown)}; choose among {PARTS}')
+  doc = run(_SIZE.value, parts=_ONLY.value, repeats=_REPEATS.value, with_torch=_TORCH.value,
+            data_dir=_DATA_DIR.value, options=options, progress=_stderr)
+  print(json.dumps(doc, indent=2) if _FORMAT.value == 'json' else format_text(doc))
+
+
+if __name__ == '__main__':
+  _SIZE = flags.DEFINE_enum('size', 'paper', ['paper', 'tiny'], 'Model sizes and amounts of '
+                            'work (configs/common.py); tiny: seconds, for tests.')
+  _FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output format.')
+  _ONLY = flags.DEFINE_list('only', list(PARTS), f'The parts to measure, among {PARTS}.')
+  _REPEATS = flags.DEFINE_integer('repeats', None, 'Timed runs per figure (best kept); default '
+                                  'per size.')
+  _TORCH = flags.DEFINE_bool('torch', True, 'Compare the encoders with PyTorch CPU (paper size, '
+                             'when torch imports).')
+  _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir of the loader\'s dataset '
+                                  '(None: the TFDS default).')
+  _COMPILER_OPTIONS = flags.DEFINE_bool('cpu_compiler_options', False, 'Compile with '
+                                        'model_stats.CPU_COMPILER_OPTIONS (the memory plan\'s).')
+  app.run(main)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from mmg_jax import episodes, evaluate
+from data_pipeline import episodes
+from mmg_jax import evaluate
 from mmg_jax.tools import bench, model_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -36,8 +36,8 @@ import numpy as np
 from absl import app, flags
 
 from configs import fewshot
-from data_pipeline import loaders
-from mmg_jax import episodes, evaluate, modalities, pipeline, sharding, train
+from data_pipeline import episodes, loaders, modalities
+from mmg_jax import evaluate, pipeline, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import model_stats
 

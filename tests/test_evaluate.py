@@ -261,3 +261,24 @@ def test_encoding_once_equals_the_model_on_each_restricted_batch(fusion_kind):
   for m in modalities.MODALITIES:
     np.testing.assert_allclose(got['unimodal_logits'][m], want[m], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got['label'], batch['label'])
+
+
+def test_episode_accuracy_agrees_with_the_meta_training_loss():
+  """The Gram-matrix evaluation and losses.proto_loss (which meta-training minimizes) score the
+  same queries right, with and without invalid clips."""
+  import jax
+
+  from mmg_jax import losses
+  support_embeddings = RNG.normal(size=(NOVEL.size, 8)).astype(np.float32)
+  query_embeddings = support_embeddings + RNG.normal(size=support_embeddings.shape)
+  support_idx, query_idx = (np.asarray(x) for x in evaluate.sample_eval_episodes(
+      NOVEL, _evaluation(num_episodes=200).fewshot))
+  for support_valid, query_valid in [(np.ones(NOVEL.size, bool),) * 2,
+                                     tuple(RNG.uniform(size=(2, NOVEL.size)) < 0.6)]:
+    _, want = jax.vmap(losses.proto_loss)(
+        support_embeddings[support_idx], query_embeddings[query_idx],
+        support_valid[support_idx], query_valid[query_idx])
+    got = evaluate.episode_accuracy(support_embeddings, query_embeddings, support_idx, query_idx,
+                                    support_valid, query_valid)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert 0 < np.mean(want) < 1

@@ -1,5 +1,11 @@
-"""Test session setup: 8 fake CPU devices, so sharding code runs as on a pod slice; one persistent
-compilation cache for the session.
+"""Test session setup: 8 fake CPU devices, so sharding code runs as on a pod slice; LLVM
+optimization level 0; one persistent compilation cache for the session.
+
+The test models are tiny: they run in milliseconds and compile in seconds, and level 0 makes
+LLVM's code generation, which runs after XLA's HLO passes and buffer assignment, about twice as
+fast (the end-to-end runs of test_pipeline.py set it for that before conftest did). The
+`python -m ...` subprocesses and the notebook's kernel inherit the flag, so their programs and
+the tests' own share cache entries.
 
 The cache is a fresh directory each session, so an entry from other code can never stand in
 for a compile. It is set by environment variables, which the `python -m ...` subprocesses of
@@ -13,7 +19,8 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                                   '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 if 'PYTEST_XDIST_WORKER' not in os.environ:

@@ -30,8 +30,10 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 
 # The files that take minutes, started first and in this order, so that `pytest -n 2` does not
 # end on one of them with the other worker idle (xdist hands out whole files in collection
-# order, pyproject.toml); the other files keep pytest's order.
-_LONGEST_FIRST = ('test_pipeline.py', 'test_multiprocess.py', 'test_model_stats.py',
+# order, pyproject.toml); the other files keep pytest's order. test_multiprocess.py comes third:
+# its one-process few-shot run then usually starts after test_pipeline.py's few-shot runs have
+# written the programs they share to the session's compilation cache.
+_LONGEST_FIRST = ('test_pipeline.py', 'test_model_stats.py', 'test_multiprocess.py',
                   'test_bad_inputs.py', 'test_notebook.py')
 
 

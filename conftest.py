@@ -1,20 +1,42 @@
-"""Test session setup: 8 fake CPU devices, so sharding code runs as on a pod slice; one persistent
-compilation cache for the session.
+"""Test session setup: 8 fake CPU devices, so sharding code runs as on a pod slice; LLVM
+optimization level 0; one persistent compilation cache for the session.
+
+The test models are tiny: they run in milliseconds and compile in seconds, and level 0 makes
+LLVM's code generation, which runs after XLA's HLO passes and buffer assignment, about twice as
+fast (the end-to-end runs of test_pipeline.py set it for that before conftest did). The
+`python -m ...` subprocesses and the notebook's kernel inherit the flag, so their programs and
+the tests' own share cache entries.
 
 The cache is a fresh directory each session, so an entry from other code can never stand in
 for a compile. It is set by environment variables, which the `python -m ...` subprocesses of
-the tests inherit: a program that several tests (or processes) compile is compiled once.
-Only programs that compile in 1 s or more are written (jax's default): the slow ones are what
-a hit saves.
+the tests and the workers of `pytest -n` (pyproject.toml) inherit: a program that several tests
+(or processes) compile is compiled once. The pytest process that starts the session makes the
+directory and deletes it at exit; an xdist worker uses its controller's. Only programs that
+compile in 1 s or more are written (jax's default): the slow ones are what a hit saves.
 """
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                                   '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-_cache_dir = tempfile.mkdtemp(prefix='mmg_jax_test_compilation_cache_')
-atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
+if 'PYTEST_XDIST_WORKER' not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix='mmg_jax_test_compilation_cache_')
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
+
+# The files that take minutes, started first and in this order, so that `pytest -n 2` does not
+# end on one of them with the other worker idle (xdist hands out whole files in collection
+# order, pyproject.toml); the other files keep pytest's order. test_multiprocess.py comes third:
+# its one-process few-shot run then usually starts after test_pipeline.py's few-shot runs have
+# written the programs they share to the session's compilation cache.
+_LONGEST_FIRST = ('test_pipeline.py', 'test_model_stats.py', 'test_multiprocess.py',
+                  'test_bad_inputs.py', 'test_notebook.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -10,6 +10,13 @@ Nothing good is lost on a bad disk: an old checkpoint is deleted only once the n
 replaces it is fully on disk (orbax's own rotation would run even when the newer write fails),
 a save that fails raises `SaveFailed`, and a checkpoint that cannot be read is set aside for
 the one before it (`restore_latest`).
+
+The params and optimizer state are replicated (sharding.py). Orbax splits the writing of a
+replicated array among its replicas ("replica-parallel"): each device slices off its part, an
+eager `jax.lax.slice` compiled once per array shape and device. For the hundreds of small arrays
+of a model (biases, norms, the whole tiny test model) those compiles cost seconds on the first
+save of every process and save nothing; only arrays whose per-replica part reaches
+`_MIN_REPLICA_SLICE_BYTES` are split, the others are written whole by their first replica.
 """
 import contextlib
 import os
@@ -20,6 +27,8 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+_MIN_REPLICA_SLICE_BYTES = 2**20
 
 
 class SaveFailed(Exception):
@@ -39,7 +48,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True)
-    handlers = {'state': ocp.StandardCheckpointHandler(),
+    handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_state_types()),
                 'data': grain.checkpoint.CheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                           options=options)
@@ -56,7 +65,7 @@ class Checkpointer:
     self._finish_writing()
     with self._save_errors(step):
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
+          state=ocp.args.PyTreeSave(state),
           data=grain.checkpoint.CheckpointSave(data_iterator)))
     self._writing = step
 
@@ -117,7 +126,8 @@ class Checkpointer:
           f'the checkpoint {self.directory}/{step} was written by a different model or '
           f'optimizer ({"; ".join(differences[:3])}): use a fresh --workdir, or delete '
           f'{self.directory} to retrain this stage.')
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    items = {'state': ocp.args.PyTreeRestore(
+        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     with self._read_errors(step):
@@ -188,6 +198,17 @@ class Checkpointer:
 
   def __exit__(self, *exc_info):
     self.close()
+
+
+def _state_types():
+  """Orbax's types of a train state: jax arrays, with replica-parallel writes of large ones only.
+
+  Without orbax's per-host array metadata (its private store): it records the write shapes of
+  sharded arrays, and restoring a replicated one does not read it.
+  """
+  return ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)))
 
 
 def _first_line(error):

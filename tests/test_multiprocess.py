@@ -15,7 +15,10 @@ from tests import toy_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 6
-TIMEOUT_SECONDS = 240
+TIMEOUT_SECONDS = 480  # a hang guard, with room for the other `pytest -n 2` worker on the cores
+# conftest.py's flags on another device count: the one-process runs (on 8 devices) share the
+# session's compilation cache with the tests and the other end-to-end runs.
+XLA_FLAGS = '--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0'
 
 
 def _free_port():
@@ -26,8 +29,7 @@ def _free_port():
 
 def _run_two_processes(args, devices_per_process):
   """Runs `python -m <args> --process_id=i` for i = 0, 1; returns their stdouts."""
-  env = os.environ | {
-      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
+  env = os.environ | {'XLA_FLAGS': XLA_FLAGS.format(devices_per_process)}
   distributed = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
   processes = [
       subprocess.Popen([sys.executable, '-m', *args, *distributed, f'--process_id={i}'],
@@ -117,10 +119,6 @@ def test_the_launchers_two_processes_give_the_one_process_table(tmp_path):
   """
   config = ['--config=configs/fewshot.py:tiny', '--config.eval.fewshot.num_episodes=10']
   env = os.environ | {'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']}
-  # Optimization level 0 halves the compile time, which is nearly all of these runs; the flags
-  # as test_pipeline's and the notebook's runs give them, so the session's compilation cache
-  # serves the programs they share.
-  xla_flags = '--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0'
   commands = {'two': ['./run.sh', 'local-multiprocess', '2', config[0][len('--config='):],
                       *config[1:]],
               'one': [sys.executable, '-m', 'mmg_jax.main', *config]}
@@ -128,7 +126,7 @@ def test_the_launchers_two_processes_give_the_one_process_table(tmp_path):
     result = subprocess.run(
         [*commands[name], f'--workdir={tmp_path / name}'], cwd=REPO, capture_output=True,
         text=True, timeout=TIMEOUT_SECONDS,
-        env=env | {'XLA_FLAGS': xla_flags.format(devices_per_process)}, check=False)
+        env=env | {'XLA_FLAGS': XLA_FLAGS.format(devices_per_process)}, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
   one_rows, one_metrics = _table_and_metrics(tmp_path / 'one')
   two_rows, two_metrics = _table_and_metrics(tmp_path / 'two')

@@ -59,12 +59,10 @@ def test_notebook_runs_the_tiny_pipeline_and_draws_the_results_and_an_episode(
   nb = nbformat.read(NOTEBOOK, as_version=4)
   assert "SIZE = 'tiny'" in _cell(nb, 'setup').source
   nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-  # The kernel inherits this environment: conftest's 8 CPU devices, the repo on its path, and
-  # LLVM optimization level 0 (halves the tiny model's compile time, which dominates the run).
+  # The kernel inherits this environment: conftest's XLA flags (8 CPU devices, LLVM optimization
+  # level 0) and the repo on its path.
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [ROOT,
                                                                  os.environ.get('PYTHONPATH')])))
-  monkeypatch.setenv('XLA_FLAGS',
-                     os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0')
   client = NotebookClient(nb, timeout=CELL_SECONDS, kernel_name='python3',
                           resources={'metadata': {'path': str(tmp_path)}})
   start = time.monotonic()

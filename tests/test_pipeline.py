@@ -27,12 +27,9 @@ def main_env():
   They compile some programs twice (the resumed run; the stages and the evaluation that the
   few-shot and many-shot configs, the notebook and the launcher test share): the session's
   persistent compilation cache (conftest.py) compiles each once, for programs of 0.5 s or more.
-  LLVM optimization level 0 halves the compile time of the tiny model, which dominates these
-  runs (the tiny steps run in milliseconds either way).
+  The runs inherit conftest's XLA flags (8 devices, LLVM optimization level 0).
   """
-  xla_flags = os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
-  return os.environ | {'XLA_FLAGS': xla_flags,
-                       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
+  return os.environ | {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}
 
 
 def _main(env, config, workdir, *flags):

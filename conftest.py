@@ -34,7 +34,19 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 # its one-process few-shot run then usually starts after test_pipeline.py's few-shot runs have
 # written the programs they share to the session's compilation cache.
 _LONGEST_FIRST = ('test_pipeline.py', 'test_model_stats.py', 'test_multiprocess.py',
-                  'test_bad_inputs.py', 'test_notebook.py')
+                  'test_bad_inputs.py', 'test_feature_cache.py', 'test_notebook.py',
+                  'test_bench.py')
+
+
+def pytest_configure(config):
+  """Builds the tests' dataset, mmg_synthetic/tiny, once before any worker starts: TFDS does
+  not lock a build, and on a fresh machine two xdist workers would both build it."""
+  del config
+  if 'PYTEST_XDIST_WORKER' in os.environ:
+    return
+  from configs import common
+  from data_pipeline import loaders
+  loaders.data_source(common.dataset_config('tiny'), 'train')
 
 
 def pytest_collection_modifyitems(items):

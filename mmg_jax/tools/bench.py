@@ -37,7 +37,7 @@ from absl import app, flags
 
 from configs import fewshot
 from data_pipeline import episodes, loaders, modalities
-from mmg_jax import evaluate, pipeline, sharding, train
+from mmg_jax import evaluate, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import model_stats
 
@@ -156,20 +156,11 @@ def train_step_timing(config, batch_size, repeats, options=None):
   model = mmg.MMGModel(config=model_config)
   batch = random_batch(model_config, batch_size)
   params = jax.jit(lambda b: model.init(jax.random.key(0), b, train=False))(batch)['params']
-  optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
+  step, optimizer = model_stats.one_device_step(model, stage)
   state = train.init_state(params, optimizer)
   del params
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  replicated = sharding.replicated(mesh)
-  step = jax.jit(
-      functools.partial(train.train_step, loss_fn=pipeline.make_loss_fn(model, stage),
-                        optimizer=optimizer,
-                        schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
-                        accumulate_steps=1, mesh=mesh, trainable=stage.optimizer.trainable),
-      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
   rng = jax.random.PRNGKey(0)
-  batch = sharding.shard_batch(batch, mesh)
+  batch = sharding.shard_batch(batch, sharding.make_mesh(jax.devices()[:1]))
   compiled, compile_s = compile_timed(step, state, batch, rng, options=options)
 
   def run():  # the state is donated: each step continues from the last one

@@ -252,6 +252,23 @@ def memory_variant(model_config, *, dtype, remat):
   return variant
 
 
+def one_device_step(model, stage):
+  """(jitted step, optimizer): the optimizer step of `stage` that run_stage jits
+  (train.train_step with pipeline.make_loss_fn and train.make_optimizer; state donated, no
+  gradient accumulation), on the first device. The step takes (state, batch, rng)."""
+  optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(
+      functools.partial(train.train_step, loss_fn=pipeline.make_loss_fn(model, stage),
+                        optimizer=optimizer,
+                        schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
+                        accumulate_steps=1, mesh=mesh, trainable=stage.optimizer.trainable),
+      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  return step, optimizer
+
+
 def train_step_memory(model_config, stage, per_device_batch):
   """XLA's memory analysis of one compiled optimizer step of `stage` on one device.
 
@@ -265,17 +282,8 @@ def train_step_memory(model_config, stage, per_device_batch):
   batch = abstract_batch(model_config, per_device_batch)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
                           batch)['params']
-  optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
+  step, optimizer = one_device_step(model, stage)
   state = jax.eval_shape(functools.partial(train.init_state, optimizer=optimizer), params)
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  replicated = sharding.replicated(mesh)
-  step = jax.jit(
-      functools.partial(train.train_step, loss_fn=pipeline.make_loss_fn(model, stage),
-                        optimizer=optimizer,
-                        schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
-                        accumulate_steps=1, mesh=mesh, trainable=stage.optimizer.trainable),
-      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
   stage_rng = jax.eval_shape(jax.random.PRNGKey, 0)
   options = CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
   return step.lower(state, batch, stage_rng).compile(options).memory_analysis()

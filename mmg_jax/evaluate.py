@@ -99,7 +99,8 @@ def _episode_logits(support_embeddings, query_embeddings, support_idx, query_idx
   The logit is -|q - p|^2 + |q|^2 = 2 q.p - |p|^2 (|q|^2 is the same for every prototype of a
   query, so the nearest prototype is unchanged), with q.p and |p|^2 read from the split's Gram
   matrices Q S^T and S S^T: each episode then gathers N * (Q * N + K) * K scalars instead of
-  forming N * Q * N difference vectors of the embedding size (20x faster on 10,000 episodes).
+  forming N * Q * N difference vectors of the embedding size (10,000 episodes: 0.17 s, not
+  1.8 s; README, Speed).
   Memory: two [num_examples, num_examples] float32 matrices.
   """
   support = support_embeddings.astype(jnp.float32)

@@ -191,6 +191,10 @@ class Checkpointer:
     finally:
       # After a failed save orbax raises its error again here; SaveFailed has reported it.
       with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+        # orbax 0.12's close() does not wait for the cleanup of temporary directories that the
+        # manager starts in a thread; a stage that stops within seconds (a non-finite step)
+        # would exit under it, and the thread's traceback would follow the user's message.
+        self._manager._maybe_await_cleanup_tmp_directory()
         self._manager.close()
 
   def __enter__(self):

@@ -170,14 +170,26 @@ def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh)
   arrays under every subset.
   """
   subsets = tuple(dict.fromkeys(modalities.check(s) for s in subsets))
-  chunks = [sharding.gather(forward(params, sharding.shard_batch(host_batch, mesh), subsets))
-            for host_batch in loaders.eval_batches(dataset, split, global_batch_size=batch_size)]
+  out = over_split(lambda batch: forward(params, batch, subsets), dataset, split,
+                   batch_size=batch_size, mesh=mesh)
+  outputs = {subset: out['subsets'][subset] | {'unimodal_logits': out['unimodal_logits']}
+             for subset in subsets}
+  return outputs, out['label']
+
+
+def over_split(fn, dataset, split, *, batch_size, mesh, progress=None):
+  """fn(sharded batch) -> a tree of [B, ...] outputs with the batch's 'mask', run over every
+  example of `split` in split order: the gathered outputs concatenated on every process, padding
+  rows dropped ('mask' with them). progress(clips done), if given, every 50 batches."""
+  chunks = []
+  for i, host_batch in enumerate(loaders.eval_batches(dataset, split,
+                                                      global_batch_size=batch_size)):
+    chunks.append(sharding.gather(fn(sharding.shard_batch(host_batch, mesh))))
+    if progress and (i + 1) % 50 == 0:
+      progress((i + 1) * batch_size)
   out = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
-  keep = functools.partial(np.take, indices=np.flatnonzero(out['mask']), axis=0)
-  unimodal_logits = jax.tree.map(keep, out['unimodal_logits'])
-  outputs = {subset: jax.tree.map(keep, out['subsets'][subset])
-             | {'unimodal_logits': unimodal_logits} for subset in subsets}
-  return outputs, keep(out['label'])
+  keep = np.flatnonzero(out.pop('mask'))
+  return jax.tree.map(functools.partial(np.take, indices=keep, axis=0), out)
 
 
 def top1_row(row, outputs, labels):

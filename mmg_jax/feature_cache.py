@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from data_pipeline import loaders, modalities
-from mmg_jax import sharding
+from mmg_jax import evaluate
 from mmg_jax.models import mmg
 
 CACHE_DIR = 'feature_cache'
@@ -72,15 +72,9 @@ def compute(model, params, dataset, split, subset, *, batch_size, mesh, progress
   """{m: [N, 1 + T, D] for m in subset, 'present': [N, 3], 'label': [N]} of every example of
   `split`, in split order (padding dropped); every process gets the whole arrays."""
   encode = make_encode(model, subset)
-  batches = loaders.eval_batches(dataset, split, global_batch_size=batch_size)
-  chunks = []
-  for i, host_batch in enumerate(batches):
-    chunks.append(sharding.gather(encode(params, sharding.shard_batch(host_batch, mesh))))
-    if (i + 1) % 50 == 0:
-      progress(f'  {(i + 1) * batch_size} clips encoded.')
-  arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-  keep = np.flatnonzero(arrays.pop('mask'))
-  return {k: v[keep] for k, v in arrays.items()}
+  return evaluate.over_split(lambda batch: encode(params, batch), dataset, split,
+                             batch_size=batch_size, mesh=mesh,
+                             progress=lambda clips: progress(f'  {clips} clips encoded.'))
 
 
 def load_or_compute(model, params, dataset, split, subset, *, workdir, batch_size, mesh,

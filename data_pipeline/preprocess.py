@@ -236,7 +236,7 @@ def clean_imu(timestamps_ms, values):
   timestamps_ms, values = timestamps_ms[keep], values[keep]
   order = np.argsort(timestamps_ms, kind='stable')
   timestamps_ms, values = timestamps_ms[order], values[order]
-  first = np.concatenate([[True], np.diff(timestamps_ms) > 0])
+  first = np.diff(timestamps_ms, prepend=-np.inf) > 0  # also right for no rows left
   return timestamps_ms[first], values[first]
 
 

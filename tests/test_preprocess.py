@@ -154,6 +154,17 @@ def test_clean_imu_drops_nulls_sorts_and_deduplicates():
   np.testing.assert_array_equal(v_clean, values[[2, 3, 0]])  # First of the two t=10 rows.
 
 
+@pytest.mark.parametrize('t', [[], [np.nan, np.nan]], ids=['no rows', 'only nulls'])
+def test_clean_imu_without_a_valid_row_leaves_nothing_for_resampling_to_cover(t):
+  """A recording with no usable sample is an IMU the clip lacks, not an error."""
+  values = np.ones((len(t), 6))
+  t_clean, v_clean = preprocess.clean_imu(np.array(t), values)
+  assert t_clean.shape == (0,) and v_clean.shape == (0, 6)
+  grid, covered = preprocess.resample_imu(t_clean, v_clean, start_s=0.0, num_samples=4,
+                                          rate_hz=200)
+  assert grid.shape == (4, 6) and not covered.any()
+
+
 def test_resample_imu_interpolates_and_flags_long_gaps():
   t = np.concatenate([np.arange(0, 500, 5.0), np.arange(800, 1000, 5.0)])  # 300 ms gap.
   values = np.stack([t * k for k in range(1, 7)], axis=1)  # Linear: interpolation is exact.

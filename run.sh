@@ -58,8 +58,17 @@ case "$command" in
         --num_processes="$num_processes" --process_id="$i" "$@" &
       pids+=($!)
     done
+    # The first process to fail stops the others: its peers would wait for it in their next
+    # collective until jax's heartbeat timeout.
     status=0
-    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    for ((i = 0; i < num_processes; i++)); do
+      wait -n && continue
+      code=$?
+      if ((status == 0)); then
+        status=$code
+        kill "${pids[@]}" 2>/dev/null
+      fi
+    done
     exit "$status"
     ;;
   *)

@@ -1,7 +1,10 @@
 """Two processes on localhost (jax.distributed, gloo CPU collectives), each reading its own
 half of every global batch, train like one process holding all 8 devices."""
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -15,10 +18,14 @@ from tests import toy_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 6
-TIMEOUT_SECONDS = 480  # a hang guard, with room for the other `pytest -n 2` worker on the cores
-# conftest.py's flags on another device count: the one-process runs (on 8 devices) share the
-# session's compilation cache with the tests and the other end-to-end runs.
-XLA_FLAGS = '--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0'
+TIMEOUT_SECONDS = 900  # a hang guard: a run takes 1-2 min alone, and shares the cores in the suite
+
+
+def _xla_flags(devices):
+  """conftest.py's flags on `devices` devices: the one-process runs (on 8 devices) share the
+  session's compilation cache with the tests and the other end-to-end runs."""
+  others = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ['XLA_FLAGS'])
+  return f'--xla_force_host_platform_device_count={devices} {others.strip()}'
 
 
 def _free_port():
@@ -27,22 +34,35 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _finish(processes, what):
+  """[(stdout, stderr)] of `processes` (each the leader of its own session); past
+  TIMEOUT_SECONDS, kills their whole process groups (the launcher's children too, which would
+  otherwise keep the cores busy for the rest of the suite) and fails with the ends of their
+  output, to show where they stood."""
+  try:
+    return [p.communicate(timeout=TIMEOUT_SECONDS) for p in processes]
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    ends = [f'--- stdout\n{out[-1500:]}\n--- stderr\n{err[-3000:]}'
+            for out, err in (p.communicate() for p in processes)]
+    pytest.fail(f'{what} did not finish within {TIMEOUT_SECONDS} s; it printed:\n'
+                + '\n'.join(ends))
+
+
+def _start(command, env):
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 def _run_two_processes(args, devices_per_process):
   """Runs `python -m <args> --process_id=i` for i = 0, 1; returns their stdouts."""
-  env = os.environ | {'XLA_FLAGS': XLA_FLAGS.format(devices_per_process)}
+  env = os.environ | {'XLA_FLAGS': _xla_flags(devices_per_process)}
   distributed = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
-  processes = [
-      subprocess.Popen([sys.executable, '-m', *args, *distributed, f'--process_id={i}'],
-                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-      for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_SECONDS) for p in processes]
-  except subprocess.TimeoutExpired:
-    pytest.fail(f'{args[0]} on 2 processes timed out')
-  finally:
-    for p in processes:
-      p.kill()
+  processes = [_start([sys.executable, '-m', *args, *distributed, f'--process_id={i}'], env)
+               for i in range(2)]
+  outputs = _finish(processes, f'{args[0]} on 2 processes')
   for p, (_, stderr) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, stderr[-3000:]
   return [stdout for stdout, _ in outputs]
@@ -123,11 +143,10 @@ def test_the_launchers_two_processes_give_the_one_process_table(tmp_path):
                       *config[1:]],
               'one': [sys.executable, '-m', 'mmg_jax.main', *config]}
   for name, devices_per_process in (('two', 4), ('one', 8)):
-    result = subprocess.run(
-        [*commands[name], f'--workdir={tmp_path / name}'], cwd=REPO, capture_output=True,
-        text=True, timeout=TIMEOUT_SECONDS,
-        env=env | {'XLA_FLAGS': XLA_FLAGS.format(devices_per_process)}, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    process = _start([*commands[name], f'--workdir={tmp_path / name}'],
+                     env | {'XLA_FLAGS': _xla_flags(devices_per_process)})
+    ((_, stderr),) = _finish([process], ' '.join(commands[name]))
+    assert process.returncode == 0, stderr[-3000:]
   one_rows, one_metrics = _table_and_metrics(tmp_path / 'one')
   two_rows, two_metrics = _table_and_metrics(tmp_path / 'two')
   assert sorted(two_metrics) == sorted(one_metrics) == [
@@ -155,3 +174,27 @@ def test_a_process_whose_peer_never_arrives_exits_naming_the_coordinator(started
             if started == 0 else
             f'process 1 could not reach the coordinator (process 0) at {address}')
   assert f'error: {wanted} within --distributed_timeout=3 s' in result.stderr
+
+
+def test_the_launcher_stops_every_process_when_one_fails(tmp_path):
+  """`./run.sh local-multiprocess`: the first process to exit non-zero ends the launch with its
+  status, and the launcher stops the others instead of waiting on a peer that would block.
+
+  `python` on the PATH is a stand-in: process 1 fails at once, process 0 would sleep 10 min."""
+  stand_in = tmp_path / 'python'
+  stand_in.write_text(
+      '#!/bin/sh\n'
+      'case "$*" in\n'
+      '  *--process_id=1*) exit 3 ;;\n'
+      '  *--process_id=0*) exec sleep 600 ;;\n'
+      f'  *) exec {sys.executable} "$@" ;;\n'
+      'esac\n')
+  stand_in.chmod(0o755)
+  process = _start(['./run.sh', 'local-multiprocess', '2', 'configs/fewshot.py:tiny'],
+                   os.environ | {'PATH': f'{tmp_path}{os.pathsep}{os.environ["PATH"]}'})
+  try:
+    process.communicate(timeout=60)
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(process.pid, signal.SIGKILL)
+  assert process.returncode == 3

@@ -66,7 +66,7 @@ case "$command" in
       code=$?
       if ((status == 0)); then
         status=$code
-        kill "${pids[@]}" 2>/dev/null
+        kill "${pids[@]}" 2>/dev/null || true  # some may have exited already
       fi
     done
     exit "$status"

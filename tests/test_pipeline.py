@@ -20,23 +20,16 @@ from mmg_jax.tools import convert_weights
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def main_env():
-  """Environment of the end-to-end `python -m mmg_jax.main` runs: the session's.
+def _main(config, workdir, *flags):
+  """Runs `python -m mmg_jax.main` as a user would; returns its stdout.
 
-  They compile some programs twice (the resumed run; the stages and the evaluation that the
-  few-shot and many-shot configs, the notebook and the launcher test share): the session's
-  persistent compilation cache (conftest.py) compiles each once. The runs inherit conftest's
-  XLA flags (8 devices, faster compiles).
+  The runs inherit the session's XLA flags and persistent compilation cache (conftest.py),
+  which compiles once the programs they share (the resumed run; the stages and evaluation that
+  the few-shot and many-shot configs, the notebook and the launcher test have in common).
   """
-  return dict(os.environ)
-
-
-def _main(env, config, workdir, *flags):
-  """Runs `python -m mmg_jax.main` as a user would; returns its stdout."""
   result = subprocess.run(
       [sys.executable, '-m', 'mmg_jax.main', f'--config={config}', f'--workdir={workdir}',
-       *flags], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+       *flags], cwd=ROOT, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -357,33 +350,33 @@ def _metrics_lines(workdir):
   return lines
 
 
-def test_tiny_fewshot_runs_end_to_end_and_resumes(main_env, tmp_path):
+def test_tiny_fewshot_runs_end_to_end_and_resumes(tmp_path):
   config = fewshot.get_config('tiny')
   workdir = str(tmp_path)
-  out = _main(main_env, 'configs/fewshot.py:tiny', workdir)
+  out = _main('configs/fewshot.py:tiny', workdir)
   doc = _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc')
   assert {row['n'] for row in doc['rows']} == {config.eval.fewshot.num_episodes}
   assert report.markdown('few-shot', doc['rows']).split('\n\n')[1] in out  # the printed table
   trained = _metrics_lines(workdir)
   assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
   # Re-running the same command trains nothing again and reproduces the results.
-  out = _main(main_env, 'configs/fewshot.py:tiny', workdir)
+  out = _main('configs/fewshot.py:tiny', workdir)
   assert out.count('finished earlier') == 3  # train_pipeline's word for a stage it skips
   assert _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc
 
 
-def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(main_env, tmp_path):
+def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_path):
   """One row first (only the stages it needs train), then the whole table (the rest train, the
   shared stages are reused), then an evaluate-only run that trains nothing."""
   workdir = str(tmp_path)
-  out = _main(main_env, 'configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
+  out = _main('configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
   doc = _check_results(workdir, 'many-shot', [report.MANYSHOT[6]], 'top1')
   assert doc['complete'] and 'unimodal' not in doc
   one_row = _metrics_lines(workdir)
   assert sorted(one_row) == ['zeroshot_train_A/align', 'zeroshot_train_A/pretrain',
                              'zeroshot_train_AI/multimodal']
-  out = _main(main_env, 'configs/manyshot.py:tiny', workdir)
+  out = _main('configs/manyshot.py:tiny', workdir)
   doc = _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
   assert [row['modality'] for row in doc['unimodal']] == ['video', 'audio', 'imu']
   assert 'Unimodal baselines' in out
@@ -401,15 +394,15 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(main_en
                                  for stage in ('pretrain', 'align', 'multimodal'))
   _assert_only_changed(pretrain, align, 'fusion')
   _assert_only_changed(align, supervised, 'head')
-  out = _main(main_env, 'configs/manyshot.py:tiny', workdir, '--mode=evaluate')
+  out = _main('configs/manyshot.py:tiny', workdir, '--mode=evaluate')
   assert 'training MMGModel' not in out and _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1') == doc
 
 
-def test_evaluate_only_names_every_unfinished_stage(main_env, tmp_path):
+def test_evaluate_only_names_every_unfinished_stage(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'mmg_jax.main', '--config=configs/fewshot.py:tiny',
-       f'--workdir={tmp_path}', '--mode=evaluate'], cwd=ROOT, env=main_env,
+       f'--workdir={tmp_path}', '--mode=evaluate'], cwd=ROOT,
       capture_output=True, text=True, check=False)
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   for stage in ('unimodal', 'multimodal', 'meta'):

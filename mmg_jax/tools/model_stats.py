@@ -143,7 +143,11 @@ def count_used_params(fn, params, *abstract_args):
   A model applied to a modality subset leaves the other encoders' params untouched; this counts
   what deploying that subset needs.
   """
-  closed = jax.make_jaxpr(fn)(params, *abstract_args)
+  return _used_params(jax.make_jaxpr(fn)(params, *abstract_args), params)
+
+
+def _used_params(closed, params):
+  """count_used_params of the closed jaxpr of a function whose first argument is `params`."""
   leaves = jax.tree.leaves(params)
   param_vars = closed.jaxpr.invars[:len(leaves)]
   used = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars}
@@ -198,8 +202,9 @@ def fusion_stats(model_config, *, xla=True):
   for subset in modalities.ALL_SUBSETS:
     def apply(params, batch, subset=subset):
       return model.apply(params, batch, train=False, modalities=subset)
+    closed = jax.make_jaxpr(apply)(params, batch)  # traced once for both counts: seconds each
     stats[modalities.short_name(subset)] = _stats(
-        count_used_params(apply, params, batch), count_macs(apply, params, batch),
+        _used_params(closed, params), _jaxpr_macs(closed.jaxpr),
         xla_flops(apply, params, batch) if xla else None)
   return stats
 

@@ -21,7 +21,12 @@ the end-to-end runs' programs under it).
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import types
+
+import pytest
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false')
@@ -33,14 +38,35 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
 
-# The files that take minutes, started first and in this order, so that `pytest -n 2` does not
-# end on one of them with the other worker idle (xdist hands out whole files in collection
-# order, pyproject.toml); the other files keep pytest's order. test_multiprocess.py comes third:
-# its one-process few-shot run then usually starts after test_pipeline.py's few-shot runs have
-# written the programs they share to the session's compilation cache.
-_LONGEST_FIRST = ('test_pipeline.py', 'test_model_stats.py', 'test_multiprocess.py',
-                  'test_bad_inputs.py', 'test_feature_cache.py', 'test_notebook.py',
-                  'test_bench.py')
+# The slowest work first, in this order, so that `pytest -n 2` does not end on one of them with
+# the other worker idle (seconds: `pytest --durations`, 2026-12-02). Each entry is a node id
+# prefix under tests/; the other tests keep pytest's order. xdist hands out work units in this
+# order (pyproject.toml: --dist loadgroup): a test file is one unit, so its module fixtures (a
+# compiled memory plan, a trained tiny model, built datasets) are built once, except for the
+# _SPLIT_FILES, whose tests share no module fixture and are units of their own; the tests that
+# use `fewshot_tiny_run` are one unit, so one worker trains it once.
+_SLOWEST_FIRST = (
+    'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 255 s
+    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',  # with the launcher's
+    'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 207
+    'test_model_stats.py',  # 218 s, the memory plan's 16 compilations
+    'test_mvit_checkpoints.py', 'test_ast_checkpoints.py',  # 100 s each
+    'test_bench.py', 'test_notebook.py', 'test_bad_inputs.py',  # 70-80 s each
+    'test_feature_cache.py', 'test_plots.py', 'test_resume.py')  # 40-60 s each
+_SPLIT_FILES = ('test_pipeline.py', 'test_multiprocess.py', 'test_bad_inputs.py')
+FEWSHOT_TINY = ('--config=configs/fewshot.py:tiny', '--config.eval.fewshot.num_episodes=10')
+
+
+def _rank(item):
+  name = item.nodeid.removeprefix('tests/')
+  return next((i for i, prefix in enumerate(_SLOWEST_FIRST) if name.startswith(prefix)),
+              len(_SLOWEST_FIRST))
+
+
+def _work_unit(item):
+  if 'fewshot_tiny_run' in item.fixturenames:
+    return 'fewshot_tiny_run'
+  return None if item.path.name in _SPLIT_FILES else item.path.name
 
 
 def pytest_configure(config):
@@ -55,5 +81,22 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+  items.sort(key=_rank)
+  for item in items:
+    unit = _work_unit(item)
+    if unit is not None:
+      item.add_marker(pytest.mark.xdist_group(unit))
+
+
+@pytest.fixture(scope='session')
+def fewshot_tiny_run(tmp_path_factory):
+  """`python -m mmg_jax.main` with `flags` (FEWSHOT_TINY) on the session's 8 devices, run as a
+  user would: its `workdir` and `stdout`. The few-shot end-to-end test and the launcher test's
+  one-process reference are this one run (a tiny few-shot training takes a minute)."""
+  workdir = tmp_path_factory.mktemp('fewshot_tiny_run')
+  result = subprocess.run(
+      [sys.executable, '-m', 'mmg_jax.main', *FEWSHOT_TINY, f'--workdir={workdir}'],
+      cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return types.SimpleNamespace(workdir=str(workdir), stdout=result.stdout, flags=FEWSHOT_TINY)

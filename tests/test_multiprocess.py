@@ -127,9 +127,10 @@ def _table_and_metrics(workdir):
   return rows, metrics
 
 
-def test_the_launchers_two_processes_give_the_one_process_table(tmp_path):
-  """`./run.sh local-multiprocess 2` on 2 x 4 devices and one `mmg_jax.main` on 8 devices train
-  on the same global batches and evaluate the same clips in the same order.
+def test_the_launchers_two_processes_give_the_one_process_table(fewshot_tiny_run, tmp_path):
+  """`./run.sh local-multiprocess 2` on 2 x 4 devices and one `mmg_jax.main` on 8 devices
+  (conftest.py's `fewshot_tiny_run`, the same flags) train on the same global batches and
+  evaluate the same clips in the same order.
 
   Only the order in which the all-reduce adds the devices' partial sums differs (across
   processes it runs over gloo), so the losses agree to float32 rounding (measured: relative
@@ -137,18 +138,15 @@ def test_the_launchers_two_processes_give_the_one_process_table(tmp_path):
   identical results.json files; before the loaders read one global order, cells differed by
   up to 6.2 points). A flipped nearest prototype would move a cell by 0.4 points.
   """
-  config = ['--config=configs/fewshot.py:tiny', '--config.eval.fewshot.num_episodes=10']
-  env = os.environ | {'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']}
-  commands = {'two': ['./run.sh', 'local-multiprocess', '2', config[0][len('--config='):],
-                      *config[1:]],
-              'one': [sys.executable, '-m', 'mmg_jax.main', *config]}
-  for name, devices_per_process in (('two', 4), ('one', 8)):
-    process = _start([*commands[name], f'--workdir={tmp_path / name}'],
-                     env | {'XLA_FLAGS': _xla_flags(devices_per_process)})
-    ((_, stderr),) = _finish([process], ' '.join(commands[name]))
-    assert process.returncode == 0, stderr[-3000:]
-  one_rows, one_metrics = _table_and_metrics(tmp_path / 'one')
-  two_rows, two_metrics = _table_and_metrics(tmp_path / 'two')
+  config, *flags = fewshot_tiny_run.flags
+  command = ['./run.sh', 'local-multiprocess', '2', config[len('--config='):], *flags]
+  env = os.environ | {'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+                      'XLA_FLAGS': _xla_flags(4)}
+  process = _start([*command, f'--workdir={tmp_path}'], env)
+  ((_, stderr),) = _finish([process], ' '.join(command))
+  assert process.returncode == 0, stderr[-3000:]
+  one_rows, one_metrics = _table_and_metrics(fewshot_tiny_run.workdir)
+  two_rows, two_metrics = _table_and_metrics(tmp_path)
   assert sorted(two_metrics) == sorted(one_metrics) == [
       'train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
   for stage, records in one_metrics.items():

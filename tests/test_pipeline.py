@@ -350,17 +350,18 @@ def _metrics_lines(workdir):
   return lines
 
 
-def test_tiny_fewshot_runs_end_to_end_and_resumes(tmp_path):
-  config = fewshot.get_config('tiny')
-  workdir = str(tmp_path)
-  out = _main('configs/fewshot.py:tiny', workdir)
+def test_tiny_fewshot_runs_end_to_end_and_resumes(fewshot_tiny_run):
+  """conftest.py's run of the tiny few-shot config (10 episodes a row), then the same command
+  again in its workdir."""
+  workdir, out = fewshot_tiny_run.workdir, fewshot_tiny_run.stdout
   doc = _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc')
-  assert {row['n'] for row in doc['rows']} == {config.eval.fewshot.num_episodes}
+  assert {row['n'] for row in doc['rows']} == {10}
   assert report.markdown('few-shot', doc['rows']).split('\n\n')[1] in out  # the printed table
   trained = _metrics_lines(workdir)
   assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
   # Re-running the same command trains nothing again and reproduces the results.
-  out = _main('configs/fewshot.py:tiny', workdir)
+  config, *flags = fewshot_tiny_run.flags
+  out = _main(config.removeprefix('--config='), workdir, *flags)
   assert out.count('finished earlier') == 3  # train_pipeline's word for a stage it skips
   assert _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc

@@ -41,10 +41,10 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 # The slowest work first, in this order, so that `pytest -n 2` does not end on one of them with
 # the other worker idle (seconds: `pytest --durations`, 2026-12-02). Each entry is a node id
 # prefix under tests/; the other tests keep pytest's order. xdist hands out work units in this
-# order (pyproject.toml: --dist loadgroup): a test file is one unit, so its module fixtures (a
-# compiled memory plan, a trained tiny model, built datasets) are built once, except for the
-# _SPLIT_FILES, whose tests share no module fixture and are units of their own; the tests that
-# use `fewshot_tiny_run` are one unit, so one worker trains it once.
+# order (`_WorkUnits`): a test file is one unit, so its module fixtures (a compiled memory plan, a
+# trained tiny model, built datasets) are built once, except for the _SPLIT_FILES, whose tests
+# share no module fixture and are units of their own; the _SHARED_RUN tests, which use
+# `fewshot_tiny_run`, are one unit, so one worker trains it once.
 _SLOWEST_FIRST = (
     'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 255 s
     'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',  # with the launcher's
@@ -54,19 +54,27 @@ _SLOWEST_FIRST = (
     'test_bench.py', 'test_notebook.py', 'test_bad_inputs.py',  # 70-80 s each
     'test_feature_cache.py', 'test_plots.py', 'test_resume.py')  # 40-60 s each
 _SPLIT_FILES = ('test_pipeline.py', 'test_multiprocess.py', 'test_bad_inputs.py')
+_SHARED_RUN = _SLOWEST_FIRST[:2]
 FEWSHOT_TINY = ('--config=configs/fewshot.py:tiny', '--config.eval.fewshot.num_episodes=10')
 
 
+def _name(nodeid):
+  return nodeid.removeprefix('tests/')
+
+
 def _rank(item):
-  name = item.nodeid.removeprefix('tests/')
+  name = _name(item.nodeid)
   return next((i for i, prefix in enumerate(_SLOWEST_FIRST) if name.startswith(prefix)),
               len(_SLOWEST_FIRST))
 
 
-def _work_unit(item):
-  if 'fewshot_tiny_run' in item.fixturenames:
+def _work_unit(nodeid):
+  """The xdist work unit of a test: only its node id is known where the units are made."""
+  name = _name(nodeid)
+  if name.startswith(_SHARED_RUN):
     return 'fewshot_tiny_run'
-  return None if item.path.name in _SPLIT_FILES else item.path.name
+  file = name.split('::')[0]
+  return nodeid if file in _SPLIT_FILES else file
 
 
 def pytest_configure(config):
@@ -83,9 +91,23 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
   items.sort(key=_rank)
   for item in items:
-    unit = _work_unit(item)
-    if unit is not None:
-      item.add_marker(pytest.mark.xdist_group(unit))
+    if 'fewshot_tiny_run' in item.fixturenames and not _name(item.nodeid).startswith(_SHARED_RUN):
+      raise pytest.UsageError(f'{item.nodeid} uses fewshot_tiny_run: add it to _SHARED_RUN in '
+                              'conftest.py, so that the run is trained once.')
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's loadscope scheduler on `_work_unit`s: its own loadgroup reads the groups through
+  an attribute that pytest 9 no longer has (Node._nodeid), so every test would be its own
+  unit and module fixtures would be built on both workers."""
+  from xdist.scheduler import LoadScopeScheduling
+
+  class _WorkUnits(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return _work_unit(nodeid)
+
+  return _WorkUnits(config, log)
 
 
 @pytest.fixture(scope='session')
@@ -100,3 +122,4 @@ def fewshot_tiny_run(tmp_path_factory):
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return types.SimpleNamespace(workdir=str(workdir), stdout=result.stdout, flags=FEWSHOT_TINY)
+

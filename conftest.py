@@ -47,7 +47,7 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 # `fewshot_tiny_run`, are one unit, so one worker trains it once.
 _SLOWEST_FIRST = (
     'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 255 s
-    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',  # with the launcher's
+    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',  # shares its run
     'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 207
     'test_model_stats.py',  # 218 s, the memory plan's 16 compilations
     'test_mvit_checkpoints.py', 'test_ast_checkpoints.py',  # 100 s each
@@ -122,4 +122,3 @@ def fewshot_tiny_run(tmp_path_factory):
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return types.SimpleNamespace(workdir=str(workdir), stdout=result.stdout, flags=FEWSHOT_TINY)
-

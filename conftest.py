@@ -21,12 +21,12 @@ the end-to-end runs' programs under it).
 import atexit
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import types
 
 import pytest
+
+from tests import cli
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false')
@@ -45,17 +45,18 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 # trained tiny model, built datasets) are built once, except for the _SPLIT_FILES, whose tests
 # share no module fixture and are units of their own; the _SHARED_RUN tests, which use
 # `fewshot_tiny_run`, are one unit, so one worker trains it once.
-_SLOWEST_FIRST = (
+_SHARED_RUN = (
     'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 255 s
-    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',  # shares its run
+    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes')
+_SLOWEST_FIRST = (
+    *_SHARED_RUN,
     'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 207
     'test_model_stats.py',  # 218 s, the memory plan's 16 compilations
     'test_mvit_checkpoints.py', 'test_ast_checkpoints.py',  # 100 s each
     'test_bench.py', 'test_notebook.py', 'test_bad_inputs.py',  # 70-80 s each
     'test_feature_cache.py', 'test_plots.py', 'test_resume.py')  # 40-60 s each
 _SPLIT_FILES = ('test_pipeline.py', 'test_multiprocess.py', 'test_bad_inputs.py')
-_SHARED_RUN = _SLOWEST_FIRST[:2]
-FEWSHOT_TINY = ('--config=configs/fewshot.py:tiny', '--config.eval.fewshot.num_episodes=10')
+FEWSHOT_TINY = ('configs/fewshot.py:tiny', ('--config.eval.fewshot.num_episodes=10',))
 
 
 def _name(nodeid):
@@ -112,13 +113,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope='session')
 def fewshot_tiny_run(tmp_path_factory):
-  """`python -m mmg_jax.main` with `flags` (FEWSHOT_TINY) on the session's 8 devices, run as a
-  user would: its `workdir` and `stdout`. The few-shot end-to-end test and the launcher test's
-  one-process reference are this one run (a tiny few-shot training takes a minute)."""
-  workdir = tmp_path_factory.mktemp('fewshot_tiny_run')
-  result = subprocess.run(
-      [sys.executable, '-m', 'mmg_jax.main', *FEWSHOT_TINY, f'--workdir={workdir}'],
-      cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-      check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return types.SimpleNamespace(workdir=str(workdir), stdout=result.stdout, flags=FEWSHOT_TINY)
+  """`python -m mmg_jax.main` on FEWSHOT_TINY's `config` and `flags` and the session's 8
+  devices, run as a user would: its `workdir` and `stdout`. The few-shot end-to-end test and the
+  launcher test's one-process reference are this one run (a tiny training takes a minute)."""
+  config, flags = FEWSHOT_TINY
+  workdir = str(tmp_path_factory.mktemp('fewshot_tiny_run'))
+  return types.SimpleNamespace(config=config, flags=flags, workdir=workdir,
+                               stdout=cli.run_main(config, workdir, *flags))

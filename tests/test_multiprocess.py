@@ -138,8 +138,8 @@ def test_the_launchers_two_processes_give_the_one_process_table(fewshot_tiny_run
   identical results.json files; before the loaders read one global order, cells differed by
   up to 6.2 points). A flipped nearest prototype would move a cell by 0.4 points.
   """
-  config, *flags = fewshot_tiny_run.flags
-  command = ['./run.sh', 'local-multiprocess', '2', config[len('--config='):], *flags]
+  command = ['./run.sh', 'local-multiprocess', '2', fewshot_tiny_run.config,
+             *fewshot_tiny_run.flags]
   env = os.environ | {'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
                       'XLA_FLAGS': _xla_flags(4)}
   process = _start([*command, f'--workdir={tmp_path}'], env)

@@ -16,22 +16,9 @@ from data_pipeline import modalities
 from mmg_jax import pipeline, report, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
+from tests import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _main(config, workdir, *flags):
-  """Runs `python -m mmg_jax.main` as a user would; returns its stdout.
-
-  The runs inherit the session's XLA flags and persistent compilation cache (conftest.py),
-  which compiles once the programs they share (the resumed run; the stages and evaluation that
-  the few-shot and many-shot configs, the notebook and the launcher test have in common).
-  """
-  result = subprocess.run(
-      [sys.executable, '-m', 'mmg_jax.main', f'--config={config}', f'--workdir={workdir}',
-       *flags], cwd=ROOT, capture_output=True, text=True, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
 
 
 def _leak_message(stage, pipeline_name, leaked):
@@ -360,8 +347,7 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(fewshot_tiny_run):
   trained = _metrics_lines(workdir)
   assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
   # Re-running the same command trains nothing again and reproduces the results.
-  config, *flags = fewshot_tiny_run.flags
-  out = _main(config.removeprefix('--config='), workdir, *flags)
+  out = cli.run_main(fewshot_tiny_run.config, workdir, *fewshot_tiny_run.flags)
   assert out.count('finished earlier') == 3  # train_pipeline's word for a stage it skips
   assert _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc
@@ -371,13 +357,13 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
   """One row first (only the stages it needs train), then the whole table (the rest train, the
   shared stages are reused), then an evaluate-only run that trains nothing."""
   workdir = str(tmp_path)
-  out = _main('configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
+  out = cli.run_main('configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
   doc = _check_results(workdir, 'many-shot', [report.MANYSHOT[6]], 'top1')
   assert doc['complete'] and 'unimodal' not in doc
   one_row = _metrics_lines(workdir)
   assert sorted(one_row) == ['zeroshot_train_A/align', 'zeroshot_train_A/pretrain',
                              'zeroshot_train_AI/multimodal']
-  out = _main('configs/manyshot.py:tiny', workdir)
+  out = cli.run_main('configs/manyshot.py:tiny', workdir)
   doc = _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
   assert [row['modality'] for row in doc['unimodal']] == ['video', 'audio', 'imu']
   assert 'Unimodal baselines' in out
@@ -395,7 +381,7 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
                                  for stage in ('pretrain', 'align', 'multimodal'))
   _assert_only_changed(pretrain, align, 'fusion')
   _assert_only_changed(align, supervised, 'head')
-  out = _main('configs/manyshot.py:tiny', workdir, '--mode=evaluate')
+  out = cli.run_main('configs/manyshot.py:tiny', workdir, '--mode=evaluate')
   assert 'training MMGModel' not in out and _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1') == doc
 

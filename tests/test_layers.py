@@ -71,6 +71,20 @@ def np_tree(tree):
   return jax.tree.map(np.asarray, tree)
 
 
+def test_scaled_softmax_values_and_gradient_match_jax_softmax():
+  """The one-pass softmax(scale * logits) and its closed-form backward, against autodiff."""
+  logits = normal((2, 3, 5, 7), scale=4.0)
+  cotangent = normal(logits.shape, 1)
+  scale = 8**-0.5
+  reference = lambda x: jax.nn.softmax(scale * x, axis=-1)  # noqa: E731
+  np.testing.assert_allclose(layers.scaled_softmax(logits, scale), reference(logits),
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np_softmax(scale * logits), reference(logits), rtol=1e-5, atol=1e-7)
+  grad = lambda fn: jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * cotangent)))(logits)  # noqa: E731
+  np.testing.assert_allclose(grad(lambda x: layers.scaled_softmax(x, scale)),
+                             grad(reference), rtol=1e-5, atol=1e-6)
+
+
 def test_mlp_matches_numpy():
   x = normal((2, 3, 8))
   mlp = layers.Mlp(hidden_dim=16, out_dim=5)

@@ -5,6 +5,7 @@ default). Dropout and drop path draw from the rng stream 'dropout' and are activ
 `train=True`. Submodule names follow timm's ViT (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, ...), so
 converting a PyTorch checkpoint is a name mapping plus kernel transposes.
 """
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,33 @@ dense_init = nn.initializers.truncated_normal(stddev=0.02)
 
 def layer_norm(eps, dtype, name=None):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scaled_softmax(logits, scale):
+  """softmax(scale * logits) over the last axis, for a Python float scale > 0.
+
+  Folds attention's head_dim**-0.5 into the softmax's one pass over the logits (in place of a
+  pass over q), and its gradient is the closed form, which saves only the weights.
+  """
+  return _scaled_softmax(logits, scale)
+
+
+def _scaled_softmax(logits, scale):
+  unnormalized = jnp.exp(scale * (logits - logits.max(-1, keepdims=True)))
+  return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+def _scaled_softmax_fwd(logits, scale):
+  weights = _scaled_softmax(logits, scale)
+  return weights, weights
+
+
+def _scaled_softmax_bwd(scale, weights, g):
+  return (scale * weights * (g - jnp.sum(g * weights, -1, keepdims=True)),)
+
+
+scaled_softmax.defvjp(_scaled_softmax_fwd, _scaled_softmax_bwd)
 
 
 class Mlp(nn.Module):

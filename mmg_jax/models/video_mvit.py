@@ -232,8 +232,9 @@ class MultiscaleAttention(nn.Module):
     if self.stride_q is not None:
       q = AttentionPool(self.pool_kernel, self.stride_q, self.dtype, self.pool_norm_eps,
                       name='pool_q')(q, self.grid)
-    logits = jnp.einsum('bhqc,bhkc->bhqk', q * head_dim**-0.5, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    logits = jnp.einsum('bhqc,bhkc->bhqk', q, k)
+    weights = layers.scaled_softmax(logits.astype(jnp.float32), head_dim**-0.5)
+    weights = weights.astype(self.dtype)
     x = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, -1, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=layers.dense_init, name='project')(x)
 

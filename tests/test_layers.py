@@ -85,6 +85,37 @@ def test_scaled_softmax_values_and_gradient_match_jax_softmax():
                              grad(reference), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_params_values_and_gradients_match_flax(dtype):
+  """Same param tree as nn.LayerNorm; outputs and gradients (x, scale, bias) to float tolerance."""
+  x = (normal((2, 5, 16), scale=3.0) + 1.0).astype(dtype)
+  cotangent = normal(x.shape, 1)
+  ours, reference = layers.LayerNorm(1e-6, dtype), nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+  shapes = lambda m: jax.tree.map(jnp.shape, m.init(jax.random.key(0), x))  # noqa: E731
+  assert shapes(ours) == shapes(reference) == {'params': {'scale': (16,), 'bias': (16,)}}
+  params = random_params(reference, x)
+  p = np_tree(params)
+  out = jax.jit(ours.apply)({'params': params}, x)
+  assert out.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(out.astype(np.float32), reference.apply({'params': params}, x)
+                             .astype(np.float32), rtol=tolerance, atol=tolerance)
+  np.testing.assert_allclose(out.astype(np.float32), np_layer_norm(
+      np.asarray(x, np.float32), p['scale'], p['bias'], 1e-6), rtol=10 * tolerance,
+      atol=10 * tolerance)
+
+  def grads(module):
+    loss = lambda p, x: jnp.sum(module.apply({'params': p}, x).astype(jnp.float32)  # noqa: E731
+                                * cotangent)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  for got, expected in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(reference)),
+                           strict=True):
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32),
+                               rtol=tolerance, atol=tolerance)
+
+
 def test_mlp_matches_numpy():
   x = normal((2, 3, 8))
   mlp = layers.Mlp(hidden_dim=16, out_dim=5)

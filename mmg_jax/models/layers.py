@@ -50,6 +50,56 @@ def _scaled_softmax_bwd(scale, weights, g):
 scaled_softmax.defvjp(_scaled_softmax_fwd, _scaled_softmax_bwd)
 
 
+class LayerNorm(nn.Module):
+  """nn.LayerNorm over the last axis with its params ('scale', 'bias') and numbers, and a
+  closed-form gradient that saves only x and the per-token statistics (see `normalize`)."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],))
+    bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],))
+    return normalize(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize(x, scale, bias, eps):
+  """(x - mean) * rsqrt(var + eps) * scale + bias over the last axis, in float32.
+
+  Computed as nn.LayerNorm does (one-pass variance clipped at 0); autodiff of that saves
+  several x-sized intermediates, the closed-form backward recomputes them from x.
+  """
+  return _normalize_fwd(x, scale, bias, eps)[0]
+
+
+def _stats(x, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean))
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def _normalize_fwd(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean, rstd = _stats(x32, eps)
+  return (x32 - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
+
+
+def _normalize_bwd(eps, residuals, g):
+  del eps
+  x, mean, rstd, scale = residuals
+  normalized = (x.astype(jnp.float32) - mean) * rstd
+  g_normalized = g * scale
+  dx = rstd * (g_normalized - g_normalized.mean(-1, keepdims=True)
+               - normalized * (g_normalized * normalized).mean(-1, keepdims=True))
+  batch_axes = tuple(range(g.ndim - 1))
+  return (dx.astype(x.dtype), jnp.sum(g * normalized, batch_axes).astype(scale.dtype),
+          jnp.sum(g, batch_axes).astype(scale.dtype))
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class Mlp(nn.Module):
   """fc1 -> GELU (exact, as in timm/AST) -> dropout -> fc2 -> dropout."""
   hidden_dim: int

@@ -206,7 +206,7 @@ class AttentionPool(nn.Module):
     cls, patches = x[:, :, :1], x[:, :, 1:].reshape(b * h, *grid, c)
     patches = DepthwiseConv3d(self.pool_kernel, self.stride, self.dtype, name='conv')(patches)
     x = jnp.concatenate([cls, patches.reshape(b, h, -1, c)], axis=2)
-    return layers.layer_norm(self.norm_eps, self.dtype, 'norm')(x)
+    return layers.LayerNorm(self.norm_eps, self.dtype, name='norm')(x)
 
 
 class MultiscaleAttention(nn.Module):
@@ -256,13 +256,13 @@ class MultiscaleBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     s = self.setting
-    y = layers.layer_norm(LN_EPSILON, self.dtype, 'norm1')(x)
+    y = layers.LayerNorm(LN_EPSILON, self.dtype, name='norm1')(x)
     y = MultiscaleAttention(s.num_heads, self.grid, self.pool_kernel, s.stride_q, s.stride_kv,
                             self.dtype, self.pool_norm_eps, name='attn')(y)
     if s.stride_q is not None:
       x = _skip_pool(x, self.grid, s.stride_q)
     x = x + layers.DropPath(self.drop_path)(y, train=train)
-    y = layers.layer_norm(LN_EPSILON, self.dtype, 'norm2')(x)
+    y = layers.LayerNorm(LN_EPSILON, self.dtype, name='norm2')(x)
     if s.dim_out != s.dim_in:
       x = nn.Dense(s.dim_out, dtype=self.dtype, kernel_init=layers.dense_init, name='project')(y)
     y = layers.Mlp(int(s.dim_in * self.mlp_ratio), s.dim_out, dtype=self.dtype, name='mlp')(y)
@@ -301,5 +301,5 @@ class VideoMViT(nn.Module):
                     config.pool_norm_eps, name=f'blocks_{i}')(x, train)
       if setting.stride_q is not None:
         grid = pooled_grid(grid, config.pool_kernel, setting.stride_q)
-    x = layers.layer_norm(LN_EPSILON, self.dtype, 'norm')(x)
+    x = layers.LayerNorm(LN_EPSILON, self.dtype, name='norm')(x)
     return x[:, 0], x[:, 1:]

@@ -94,13 +94,14 @@ def test_clips_without_a_test_modality_are_not_scored():
     evaluate.top1_row(_row('missing', modalities.MODALITIES, ['imu'], 'top1'), outputs, labels)
 
 
-def test_episode_accuracy_matches_numpy_nearest_prototype():
+@pytest.mark.parametrize('num_episodes', [40, 250])  # under one EPISODE_BLOCK; blocks + a rest
+def test_episode_accuracy_matches_numpy_nearest_prototype(num_episodes):
   support_embeddings = RNG.normal(size=(NOVEL.size, 6)).astype(np.float32)
   # Queries near their class's mean support embedding, plus noise: accuracies spread over (0, 1).
   class_means = {c: support_embeddings[NOVEL == c].mean(0) for c in np.unique(NOVEL)}
   query_embeddings = (np.stack([class_means[c] for c in NOVEL])
                       + 0.4 * RNG.normal(size=support_embeddings.shape)).astype(np.float32)
-  support_idx, query_idx = evaluate.sample_eval_episodes(NOVEL, _evaluation().fewshot)
+  support_idx, query_idx = evaluate.sample_eval_episodes(NOVEL, _evaluation(num_episodes).fewshot)
   support_idx, query_idx = np.asarray(support_idx), np.asarray(query_idx)
   got = np.asarray(evaluate.episode_accuracy(support_embeddings, query_embeddings, support_idx,
                                              query_idx))

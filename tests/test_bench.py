@@ -43,11 +43,13 @@ def test_tiny_bench_has_every_figure(tiny_doc):
   assert doc['size'] == 'tiny' and doc['backend'] == 'cpu' and doc['device_count'] == 1
   assert doc['cpu_count'] == os.cpu_count() and doc['jax_version'] == jax.__version__
   assert _positive(doc['sgemm_gflops'])
+  assert _positive(doc['torch_sgemm_gflops'])  # torch is a test requirement
   assert set(doc['encoders']) == {'video', 'audio', 'imu'}
   for row in doc['encoders'].values():
     for key in ('fwd_bwd_s', 'compile_s', 'gflop', 'gflops_per_s', 'fraction_of_sgemm'):
       assert _positive(row[key]), (key, row)
-    assert row['vs_torch'] is None and row['torch_fwd_bwd_s'] is None  # paper size only
+    for key in ('torch_fwd_bwd_s', 'vs_torch', 'torch_fraction_of_sgemm'):
+      assert row[key] is None, (key, row)  # paper size only
   for key in ('step_s', 'compile_s', 'clips_per_s'):
     assert _positive(doc['train_step'][key])
   for key in ('seconds', 'sample_s', 'loop_s', 'speedup'):

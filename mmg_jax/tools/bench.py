@@ -14,7 +14,8 @@ best of `--repeats` runs after a warm-up run, with compilation timed apart. Part
   multiply-adds (model_stats: matmuls and convolutions), so fraction_of_sgemm = gflop / s /
   sgemm_gflops. At paper size, when torch imports, the same gradient in PyTorch CPU
   (torchvision's mvit_v1_b, transformers' ASTModel at max_length 384; random weights, eval mode)
-  and vs_torch = our seconds / torch's (no IMU reference);
+  and vs_torch = our seconds / torch's (no IMU reference); torch_sgemm_gflops, the same matmul
+  in PyTorch (with torch), so torch_fraction_of_sgemm says how near torch gets to its own BLAS;
 - train_step: the full MMGModel step of the size's multimodal supervised stage (L_CE + L_align,
   every param, AdamW: model_stats.memory_stage) on random batches of the paper's shapes;
 - fewshot_eval: N-way K-shot Q-query episodes on random cached embeddings through
@@ -98,6 +99,16 @@ def encoder_fwd_bwd(model_config, modality, batch_size, repeats, options=None):
   macs = model_stats.encoder_stats(model_config, modality, xla=False)['gflops'] * batch_size
   return {'batch': batch_size, 'fwd_bwd_s': best_time(lambda: grad(params, x), repeats),
           'compile_s': compile_s, 'gflop': 3 * 2 * macs}
+
+
+def torch_sgemm_gflops(size, repeats):
+  """GFLOP/s of a float32 [N, N] @ [N, N] in PyTorch CPU on every core: the peak of the BLAS
+  that the torch references run on, which need not be XLA's (its vector ISA, its kernels)."""
+  import torch  # noqa: PLC0415
+  torch.set_num_threads(os.cpu_count())
+  a, b = torch.randn(size, size, generator=torch.Generator().manual_seed(0)), torch.randn(
+      size, size, generator=torch.Generator().manual_seed(1))
+  return 2 * size**3 / best_time(lambda: torch.mm(a, b), repeats) / 1e9
 
 
 def torch_fwd_bwd(modality, batch_size, repeats):
@@ -255,18 +266,24 @@ def run(size, *, parts=PARTS, repeats=None, with_torch=True, data_dir=None, opti
   doc = machine() | {'size': size, 'repeats': repeats, 'compiler_options': options or {}}
   if 'sgemm' in parts or 'encoders' in parts:
     doc['sgemm_gflops'] = sgemm_gflops(settings['sgemm_size'], repeats, options)
-    progress(f'sgemm {settings["sgemm_size"]}: {doc["sgemm_gflops"]:.1f} GFLOP/s')
+    doc['torch_sgemm_gflops'] = (_torch_or_none(torch_sgemm_gflops, progress,
+                                                settings['sgemm_size'], repeats)
+                                 if with_torch else None)
+    progress(f'sgemm {settings["sgemm_size"]}: {doc["sgemm_gflops"]:.1f} GFLOP/s, torch '
+             f'{doc["torch_sgemm_gflops"]}')
   if 'encoders' in parts:
     doc['encoders'] = {}
     for m in modalities.MODALITIES:
       row = encoder_fwd_bwd(config.model, m, BATCH[m], repeats, options)
       row['gflops_per_s'] = row['gflop'] / row['fwd_bwd_s']
       row['fraction_of_sgemm'] = row['gflops_per_s'] / doc['sgemm_gflops']
-      row['torch_fwd_bwd_s'] = row['vs_torch'] = None
+      row['torch_fwd_bwd_s'] = row['vs_torch'] = row['torch_fraction_of_sgemm'] = None
       if with_torch and size == 'paper':
-        row['torch_fwd_bwd_s'] = _torch_or_none(m, BATCH[m], repeats, progress)
+        row['torch_fwd_bwd_s'] = _torch_or_none(torch_fwd_bwd, progress, m, BATCH[m], repeats)
         if row['torch_fwd_bwd_s']:
           row['vs_torch'] = row['fwd_bwd_s'] / row['torch_fwd_bwd_s']
+          row['torch_fraction_of_sgemm'] = (row['gflop'] / row['torch_fwd_bwd_s']
+                                            / doc['torch_sgemm_gflops'])
       doc['encoders'][m] = row
       progress(f'encoder {m}: {row["fwd_bwd_s"]:.3f} s (compile {row["compile_s"]:.1f} s), '
                f'{row["fraction_of_sgemm"]:.2f} of sgemm, torch {row["torch_fwd_bwd_s"]}')
@@ -283,13 +300,14 @@ def run(size, *, parts=PARTS, repeats=None, with_torch=True, data_dir=None, opti
   return doc
 
 
-def _torch_or_none(modality, batch_size, repeats, progress):
+def _torch_or_none(measure, progress, *args):
+  """measure(*args), a PyTorch figure; None when torch does not import."""
   try:
     import torch  # noqa: F401, PLC0415
   except ImportError:
     progress('torch does not import: no PyTorch comparison')
     return None
-  return torch_fwd_bwd(modality, batch_size, repeats)
+  return measure(*args)
 
 
 def format_text(doc):
@@ -298,17 +316,22 @@ def format_text(doc):
            f'{doc["device_count"]} device(s), {doc["cpu_count"]} CPUs, {doc["date"]}; best of '
            f'{doc["repeats"]} after a warm-up; XLA_FLAGS={doc["xla_flags"]!r}']
   if 'sgemm_gflops' in doc:
-    lines.append(f'sgemm fp32: {doc["sgemm_gflops"]:.1f} GFLOP/s')
+    torch_sgemm = doc['torch_sgemm_gflops']
+    lines.append(f'sgemm fp32: {doc["sgemm_gflops"]:.1f} GFLOP/s; torch '
+                 f'{"-" if torch_sgemm is None else f"{torch_sgemm:.1f} GFLOP/s"}')
   if 'encoders' in doc:
     lines.append(f'{"encoder fwd+bwd":<16}{"batch":>6}{"s":>9}{"compile s":>11}{"GFLOP":>9}'
-                 f'{"GFLOP/s":>9}{"of sgemm":>10}{"torch s":>9}{"vs torch":>10}')
+                 f'{"GFLOP/s":>9}{"of sgemm":>10}{"torch s":>9}{"vs torch":>10}'
+                 f'{"torch of its sgemm":>20}')
     for m, row in doc['encoders'].items():
-      torch_s, vs = row['torch_fwd_bwd_s'], row['vs_torch']
+      torch_s, vs, torch_fraction = (row[k] for k in ('torch_fwd_bwd_s', 'vs_torch',
+                                                      'torch_fraction_of_sgemm'))
       lines.append(f'{m:<16}{row["batch"]:>6}{row["fwd_bwd_s"]:>9.3f}{row["compile_s"]:>11.1f}'
                    f'{row["gflop"]:>9.1f}{row["gflops_per_s"]:>9.1f}'
                    f'{row["fraction_of_sgemm"]:>10.2f}'
                    f'{"-" if torch_s is None else f"{torch_s:.3f}":>9}'
-                   f'{"-" if vs is None else f"{vs:.2f}":>10}')
+                   f'{"-" if vs is None else f"{vs:.2f}":>10}'
+                   f'{"-" if torch_fraction is None else f"{torch_fraction:.2f}":>20}')
   if 'train_step' in doc:
     row = doc['train_step']
     lines.append(f'train step (batch {row["batch"]}): {row["step_s"]:.2f} s, '

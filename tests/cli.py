@@ -1,5 +1,6 @@
-"""`python -m mmg_jax.main` as a user runs it, for the end-to-end tests."""
+"""`python -m ...` as a user runs it, for the end-to-end tests."""
 import os
+import re
 import subprocess
 import sys
 
@@ -18,3 +19,11 @@ def run_main(config, workdir, *flags):
        *flags], cwd=ROOT, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+def xla_flags(devices=None):
+  """conftest.py's XLA flags with `devices` fake CPU devices (None: the machine's one), so a run
+  on other devices still compiles as the tests do and shares the session's cache entries."""
+  others = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ['XLA_FLAGS'])
+  device_flag = '' if devices is None else f'--xla_force_host_platform_device_count={devices} '
+  return device_flag + others.strip()

@@ -3,7 +3,6 @@ against is right."""
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from configs import common
 from data_pipeline import episodes
 from mmg_jax import evaluate
 from mmg_jax.tools import bench, model_stats
+from tests import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_doc(tmp_path_factory):
   """The JSON of `python -m mmg_jax.tools.bench --size=tiny` on one device, as a user runs it,
   with conftest.py's faster-compiling flags (its two train steps compile in 27 s each without)."""
-  env = dict(os.environ, XLA_FLAGS=re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                                          os.environ['XLA_FLAGS']))
+  env = dict(os.environ, XLA_FLAGS=cli.xla_flags())
   data_dir = tmp_path_factory.mktemp('tfds')
   result = subprocess.run(
       [sys.executable, '-m', 'mmg_jax.tools.bench', '--size=tiny', '--format=json',

@@ -3,7 +3,6 @@ half of every global batch, train like one process holding all 8 devices."""
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -14,18 +13,11 @@ import pytest
 from flax import traverse_util
 
 from mmg_jax import sharding
-from tests import toy_task
+from tests import cli, toy_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 6
 TIMEOUT_SECONDS = 900  # a hang guard: a run takes 1-2 min alone, and shares the cores in the suite
-
-
-def _xla_flags(devices):
-  """conftest.py's flags on `devices` devices: the one-process runs (on 8 devices) share the
-  session's compilation cache with the tests and the other end-to-end runs."""
-  others = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ['XLA_FLAGS'])
-  return f'--xla_force_host_platform_device_count={devices} {others.strip()}'
 
 
 def _free_port():
@@ -58,7 +50,7 @@ def _start(command, env):
 
 def _run_two_processes(args, devices_per_process):
   """Runs `python -m <args> --process_id=i` for i = 0, 1; returns their stdouts."""
-  env = os.environ | {'XLA_FLAGS': _xla_flags(devices_per_process)}
+  env = os.environ | {'XLA_FLAGS': cli.xla_flags(devices_per_process)}
   distributed = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
   processes = [_start([sys.executable, '-m', *args, *distributed, f'--process_id={i}'], env)
                for i in range(2)]
@@ -141,7 +133,7 @@ def test_the_launchers_two_processes_give_the_one_process_table(fewshot_tiny_run
   command = ['./run.sh', 'local-multiprocess', '2', fewshot_tiny_run.config,
              *fewshot_tiny_run.flags]
   env = os.environ | {'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
-                      'XLA_FLAGS': _xla_flags(4)}
+                      'XLA_FLAGS': cli.xla_flags(4)}
   process = _start([*command, f'--workdir={tmp_path}'], env)
   ((_, stderr),) = _finish([process], ' '.join(command))
   assert process.returncode == 0, stderr[-3000:]

@@ -12,6 +12,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
@@ -113,6 +114,54 @@ def test_weight_decay_shrinks_matrices_only():
                                          optimizer.init(params), params)
   np.testing.assert_allclose(updates['kernel'], -0.1 * 0.5 * params['kernel'])
   np.testing.assert_array_equal(updates['bias'], 0.0)
+
+
+def _optax_adamw(config, num_steps):
+  """What make_optimizer computes, in optax's own transformations."""
+  tx = optax.adamw(train.learning_rate_schedule(config, num_steps),
+                   weight_decay=config.weight_decay,
+                   mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params))
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.trainable is None:
+    return tx
+  return optax.multi_transform(
+      {'train': tx, 'frozen': optax.set_to_zero()},
+      lambda params: {k: 'train' if k in config.trainable else 'frozen' for k in params})
+
+
+def _random_tree(rng, scale=1.0):
+  """Leaves of ndim 0 to 3 in three top-level groups."""
+  shapes = {'encoder': {'kernel': (3, 4), 'bias': (4,), 'scale': ()},
+            'fusion': {'conv': (2, 3, 2), 'gain': ()},
+            'head': {'kernel': (4, 5), 'bias': (5,), 'token': (1, 1, 4)}}
+  return jax.tree.map(lambda shape: (scale * rng.normal(size=shape)).astype(np.float32),
+                      shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.mark.parametrize('trainable', [None, ('fusion', 'head')])
+@pytest.mark.parametrize('grad_clip_norm', [1.0, 0.0])
+def test_make_optimizer_is_optax_adamw(trainable, grad_clip_norm):
+  """Over warmup and cosine steps, gradients above and below the clipping norm: the updates
+  and moments of optax's chain, and frozen params get exact zeros."""
+  config = toy_task.optimizer_config(learning_rate=0.1, warmup_steps=2, weight_decay=0.3,
+                                     grad_clip_norm=grad_clip_norm, trainable=trainable)
+  optimizer, reference = train.make_optimizer(config, 8), _optax_adamw(config, 8)
+  rng = np.random.default_rng(0)
+  params = _random_tree(rng)
+  state, reference_state = optimizer.init(params), reference.init(params)
+  for grad_scale in (0.01, 3.0, 0.1, 10.0, 0.5, 2.0):  # global norms ~ 7 x grad_scale
+    grads = _random_tree(rng, grad_scale)
+    updates, state = jax.jit(optimizer.update)(grads, state, params)
+    expected, reference_state = jax.jit(reference.update)(grads, reference_state, params)
+    _assert_trees_close(updates, expected, rtol=2e-6, atol=1e-9)
+    params = jax.tree.map(np.asarray, optax.apply_updates(params, updates))
+  for name in ('mu', 'nu'):
+    moments = jax.tree.leaves(optax.tree.get(reference_state, name))
+    np.testing.assert_allclose(getattr(state, name), train.ravel(moments), rtol=2e-6)
+  for name in set(params) - set(trainable or params):
+    for leaf in jax.tree.leaves(updates[name]):
+      np.testing.assert_array_equal(leaf, 0.0)
 
 
 def test_params_outside_trainable_stay_bit_identical_while_the_rest_train(tmp_path):

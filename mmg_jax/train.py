@@ -110,8 +110,10 @@ def adamw(learning_rate, *, weight_decay, grad_clip_norm, trainable, b1=0.9, b2=
   """
 
   def init(params):
-    zeros = jnp.zeros_like(ravel(_trainable_leaves(params, frozen_names(params, trainable))))
-    return AdamWState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+    flat = jax.eval_shape(ravel, _trainable_leaves(params, frozen_names(params, trainable)))
+    # Two arrays, not one twice: a donated state may not hold the same buffer twice.
+    return AdamWState(count=jnp.zeros([], jnp.int32), mu=jnp.zeros(flat.shape, flat.dtype),
+                      nu=jnp.zeros(flat.shape, flat.dtype))
 
   def update(grads, state, params):
     if params is None:

@@ -164,6 +164,15 @@ def test_make_optimizer_is_optax_adamw(trainable, grad_clip_norm):
       np.testing.assert_array_equal(leaf, 0.0)
 
 
+def test_an_eagerly_made_optimizer_state_can_be_donated():
+  """init outside jit (as the bench does) gives each moment its own buffer: a step that donates
+  the state would otherwise fail with 'donate the same buffer twice'."""
+  optimizer = train.make_optimizer(toy_task.optimizer_config(), 8)
+  state = optimizer.init(_random_tree(np.random.default_rng(0)))
+  state = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(state)
+  np.testing.assert_array_equal(state.mu, 1.0)
+
+
 def test_params_outside_trainable_stay_bit_identical_while_the_rest_train(tmp_path):
   """Frozen params get neither gradient steps nor weight decay; the others still train."""
   mesh = sharding.make_mesh()

@@ -588,7 +588,9 @@ def _save_embeddings(config, name, workdir, predictions):
 
 def _write_results(config, config_rows, results, workdir, unimodal):
   """results.md/json and the plots of the rows evaluated so far; the others are pending."""
-  rows = [results.get(i) or _result_row(row) | {'mean': None, 'ci95': None, 'n': None}
+  episodes = {'n_way': config.eval.fewshot.n_way, 'k_shot': config.eval.fewshot.k_shot}
+  rows = [(results.get(i) or _result_row(row) | {'mean': None, 'ci95': None, 'n': None})
+          | (episodes if row['metric'] == '5w5s_acc' else {})  # what the table header reads
           for i, row in enumerate(config_rows)]
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
                unimodal=unimodal)

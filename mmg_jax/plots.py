@@ -36,13 +36,14 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from data_pipeline import modalities, preprocess
+from mmg_jax import report
 
 PLOTS_DIR = 'plots'
 EMBEDDINGS_FILE = 'embeddings.npz'
 MAX_CLASSES = 10  # classes of the embedding map: the colors of tab10
 # The paper's memory per second of data of each modality, KB/s (MISSION.md).
 MEMORY_KB_PER_SEC = {'video': 593.92, 'audio': 62.76, 'imu': 9.44}
-METRIC_NAMES = {'5w5s_acc': '5-way 5-shot accuracy (%)', 'top1': 'top-1 accuracy (%)'}
+METRICS = ('5w5s_acc', 'top1')  # the order of the plots' panels
 _AXES = {'few-shot': ('support modalities', 'query modalities'),
          'many-shot': ('train modalities', 'test modalities')}
 _NOT_LOSSES = ('step', 'examples_per_sec', 'lr', 'grad_norm')
@@ -140,14 +141,15 @@ def _heatmap(ax, labels, values, *, vmin, vmax, title, axis_names):
 def _matrix_panels(kind, rows):
   """[(title, metric, axis names, (row labels, col labels), ours, paper)] of one results kind."""
   if kind == 'ablation':
-    metrics = [m for m in METRIC_NAMES if any(r['metric'] == m for r in rows)]
+    metrics = [m for m in METRICS if any(r['metric'] == m for r in rows)]
     layouts = [(m, ablation_layout(rows, m), ablation_layout(rows, m, 'paper')) for m in metrics]
     axis_names = ('variant', 'setting')
   else:
     layouts = [(rows[0]['metric'], matrix_layout(rows), matrix_layout(rows, 'paper'))]
     axis_names = _AXES[kind]
-  return [(METRIC_NAMES[metric], metric, axis_names, ours[:2], ours[2], paper[2])
-          for metric, ours, paper in layouts]
+  return [((f'{report.metric_name(metric, rows)} accuracy (%), ours',
+            f'{report.PAPER_METRIC_NAMES[metric]} accuracy (%), paper'), metric, axis_names,
+           ours[:2], ours[2], paper[2]) for metric, ours, paper in layouts]
 
 
 def draw_matrix(kind, rows, path):
@@ -160,13 +162,12 @@ def draw_matrix(kind, rows, path):
                layout='constrained')
   axes = fig.subplots(len(panels), 2, squeeze=False)
   drawn = {}
-  for (title, metric, axis_names, labels, ours, paper), line in zip(panels, axes, strict=True):
+  for (titles, metric, axis_names, labels, ours, paper), line in zip(panels, axes, strict=True):
     both = np.concatenate([ours.ravel(), paper.ravel()])
     finite = both[np.isfinite(both)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
-    for ax, values, who in zip(line, (ours, paper), ('ours', 'paper'), strict=True):
-      _heatmap(ax, labels, values, vmin=vmin, vmax=vmax, title=f'{title}, {who}',
-               axis_names=axis_names)
+    for ax, values, title in zip(line, (ours, paper), titles, strict=True):
+      _heatmap(ax, labels, values, vmin=vmin, vmax=vmax, title=title, axis_names=axis_names)
     drawn[metric] = {'rows': labels[0], 'columns': labels[1], 'ours': ours, 'paper': paper}
   fig.suptitle(f'MMG {kind} results')
   fig.savefig(path, dpi=_DPI)
@@ -280,6 +281,7 @@ def cost_points(rows, models):
     points.append({'label': f'{modalities.short_name(row["train"])} -> {test}',
                    'setting': row['setting'], 'metric': row['metric'],
                    'gflops': subset_gflops(model)[test], 'memory_kb_s': subset_memory(row['test']),
+                   'metric_name': report.metric_name(row['metric'], [row]),
                    'mean': row['mean'], 'ci95': row.get('ci95'), 'paper': row.get('paper')})
   return points
 
@@ -311,7 +313,7 @@ def _cost_panel(ax, points, x, xlabel, *, with_paper):
 def draw_cost(points, path):
   """Accuracy against GFLOPs (ours) and against memory per second (ours and the paper's
   accuracy), one line of panels per metric. Returns the points drawn."""
-  metrics = [m for m in METRIC_NAMES if any(p['metric'] == m for p in points)]
+  metrics = [m for m in METRICS if any(p['metric'] == m for p in points)]
   fig = Figure(figsize=(12, 4.5 * len(metrics)), layout='constrained')
   axes = fig.subplots(len(metrics), 2, squeeze=False)
   for metric, (left, right) in zip(metrics, axes, strict=True):
@@ -320,8 +322,9 @@ def draw_cost(points, path):
                 with_paper=False)
     _cost_panel(right, mine, 'memory_kb_s', 'memory per second of the test modalities (KB/s)',
                 with_paper=True)
-    for ax in (left, right):
-      ax.set_ylabel(METRIC_NAMES[metric])
+    left.set_ylabel(f'{mine[0]["metric_name"]} accuracy (%)')
+    right.set_ylabel(f'{mine[0]["metric_name"]} accuracy (%; the paper\'s: '
+                     f'{report.PAPER_METRIC_NAMES[metric]})')
   fig.suptitle('accuracy against cost, per modality subset')
   fig.savefig(path, dpi=_DPI)
   return points

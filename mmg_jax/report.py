@@ -107,11 +107,24 @@ def _markdown_table(header, lines):
   return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in [header, rule, *lines])
 
 
+def metric_name(metric, rows):
+  """What `metric` measured on `rows`: 'top-1', or the few-shot episodes ('5-way 1-shot') that
+  pipeline.py records on each row; 'few-shot' where no row says (results.json files before)."""
+  if metric == 'top1':
+    return 'top-1'
+  row = next((r for r in rows if r['metric'] == metric and 'n_way' in r), None)
+  return 'few-shot' if row is None else f'{row["n_way"]}-way {row["k_shot"]}-shot'
+
+
+PAPER_METRIC_NAMES = {'top1': 'top-1', '5w5s_acc': '5-way 5-shot'}  # what the paper reports
+
+
 def matrix_table(kind, rows):
   """The few-shot or many-shot table in the paper's layout, ours beside the paper's number."""
-  train, test, metric = (('support', 'query', '5-way 5-shot acc') if kind == 'few-shot' else
-                         ('train', 'test', 'top-1'))
-  header = ['setting', train, test, f'{metric} (ours, 95% CI)', f'{metric} (paper)', 'n']
+  train, test, metric = (('support', 'query', '5w5s_acc') if kind == 'few-shot' else
+                         ('train', 'test', 'top1'))
+  ours, paper = metric_name(metric, rows), PAPER_METRIC_NAMES[metric]
+  header = ['setting', train, test, f'{ours} acc (ours, 95% CI)', f'{paper} acc (paper)', 'n']
   lines = [[row['setting'], modalities.short_name(row['train']),
             modalities.short_name(row['test']), _ours(row), _value(row.get('paper')),
             str(row['n'] or '-')] for row in rows]
@@ -123,10 +136,10 @@ def _cell_key(row):
 
 
 def ablation_table(rows):
-  """The ablation table: one line per (setting, variant), top-1 and 5w5s, ours and paper's."""
+  """The ablation table: one line per (setting, variant), top-1 and few-shot, ours and paper's."""
   by_key = {(*_cell_key(row), row['metric']): row for row in rows}
   header = ['setting', 'fusion', 'contrastive alignment', 'proto loss', 'top-1 (ours)',
-            'top-1 (paper)', '5w5s (ours)', '5w5s (paper)']
+            'top-1 (paper)', f'{metric_name("5w5s_acc", rows)} (ours)', '5-way 5-shot (paper)']
   lines = []
   for setting, paper_row in zip(ABLATION_SETTINGS, ABLATION_PAPER, strict=True):
     name = setting['setting']

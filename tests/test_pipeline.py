@@ -469,3 +469,16 @@ def _assert_only_changed(before, after, changed):
   for name in before:
     same = jax.tree.all(jax.tree.map(np.array_equal, before[name], after[name]))
     assert same == (name != changed), name
+
+
+def test_results_name_the_few_shot_episodes_of_the_config(tmp_path):
+  """The rows written to results.json carry the evaluation's N-way K-shot, which the table's
+  header reads: a 5-way 1-shot run is not labeled as the paper's 5-way 5-shot."""
+  config = fewshot.get_config('tiny')
+  config.eval.fewshot.k_shot = 1
+  pipeline._write_results(config, config.eval.rows[:2], {}, str(tmp_path), unimodal=None)
+  with open(tmp_path / 'results.json') as f:
+    rows = json.load(f)['rows']
+  assert [(row['n_way'], row['k_shot'], row['mean']) for row in rows] == [(5, 1, None)] * 2
+  assert '| 5-way 1-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in (
+      tmp_path / 'results.md').read_text()

@@ -34,6 +34,17 @@ def test_matrix_table_has_the_paper_layout():
   assert '| setting | train | test | top-1' in manyshot
 
 
+def test_the_fewshot_header_names_the_episodes_the_rows_were_measured_on():
+  """Ours under the run's N-way K-shot (pipeline.py puts it on the rows), the paper's under its
+  own 5-way 5-shot; rows that do not say (older results.json files) read 'few-shot'."""
+  rows = [row | {'n_way': 5, 'k_shot': 1} for row in _rows(report.FEWSHOT, '5w5s_acc', 0)]
+  header = report.markdown('few-shot', rows).splitlines()[2]
+  assert '| 5-way 1-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in header
+  unsaid = report.markdown('few-shot', _rows(report.FEWSHOT, '5w5s_acc', 0)).splitlines()[2]
+  assert '| few-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in unsaid
+  assert report.metric_name('top1', rows) == 'top-1'
+
+
 def test_missing_interval_prints_without_plus_minus():
   row = {**report.MANYSHOT[0], 'metric': 'top1', 'mean': 50.0, 'ci95': None, 'n': 3}
   assert '| regular | V A I | V A I | 50.00 | 55.66 | 3 |' in report.markdown('many-shot', [row])

@@ -3,9 +3,11 @@
 A result row is a dict with the keys of `results.json` (see `write`): `setting`, `train`, `test`
 (modality names; in few-shot rows `train` holds the support and `test` the query modalities),
 `metric` ('5w5s_acc' | 'top1'), `mean`, `ci95` (or None), `n`, plus extra keys (`pipeline`,
-`paper`, and the ablation's `fusion`, `alignment`, `proto_loss`). Means and intervals are in
-percent, as the paper prints them. This module also holds the paper's numbers (MISSION.md), which
-the experiment configs turn into evaluation rows and the tables print beside ours.
+`paper`, few-shot rows' `n_way` and `k_shot` (the run's episodes: '5w5s_acc' names the paper's
+metric, not the shape), and the ablation's `fusion`, `alignment`, `proto_loss`). Means and
+intervals are in percent, as the paper prints them. This module also holds the paper's numbers
+(MISSION.md), which the experiment configs turn into evaluation rows and the tables print beside
+ours.
 
   python -m mmg_jax.report --workdir=runs/fewshot    # redraws the plots of a finished run
 

@@ -139,7 +139,8 @@ def _heatmap(ax, labels, values, *, vmin, vmax, title, axis_names):
 
 
 def _matrix_panels(kind, rows):
-  """[(title, metric, axis names, (row labels, col labels), ours, paper)] of one results kind."""
+  """[((our title, the paper's title), metric, axis names, (row labels, col labels), ours,
+  paper)] of one results kind."""
   if kind == 'ablation':
     metrics = [m for m in METRICS if any(r['metric'] == m for r in rows)]
     layouts = [(m, ablation_layout(rows, m), ablation_layout(rows, m, 'paper')) for m in metrics]
@@ -270,8 +271,9 @@ def _subset_gflops(model_json):
 
 
 def cost_points(rows, models):
-  """[{'label', 'setting', 'metric', 'gflops', 'memory_kb_s', 'mean', 'ci95', 'paper'}], one per
-  row whose pipeline has a model in `models` ({pipeline: model config}); cost of its test subset."""
+  """[{'label', 'setting', 'metric', 'metric_name', 'gflops', 'memory_kb_s', 'mean', 'ci95',
+  'paper'}], one per row whose pipeline has a model in `models` ({pipeline: model config}); cost
+  of its test subset."""
   points = []
   for row in rows:
     model = models.get(row.get('pipeline'))

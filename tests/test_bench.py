@@ -16,8 +16,6 @@ from mmg_jax import evaluate
 from mmg_jax.tools import bench, model_stats
 from tests import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope='module')
 def tiny_doc(tmp_path_factory):
@@ -27,7 +25,8 @@ def tiny_doc(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('tfds')
   result = subprocess.run(
       [sys.executable, '-m', 'mmg_jax.tools.bench', '--size=tiny', '--format=json',
-       f'--data_dir={data_dir}'], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+       f'--data_dir={data_dir}'], cwd=cli.ROOT, env=env, capture_output=True, text=True,
+      check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'sgemm' in result.stderr and 'loader' in result.stderr  # progress goes to stderr
   return json.loads(result.stdout)

@@ -15,7 +15,6 @@ from flax import traverse_util
 from mmg_jax import sharding
 from tests import cli, toy_task
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 6
 TIMEOUT_SECONDS = 900  # a hang guard: a run takes 1-2 min alone, and shares the cores in the suite
 
@@ -44,7 +43,7 @@ def _finish(processes, what):
 
 
 def _start(command, env):
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(command, cwd=cli.ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -158,7 +157,7 @@ def test_a_process_whose_peer_never_arrives_exits_naming_the_coordinator(started
   result = subprocess.run(
       [sys.executable, '-m', 'tests.main_probe', '--config=configs/fewshot.py:tiny',
        f'--coordinator_address={address}', '--num_processes=2', f'--process_id={started}',
-       '--distributed_timeout=3'], cwd=REPO, capture_output=True, text=True, timeout=60)
+       '--distributed_timeout=3'], cwd=cli.ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode == 2
   wanted = (f'process 1 of 2 did not reach the coordinator at {address}'
             if started == 0 else

@@ -18,8 +18,6 @@ from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
 from tests import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _leak_message(stage, pipeline_name, leaked):
   return f"stage '{stage}' of pipeline '{pipeline_name}' .* {leaked} would leak"
@@ -389,7 +387,7 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
 def test_evaluate_only_names_every_unfinished_stage(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'mmg_jax.main', '--config=configs/fewshot.py:tiny',
-       f'--workdir={tmp_path}', '--mode=evaluate'], cwd=ROOT,
+       f'--workdir={tmp_path}', '--mode=evaluate'], cwd=cli.ROOT,
       capture_output=True, text=True, check=False)
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   for stage in ('unimodal', 'multimodal', 'meta'):

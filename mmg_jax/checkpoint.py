@@ -26,9 +26,17 @@ import warnings
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from absl import flags
 from jax.experimental import multihost_utils
 
 _MIN_REPLICA_SLICE_BYTES = 2**20
+
+# Orbax's barriers between processes default to XLA collectives, which pair up by their order on
+# each process, not by name: on two processes the launcher test hung at the first barrier of a
+# stage's new CheckpointManager, process 0 already in the stage's first train step and process 1
+# still at the barrier. The jax.distributed client's barriers pair by name. Set through the flag's
+# parse, as absl's command line would, so that it holds with or without parsed flags.
+flags.FLAGS['experimental_orbax_use_distributed_barrier'].parse(True)
 
 
 class SaveFailed(Exception):

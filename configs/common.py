@@ -226,13 +226,15 @@ _BATCH_SIZE = {'tiny': 8, 'small': 32, 'paper': 256}
 
 
 def optimizer_config(learning_rate, num_steps):
-  """AdamW with linear warmup over the first 10% of the steps, then cosine decay.
+  """AdamW (any optax optimizer by `name`, with `kwargs`; mmg_jax.train.make_optimizer) with
+  linear warmup over the first 10% of the steps, then cosine decay.
 
   num_steps: an int or the stage's FieldReference, so that warmup follows an override of the
   stage's num_steps.
   """
   return ml_collections.ConfigDict({
-      'name': 'adamw',
+      'name': 'adamw',  # optax.<name>(schedule, **kwargs), e.g. 'lion', 'adafactor', 'sgd'
+      'kwargs': {},  # its other arguments, e.g. {'b2': 0.95}
       'learning_rate': learning_rate,
       'warmup_steps': num_steps // 10,
       'schedule': 'cosine',

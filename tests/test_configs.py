@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_KEYS = {'name', 'kind', 'split', 'modalities', 'num_steps', 'batch_size', 'optimizer',
               'log_every', 'checkpoint_every'}
 OPTIMIZER_KEYS = {'name', 'learning_rate', 'warmup_steps', 'schedule', 'weight_decay',
-                  'grad_clip_norm', 'accumulate_steps', 'trainable'}
+                  'grad_clip_norm', 'accumulate_steps', 'trainable', 'kwargs'}
 
 
 def _configs():

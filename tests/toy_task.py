@@ -103,7 +103,8 @@ def init_params(model, seed=0):
 def optimizer_config(**updates):
   config = ml_collections.ConfigDict({
       'name': 'adamw', 'learning_rate': 0.05, 'warmup_steps': 1, 'schedule': 'cosine',
-      'weight_decay': 0.01, 'grad_clip_norm': 1.0, 'accumulate_steps': 1, 'trainable': None})
+      'weight_decay': 0.01, 'grad_clip_norm': 1.0, 'accumulate_steps': 1, 'trainable': None,
+      'kwargs': {}})
   config.update(updates)
   return config
 

@@ -27,7 +27,6 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from absl import flags
-from jax.experimental import multihost_utils
 
 _MIN_REPLICA_SLICE_BYTES = 2**20
 
@@ -47,15 +46,34 @@ class UnreadableCheckpoint(Exception):
   """A checkpoint step could not be read back (a truncated or missing file)."""
 
 
+def finished_steps(directory):
+  """The fully written checkpoint steps in `directory` (sorted; [] without any), read from
+  the folder listing alone: no CheckpointManager, so no barrier between processes. Every
+  process of a run may call it, or only some: each reads the same shared folder."""
+  return sorted(ocp.path.step.checkpoint_steps(directory))
+
+
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of a stage in `directory` (None: all of them)."""
+  """Keeps the last `keep` checkpoints of a stage in `directory` (None: all of them).
+
+  Every process must create (and close) the same Checkpointers in the same order: each one
+  enters barriers between the processes. Their names are unique per Checkpointer (the
+  directory and this process's count of Checkpointers), so a process that skipped one times out
+  naming it instead of pairing its barriers with another manager's.
+  """
+
+  _created = 0  # Checkpointers this process has made: the same count on every process
 
   def __init__(self, directory, *, keep):
     self.directory = os.path.abspath(directory)
     self.keep = keep
+    Checkpointer._created += 1
+    barrier_prefix = f'{Checkpointer._created}:{self.directory}'
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=True, enable_async_checkpointing=True,
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=barrier_prefix))
     handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_state_types()),
                 'data': grain.checkpoint.CheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
@@ -183,8 +201,9 @@ class Checkpointer:
       warnings.warn(f'the checkpoint of step {step} in {self.directory} cannot be read '
                     f'({error}); resuming from the one of step {fallback} instead. The '
                     f'unreadable files are kept in {aside}.', stacklevel=3)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'checkpoint set aside {path}')
+    # Every process restores, so every process is here; the others must not list the folder
+    # before the rename. A named barrier of the jax.distributed client (orbax's flag above).
+    ocp.multihost.sync_global_processes(f'checkpoint set aside {path}')
     self._manager.reload()
 
   def reached_preemption(self, step):

@@ -382,12 +382,15 @@ def _claim_stage_dir(stage_dir, identity):
 
 
 def _checkpoint_steps(stage_dir):
-  """The latest fully written checkpoint step of a stage directory, or None."""
-  directory = os.path.join(stage_dir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return None
-  with checkpoint.Checkpointer(directory, keep=None) as ckpt:
-    return ckpt.latest_step()
+  """The latest fully written checkpoint step of a stage directory, or None.
+
+  A folder listing, not a CheckpointManager: this is a per-process look at the disk, and a
+  manager enters barriers that every process must enter together. (A manager built only where
+  the folder already existed let a slower process enter one barrier more than its peers and hang
+  the next stage.)
+  """
+  steps = checkpoint.finished_steps(os.path.join(stage_dir, 'checkpoints'))
+  return steps[-1] if steps else None
 
 
 def _refuse_orphans(workdir, directories, name, index):

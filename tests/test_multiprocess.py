@@ -25,20 +25,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _finish(processes, what):
+def _finish(processes, what, timeout=TIMEOUT_SECONDS):
   """[(stdout, stderr)] of `processes` (each the leader of its own session); past
-  TIMEOUT_SECONDS, kills their whole process groups (the launcher's children too, which would
+  `timeout` seconds, kills their whole process groups (the launcher's children too, which would
   otherwise keep the cores busy for the rest of the suite) and fails with the ends of their
   output, to show where they stood."""
   try:
-    return [p.communicate(timeout=TIMEOUT_SECONDS) for p in processes]
+    return [p.communicate(timeout=timeout) for p in processes]
   except subprocess.TimeoutExpired:
     for p in processes:
       with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
     ends = [f'--- stdout\n{out[-1500:]}\n--- stderr\n{err[-3000:]}'
             for out, err in (p.communicate() for p in processes)]
-    pytest.fail(f'{what} did not finish within {TIMEOUT_SECONDS} s; it printed:\n'
+    pytest.fail(f'{what} did not finish within {timeout} s; it printed:\n'
                 + '\n'.join(ends))
 
 
@@ -47,20 +47,20 @@ def _start(command, env):
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _run_two_processes(args, devices_per_process):
+def _run_two_processes(args, devices_per_process, timeout=TIMEOUT_SECONDS):
   """Runs `python -m <args> --process_id=i` for i = 0, 1; returns their stdouts."""
   env = os.environ | {'XLA_FLAGS': cli.xla_flags(devices_per_process)}
   distributed = [f'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2']
   processes = [_start([sys.executable, '-m', *args, *distributed, f'--process_id={i}'], env)
                for i in range(2)]
-  outputs = _finish(processes, f'{args[0]} on 2 processes')
+  outputs = _finish(processes, f'{args[0]} on 2 processes', timeout)
   for p, (_, stderr) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, stderr[-3000:]
   return [stdout for stdout, _ in outputs]
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, 'toy', 'metrics.jsonl')) as f:
+def _metrics(workdir, name='toy'):
+  with open(os.path.join(workdir, name, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
 
@@ -91,6 +91,20 @@ def test_two_processes_train_like_one(tmp_path):
   data_dir = tmp_path / 'two' / 'toy' / 'checkpoints' / str(NUM_STEPS) / 'data'
   assert sorted(os.listdir(data_dir)) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def test_a_process_late_at_a_stage_boundary_does_not_hang_the_next_stage(tmp_path):
+  """Process 1 reaches each stage boundary 4 s after process 0, which by then has made the
+  stage's checkpoint folder: both still enter the same barriers, and all stages train. (When
+  the boundary's look for a finished stage built a CheckpointManager where the folder existed,
+  process 1 entered one barrier more than process 0 and the next stage hung.)"""
+  stdouts = _run_two_processes(
+      ['tests.toy_training_worker', f'--workdir={tmp_path}', '--stages=3', '--num_steps=2',
+       '--checkpoint_every=2', '--boundary_delay=4', '--dropout=0'], devices_per_process=4,
+      timeout=240)
+  assert stdouts[0].count('training ToyMLP for 2 steps') == 3
+  for name in ('toy', 'toy1', 'toy2'):
+    assert [r['step'] for r in _metrics(tmp_path, name)] == [1, 2]
 
 
 def test_main_starts_jax_distributed_from_its_flags(tmp_path):

@@ -2,14 +2,21 @@
 
   python -m tests.toy_training_worker --workdir=DIR --output=params.npz [--gate_fifo=F ...]
 
+With --stages=N it trains N toy stages one after the other as the pipeline does (each first
+looks for its finished checkpoint, `pipeline._checkpoint_steps`), and --boundary_delay=S holds
+process 1 back S seconds before each later stage: process 0 is then inside that stage (its
+checkpoint folder made) when process 1 looks.
+
 Exit status 3 means the stage stopped on a preemption notice after saving a checkpoint, 4 that
 it stopped on another train.StageStopped (a failed save, a non-finite step); the message is on
 stdout. A write past a file size limit (a test's stand-in for a full disk) fails with EFBIG
 instead of killing the worker.
 """
 import argparse
+import os
 import signal
 import sys
+import time
 
 # tensorboardX imports torch when it is installed: seconds of start-up this worker never needs.
 sys.modules.setdefault('torch', None)
@@ -18,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from mmg_jax import sharding, train  # noqa: E402
+from mmg_jax import pipeline, sharding, train  # noqa: E402
 from tests import toy_task  # noqa: E402
 
 PREEMPTED_EXIT_CODE = 3
@@ -36,6 +43,9 @@ def parse_args(argv):
   parser.add_argument('--dropout', type=float, default=0.1)
   parser.add_argument('--gate_fifo', help='FIFO that the gated read waits on')
   parser.add_argument('--gate_read', type=int, help='which data read (1-based) waits')
+  parser.add_argument('--stages', type=int, default=1, help='toy stages trained in a row')
+  parser.add_argument('--boundary_delay', type=float, default=0.0,
+                      help='seconds process 1 waits before each stage after the first')
   parser.add_argument('--coordinator_address')
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--process_id', type=int, default=0)
@@ -49,11 +59,17 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id,
                                initialization_timeout=60)
-  source = toy_task.GatedSource(toy_task.examples(), args.gate_fifo, args.gate_read)
   try:
-    params = toy_task.run(args.workdir, sharding.make_mesh(), num_steps=args.num_steps,
-                          dropout=args.dropout, source=source, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every, keep=args.keep)
+    for stage in range(args.stages):
+      if stage and jax.process_index() == 1:
+        time.sleep(args.boundary_delay)
+      name = f'toy{stage or ""}'
+      if pipeline._checkpoint_steps(os.path.join(args.workdir, name)) == args.num_steps:
+        continue
+      source = toy_task.GatedSource(toy_task.examples(), args.gate_fifo, args.gate_read)
+      params = toy_task.run(args.workdir, sharding.make_mesh(), num_steps=args.num_steps,
+                            dropout=args.dropout, source=source, log_every=args.log_every,
+                            checkpoint_every=args.checkpoint_every, keep=args.keep, name=name)
   except train.Preempted as e:
     print(e, flush=True)
     return PREEMPTED_EXIT_CODE

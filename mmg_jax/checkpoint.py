@@ -19,6 +19,7 @@ save of every process and save nothing; only arrays whose per-replica part reach
 `_MIN_REPLICA_SLICE_BYTES` are split, the others are written whole by their first replica.
 """
 import contextlib
+import json
 import os
 import time
 import warnings
@@ -155,7 +156,7 @@ class Checkpointer:
     items = {'state': ocp.args.PyTreeRestore(
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items['data'] = grain.checkpoint.CheckpointRestore(_AnyWorkerCount(data_iterator))
     with self._read_errors(step):
       return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
 
@@ -229,6 +230,47 @@ class Checkpointer:
 
   def __exit__(self, *exc_info):
     self.close()
+
+
+class _AnyWorkerCount:
+  """A grain DataLoader iterator that restores a position saved under another worker count.
+
+  grain refuses such a state; but our loaders read records in order (one record a batch), so a
+  position is the number of records read, whatever the workers, and is re-dealt to this
+  iterator's workers round robin, as grain deals records (`worker_state`).
+  """
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+
+  def set_state(self, state):
+    saved = json.loads(state)
+    workers = json.loads(self._iterator.get_state())['worker_count']
+    if saved['worker_count'] != workers:
+      saved |= worker_state(records_read(saved), workers)
+    self._iterator.set_state(json.dumps(saved).encode())
+
+  def start_prefetch(self):
+    self._iterator.start_prefetch()
+
+
+def records_read(state):
+  """How many records (batches) a grain DataLoader iterator state has read."""
+  workers = state['worker_count']
+  last_seen = state['last_seen_indices']
+  if workers == 0:
+    return last_seen['0'] + 1
+  return sum((last_seen[str(i)] + workers - i) // workers for i in range(workers))
+
+
+def worker_state(records, workers):
+  """The 'last_seen_indices', 'last_worker_index' and 'worker_count' of a grain DataLoader
+  state that has read the first `records` records with `workers` workers (0: in process)."""
+  if workers == 0:
+    return {'last_seen_indices': {'0': records - 1}, 'last_worker_index': -1, 'worker_count': 0}
+  return {'last_seen_indices': {str(i): i - workers + workers * -(-(records - i) // workers)
+                                for i in range(workers)},
+          'last_worker_index': records % workers - 1, 'worker_count': workers}
 
 
 def _state_types():

@@ -312,11 +312,21 @@ def pretrained_encoders(name, model_cfg):
   return loaded
 
 
+# How a stage runs, not what it computes: free to change when it resumes (another data mount,
+# more accumulation after an out-of-memory, other log or checkpoint intervals, more workers).
+_RUN_FIELDS = {'dataset': ('data_dir', 'manual_dir', 'num_workers'),
+               'stage': ('log_every', 'checkpoint_every'),
+               'optimizer': ('accumulate_steps',)}
+
+
 def _stage_identity(config, model_cfg, stages):
-  """What a stage's result depends on: data, model, seed and every stage up to it.
+  """What a stage's result depends on: data, model, seed and every stage up to it (not the
+  _RUN_FIELDS).
 
   A pretrained encoder counts by its checkpoint's content (source and sha256), not by the
   directory it is read from: another checkpoint in the same place is another stage.
+  Gradient accumulation splits each global batch, so it changes only the float rounding of a
+  step, except for batch-level losses (L_align's negatives), which then see one micro-batch.
   """
   model = model_cfg.to_dict()
   for m in modalities.MODALITIES:
@@ -324,8 +334,19 @@ def _stage_identity(config, model_cfg, stages):
     if directory is not None:
       provenance = convert_weights.read_provenance(directory)
       model[m]['init_from'] = {k: provenance[k] for k in ('source', 'sha256')}
-  return json.dumps({'dataset': config.dataset.to_dict(), 'model': model, 'seed': config.seed,
-                     'stages': [s.to_dict() for s in stages]}, sort_keys=True, default=str)
+  return json.dumps({'dataset': _without(config.dataset.to_dict(), _RUN_FIELDS['dataset']),
+                     'model': model, 'seed': config.seed,
+                     'stages': [_stage_result_fields(s) for s in stages]},
+                    sort_keys=True, default=str)
+
+
+def _stage_result_fields(stage):
+  stage = _without(stage.to_dict(), _RUN_FIELDS['stage'])
+  return stage | {'optimizer': _without(stage['optimizer'], _RUN_FIELDS['optimizer'])}
+
+
+def _without(fields, names):
+  return {k: v for k, v in fields.items() if k not in names}
 
 
 def stage_directories(config):

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
+from absl import flags
 
 from configs import common, fewshot, manyshot
 from data_pipeline import modalities
@@ -480,3 +482,43 @@ def test_results_name_the_few_shot_episodes_of_the_config(tmp_path):
   assert [(row['n_way'], row['k_shot'], row['mean']) for row in rows] == [(5, 1, None)] * 2
   assert '| 5-way 1-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in (
       tmp_path / 'results.md').read_text()
+
+
+class _Stop(Exception):
+  """Stands in for a kill after a stage's first checkpoint."""
+
+
+def test_a_stage_resumes_after_its_run_fields_change(tmp_path, monkeypatch, capsys):
+  """An interrupted stage resumes from its checkpoint after the fields that change how it runs,
+  not what it computes, were changed (pipeline._RUN_FIELDS): another data_dir holding the same
+  dataset, grain workers, gradient accumulation, log and checkpoint intervals."""
+  config = fewshot.get_config('tiny')
+  stage = common.unimodal_stage('tiny')
+  stage.update({'num_steps': 4, 'log_every': 2, 'checkpoint_every': 2, 'batch_size': 16})
+  config.pipelines = {'a': common.pipeline(stage)}
+  mesh, directories = sharding.make_mesh(), pipeline.stage_directories(config)
+  write = train.StageLog.write
+
+  def write_then_stop(self, step, *args, **kwargs):
+    write(self, step, *args, **kwargs)
+    raise _Stop
+  with monkeypatch.context() as patch:
+    patch.setattr(train.StageLog, 'write', write_then_stop)
+    with pytest.raises(_Stop):
+      pipeline.train_pipeline(config, 'a', str(tmp_path / 'run'), mesh, directories)
+  assert pipeline._checkpoint_steps(str(tmp_path / 'run' / 'a' / 'unimodal')) == 2
+
+  data_dir = tmp_path / 'tfds'  # the same dataset on another mount
+  shutil.copytree(tfds.builder(config.dataset.name).data_dir_root / 'mmg_synthetic',
+                  data_dir / 'mmg_synthetic')
+  config.dataset.update({'data_dir': str(data_dir), 'num_workers': 2})
+  flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, as under main's app.run
+  stage.update({'log_every': 1, 'checkpoint_every': 1})
+  stage.optimizer.accumulate_steps = 2
+  assert pipeline.stage_directories(config) == directories
+  capsys.readouterr()
+  pipeline.train_pipeline(config, 'a', str(tmp_path / 'run'), mesh, directories)
+  assert '[unimodal] resuming from the checkpoint at step 2/4.' in capsys.readouterr().out
+  with open(tmp_path / 'run' / 'a' / 'unimodal' / 'metrics.jsonl') as f:
+    assert [json.loads(line)['step'] for line in f] == [2, 3, 4]
+  assert pipeline._checkpoint_steps(str(tmp_path / 'run' / 'a' / 'unimodal')) == 4

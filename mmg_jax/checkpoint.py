@@ -155,7 +155,9 @@ class Checkpointer:
           f'{self.directory} to retrain this stage.')
     items = {'state': ocp.args.PyTreeRestore(
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-    if data_iterator is not None:
+    if isinstance(data_iterator, grain.DatasetIterator):  # a dataset's own state format
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    elif data_iterator is not None:  # a DataLoader's
       items['data'] = grain.checkpoint.CheckpointRestore(_AnyWorkerCount(data_iterator))
     with self._read_errors(step):
       return self._manager.restore(step, args=ocp.args.Composite(**items))['state']

@@ -317,21 +317,33 @@ def _mean_metrics(history):
           if k != 'finite'}
 
 
-def _check_finite(name, step, metrics, *, last_checkpoint, learning_rate):
-  """Raises NonFinite unless `step`'s metrics have their 'finite' flag set.
+def _syncs_every_step():
+  """Whether the loop waits for each step before dispatching the one after the next: on the CPU
+  backend, where deeper dispatch queues of collective programs can deadlock the runtime (jaxlib
+  0.10, several devices). Accelerators run ahead; the finite flags are read at log and save
+  steps only."""
+  return jax.default_backend() == 'cpu'
 
-  Reading the flag waits for the step and moves one scalar to the host. It is replicated, so
-  every process reads the same value and all stop at the same step.
+
+def _check_finite(name, steps, *, last_checkpoint, learning_rate):
+  """Raises NonFinite at the first of `steps` ([(step, metrics)]) whose 'finite' flag is unset.
+
+  Reading the flags waits for those steps and moves one scalar a step to the host. They are
+  replicated, so every process reads the same values and all stop at the same step.
   """
-  if bool(metrics['finite']):
+  flags = jax.device_get([metrics['finite'] for _, metrics in steps])
+  bad = next(((step, metrics) for (step, metrics), ok in zip(steps, flags, strict=True)
+              if not ok), None)
+  if bad is None:
     return
+  step, metrics = bad
   values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
   parts = ', '.join(f'{k} {v:.4g}' for k, v in values.items())
-  bad = ', '.join(k for k, v in values.items() if not math.isfinite(v))
+  names = ', '.join(k for k, v in values.items() if not math.isfinite(v))
   kept = (f'the last checkpoint (step {last_checkpoint}) holds finite params and is kept' if
           last_checkpoint else 'no checkpoint was saved')
   raise NonFinite(
-      f'stage {name!r} stopped at step {step}: {bad} not finite ({parts}); {kept}. Lower the '
+      f'stage {name!r} stopped at step {step}: {names} not finite ({parts}); {kept}. Lower the '
       f'learning rate (optimizer.learning_rate={learning_rate}) or lengthen the warmup, or check '
       'the data for NaN or inf values.')
 
@@ -410,7 +422,8 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
       stage_rng = sharding.replicate(jax.random.PRNGKey(seed), mesh)
       check_finite = functools.partial(_check_finite, name,
                                        learning_rate=optimizer.learning_rate)
-      history = []
+      history, unchecked = [], []  # metrics since the last log; steps not yet checked
+      sync_every_step = _syncs_every_step()
       for step in range(start_step + 1, num_steps + 1):
         batch = sharding.shard_batch(next(data_iterator), mesh)
         if step == start_step + 1:
@@ -418,17 +431,19 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
           sharding.check_batch_size(global_batch_size, mesh,
                                     accumulate_steps=optimizer.accumulate_steps)
         state, metrics = step_fn(state, batch, stage_rng)
-        if history:
-          # At most two steps in flight: bounds host memory, and deeper dispatch queues of
-          # collective programs can deadlock the CPU runtime (jaxlib 0.10, several devices). The
-          # wait is the read of the last step's finite flag, one scalar per step.
-          check_finite(step - 1, history[-1], last_checkpoint=ckpt.latest_step())
+        if sync_every_step and unchecked:
+          # At most two steps in flight (`_syncs_every_step`); the wait is the read of the last
+          # step's finite flag.
+          check_finite(unchecked, last_checkpoint=ckpt.latest_step())
+          unchecked = []
         history.append(metrics)
+        unchecked.append((step, metrics))
         preempted = sigterm.received or ckpt.reached_preemption(step)
         saving = step % checkpoint_every == 0 or step == num_steps or preempted
         logging = step % log_every == 0 or step == num_steps
         if saving or logging or step == start_step + 1:
-          check_finite(step, metrics, last_checkpoint=ckpt.latest_step())
+          check_finite(unchecked, last_checkpoint=ckpt.latest_step())
+          unchecked = []
         if step == start_step + 1:
           log.restart_clock(step)
         if saving:

@@ -354,6 +354,26 @@ def test_main_names_the_missing_distributed_flags(tmp_path):
   assert "missing: ['coordinator_address', 'process_id']" in process.stderr
 
 
+@pytest.mark.parametrize('sync_every_step,reads', [(True, 8), (False, 3)],
+                         ids=['cpu', 'accelerator'])
+def test_off_the_cpu_the_finite_flags_are_read_at_log_and_save_steps_only(
+    tmp_path, monkeypatch, sync_every_step, reads):
+  """On the CPU backend the loop waits for every step (its finite flag); on an accelerator only
+  at the first step and the log and save steps (4 and 8), with every step's flag checked."""
+  monkeypatch.setattr(train, '_syncs_every_step', lambda: sync_every_step)
+  checked = []
+  check = train._check_finite
+
+  def counting_check(name, steps, **kwargs):
+    checked.append([step for step, _ in steps])
+    return check(name, steps, **kwargs)
+  monkeypatch.setattr(train, '_check_finite', counting_check)
+  toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=8, checkpoint_every=4,
+               log_every=4)
+  assert len(checked) == reads
+  assert sorted(step for steps in checked for step in steps) == list(range(1, 9))
+
+
 def test_a_nan_learning_rate_stops_the_stage_at_its_first_step(tmp_path):
   """The first step's lr is NaN (its loss, from the init params, is still finite): the stage
   stops there, before the checkpoint and the log of that step."""
@@ -372,9 +392,13 @@ def test_a_nan_learning_rate_stops_the_stage_at_its_first_step(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, 'toy', 'metrics.jsonl'))
 
 
-def test_data_that_turns_nan_stops_the_stage_and_keeps_the_last_finite_checkpoint(tmp_path):
+@pytest.mark.parametrize('sync_every_step', [True, False], ids=['cpu', 'accelerator'])
+def test_data_that_turns_nan_stops_the_stage_and_keeps_the_last_finite_checkpoint(
+    tmp_path, monkeypatch, sync_every_step):
   """Step 5's batch is NaN: the stage stops before it saves or logs step 6, and checkpoint 4,
-  the last finite one, stays the latest."""
+  the last finite one, stays the latest; also when the loop reads the finite flags only at
+  log and save steps, as off the CPU."""
+  monkeypatch.setattr(train, '_syncs_every_step', lambda: sync_every_step)
   source = toy_task.PoisonedSource(toy_task.examples(), nan_read=4 * 8 + 1)
   with pytest.raises(train.NonFinite) as raised:
     toy_task.run(str(tmp_path), sharding.make_mesh(), num_steps=8, global_batch_size=8,

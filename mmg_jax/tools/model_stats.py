@@ -11,7 +11,12 @@ FLOPs follow the fvcore convention of the paper's tables: one multiply-add is on
 matrix products (`dot_general`) and convolutions (`conv_general_dilated`) are counted, walked
 from the jaxpr on abstract inputs (nothing is run). Next to them, XLA's cost analysis of the
 lowered program (two FLOPs per multiply-add, elementwise ops included). One clip (batch 1),
-`train=False`, input shapes from `config.model.<modality>.input_shape`.
+`train=False`, input shapes from `config.model.<modality>.input_shape`, the layer forms of
+`config.model.kernels`. Both forms count the same: a convolution counts by its formula (output
+size x kernel inputs per group x kernel taps), which MViT's CPU forms (a 2-D convolution over
+stacked frames, a tap sum of per-channel products) reach as well, and the native attention,
+jax.nn.dot_product_attention, traces to the same two einsums as the CPU form (its default
+implementation is XLA's).
 
 `--memory` adds the memory plan for pods (`memory_rows`): the bytes one device holds while it runs
 the full-model train step (`memory_stage`), for per-device batches 1, 2, 4, 8, float32 and
@@ -54,15 +59,11 @@ PAPER_TOLERANCE = {'video': 0.02, 'audio': 0.02, 'imu': 0.05}
 PER_DEVICE_BATCHES = (1, 2, 4, 8)
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 DEVICE_GIB = (16, 32, 80, 141)
-# XLA:CPU options of the memory plan. `cse_barrier_expander` off: XLA:CPU drops jax.checkpoint's
-# optimization barriers before its CSE, which merges the recomputation back into the forward pass
-# and remat then saves nothing (a 12-layer toy: 196 MiB of temporaries with and without remat; 64
-# MiB with remat and the barriers kept). Kept, the backward pass recomputes each block as remat
-# intends; programs without remat have no barriers and do not change. LLVM's optimization level 0:
-# it runs after buffer assignment, so the bytes do not change (checked on the tiny and the paper
-# step), and the tiny step compiles about 3x faster.
-CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'cse_barrier_expander',
-                        'xla_backend_optimization_level': 0}
+# XLA:CPU options of the memory plan, on top of train.CPU_COMPILER_OPTIONS (which keeps remat's
+# barriers, as in training). LLVM's optimization level 0: it runs after buffer assignment, so the
+# bytes do not change (checked on the tiny and the paper step), and the tiny step compiles about
+# 3x faster.
+CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 def count_params(params):
@@ -167,7 +168,8 @@ def input_shape(model_config, modality):
 
 def encoder_stats(model_config, modality, *, xla=True):
   """{'params_m', 'gflops'[, 'xla_gflops']} of one encoder on one clip."""
-  encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype))
+  encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype),
+                                   kernels=model_config.kernels)
   x = jax.ShapeDtypeStruct((1, *input_shape(model_config, modality)), jnp.float32)
   params = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), x)
   apply = lambda params, x: encoder.apply(params, x, train=False)  # noqa: E731
@@ -257,20 +259,17 @@ def memory_variant(model_config, *, dtype, remat):
   return variant
 
 
-def one_device_step(model, stage):
+def one_device_step(model, stage, compiler_options=None):
   """(jitted step, optimizer): the optimizer step of `stage` that run_stage jits
   (train.train_step with pipeline.make_loss_fn and train.make_optimizer; state donated, no
-  gradient accumulation), on the first device. The step takes (state, batch, rng)."""
+  gradient accumulation), on the first device, compiled as training compiles it
+  (train.jit_train_step) with `compiler_options` on top. The step takes (state, batch, rng)."""
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  replicated = sharding.replicated(mesh)
-  step = jax.jit(
-      functools.partial(train.train_step, loss_fn=pipeline.make_loss_fn(model, stage),
-                        optimizer=optimizer,
-                        schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
-                        accumulate_steps=1, mesh=mesh, trainable=stage.optimizer.trainable),
-      in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+  step = train.jit_train_step(
+      loss_fn=pipeline.make_loss_fn(model, stage), optimizer=optimizer,
+      schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps), accumulate_steps=1,
+      mesh=sharding.make_mesh(jax.devices()[:1]), trainable=stage.optimizer.trainable,
+      compiler_options=compiler_options)
   return step, optimizer
 
 
@@ -287,11 +286,11 @@ def train_step_memory(model_config, stage, per_device_batch):
   batch = abstract_batch(model_config, per_device_batch)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
                           batch)['params']
-  step, optimizer = one_device_step(model, stage)
+  step, optimizer = one_device_step(
+      model, stage, CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None)
   state = jax.eval_shape(functools.partial(train.init_state, optimizer=optimizer), params)
   stage_rng = jax.eval_shape(jax.random.PRNGKey, 0)
-  options = CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
-  return step.lower(state, batch, stage_rng).compile(options).memory_analysis()
+  return step.lower(state, batch, stage_rng).compile().memory_analysis()
 
 
 def step_bytes(analysis):

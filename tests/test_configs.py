@@ -46,6 +46,25 @@ def test_config_structure(name, arg):
   assert config.eval.fewshot.num_episodes >= (600 if config.size != 'tiny' else 1)
 
 
+@pytest.mark.parametrize('name', CONFIGS)
+def test_paper_global_batches_divide_over_8_to_256_devices(name):
+  """Every paper stage's global batch, and the evaluation's, splits evenly over a pod slice of
+  8, 16, ..., 256 devices (data parallelism over clips), and meta batches also into
+  micro-batches of whole episodes down to one episode."""
+  config = CONFIGS[name].get_config('paper')
+  sizes = {config.eval.batch_size}
+  for pipeline in config.pipelines.values():
+    for stage in pipeline.stages:
+      if stage.kind == 'meta':
+        episode = stage.n_way * (stage.k_shot + stage.q_query)
+        sizes.add(stage.episodes_per_batch * episode)
+        assert stage.episodes_per_batch & (stage.episodes_per_batch - 1) == 0
+      else:
+        sizes.add(stage.batch_size)
+  for size in sizes:
+    assert all(size % devices == 0 for devices in (8, 16, 32, 64, 128, 256)), size
+
+
 def test_fewshot_is_one_pipeline_of_the_three_fewshot_stages():
   config = fewshot.get_config()
   assert list(config.pipelines) == ['train_VAI']

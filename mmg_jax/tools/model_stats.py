@@ -36,13 +36,14 @@ import functools
 import itertools
 import json
 import math
+import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from jax.extend import core as jex_core
 from ml_collections import config_flags
 
@@ -368,8 +369,37 @@ def _stderr(text):
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  if flags.FLAGS.plan:
+    return plan_main(config)
   document = report(config, xla=flags.FLAGS.xla, memory=flags.FLAGS.memory, progress=_stderr)
   print(render(config, document, flags.FLAGS.format))
+
+
+def plan_main(config):
+  """--plan: prints the plan (mmg_jax/tools/planner.py); exit status 1 if a stage does not fit.
+  Makes as many CPU devices as --devices asks when run on the CPU."""
+  from mmg_jax.tools import planner  # which imports this module
+  logging.set_verbosity(logging.WARNING)  # optax's note on every warmup-free schedule
+  num_devices, gib, headroom = (flags.FLAGS.devices, flags.FLAGS.device_memory_gib,
+                                flags.FLAGS.headroom)
+  if num_devices is None or gib is None:
+    raise app.UsageError('--plan needs --devices and --device_memory_gib.')
+  if jax.config.jax_platforms in (None, '', 'cpu') and 'xla_force_host_platform_device_count' \
+      not in os.environ.get('XLA_FLAGS', ''):
+    jax.config.update('jax_num_cpu_devices', num_devices)
+  if len(jax.devices()) < num_devices:
+    raise app.UsageError(f'--devices={num_devices}: this host has {len(jax.devices())} '
+                         f'{jax.default_backend()} devices; plan on a CPU host (it makes as many '
+                         'as asked) or on the target itself.')
+  plans = planner.Planner(config, headroom=headroom, progress=_stderr).plan(num_devices, gib)
+  if flags.FLAGS.format == 'json':
+    print(json.dumps({'devices': num_devices, 'device_memory_gib': gib, 'headroom': headroom,
+                      'stages': [p.to_json() for p in plans],
+                      'overrides': planner.overrides(config, plans)
+                      if all(p.fits for p in plans) else None}, indent=2))
+  else:
+    print(planner.format_plan(config, plans, num_devices, gib, headroom))
+  return 0 if all(p.fits for p in plans) else 1
 
 
 if __name__ == '__main__':
@@ -381,5 +411,11 @@ if __name__ == '__main__':
   flags.DEFINE_bool('xla', True, 'Also report XLA cost-analysis FLOPs (abstract lowering).')
   flags.DEFINE_bool('memory', False, 'Also report the per-device bytes of the full-model train '
                     'step (16 compilations; minutes at paper size).')
+  flags.DEFINE_bool('plan', False, 'Plan per-device batch, accumulate_steps, remat and dtype '
+                    'of every stage for --devices devices of --device_memory_gib GiB '
+                    '(mmg_jax/tools/planner.py; several compilations, minutes at paper size).')
+  flags.DEFINE_integer('devices', None, '--plan: the number of devices.')
+  flags.DEFINE_float('device_memory_gib', None, '--plan: the memory of one device, GiB.')
+  flags.DEFINE_float('headroom', 0.1, '--plan: the fraction of device memory left free.')
   flags.mark_flag_as_required('config')
   app.run(main)

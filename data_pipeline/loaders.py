@@ -6,6 +6,11 @@ A batch is `{'video': uint8 [B,T,H,W,3], 'audio': f32 [B,T_a,F], 'imu': f32 [B,L
 batch, and clip ids stay on the host. `dataset` is `config.dataset` (`name`, `data_dir`,
 `num_workers`).
 
+A loader of `modalities` (default: all three) delivers only their media: the others are zeros of
+their stored shape, absent in `present`, so the batch keeps its keys and shapes (one compiled
+step serves every stage). TFDS skips decoding the others (`data_source`), but still reads and
+parses each whole record: one record holds a clip's three modalities.
+
 Every loader defines one sequence of global batches, whatever the process count P, and process
 p reads only rows [p * B, (p + 1) * B) of each: the rows its devices hold
 (`mmg_jax.sharding.shard_batch`). So 1 process and P processes step through the same global
@@ -14,7 +19,9 @@ global steps require. A grain record is a whole process-local batch, so the batc
 the same for any number of workers, and an iterator's checkpoint state is the batch index.
 
 grain worker processes (`dataset.num_workers > 0`) need absl flags parsed (`app.run`) and a
-`__main__` guard in the program that iterates; 0, the default, reads in the calling process.
+`__main__` guard in the program that iterates; 0, the default, reads in the calling process. The
+loader never touches an accelerator: episodes are drawn on the host's CPU device, and a worker
+process that draws them initializes JAX's CPU backend only (`EpisodeSampler`).
 """
 import importlib
 
@@ -22,10 +29,12 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax._src import xla_bridge
 
-from data_pipeline import episodes, modalities
+from data_pipeline import episodes
+from data_pipeline import modalities as modalities_lib
 
-BATCH_KEYS = (*modalities.MODALITIES, 'present', 'label', 'mask')
+BATCH_KEYS = (*modalities_lib.MODALITIES, 'present', 'label', 'mask')
 # The module that registers each builder with TFDS, imported on first use.
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
@@ -35,64 +44,78 @@ _ENDLESS = np.iinfo(np.int32).max  # Records of an endless loader: one per train
 _BATCH_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
-def data_source(dataset, split):
-  """The split's TFDS ArrayRecord data source; builds the dataset on first use."""
-  builder = _builder(dataset)
+def data_source(dataset, split, modalities=modalities_lib.MODALITIES):
+  """The split's TFDS ArrayRecord data source, decoding the media of `modalities` only; builds the
+  dataset on first use."""
+  return builder_source(_builder(dataset), split, modalities)
+
+
+def builder_source(builder, split, modalities=modalities_lib.MODALITIES):
+  """A TFDS builder's split as a data source whose elements hold the media of `modalities`
+  decoded, the others as their raw bytes (tfds.decode.SkipDecoding)."""
   if split not in builder.info.splits:
-    raise ValueError(f'split {split!r} is not in {dataset.name}; choose one of '
+    raise ValueError(f'split {split!r} is not in {builder.info.full_name}; choose one of '
                      f'{sorted(builder.info.splits)}.')
-  return builder.as_data_source(split=split)
+  subset = modalities_lib.check(modalities)
+  skipped = {m: tfds.decode.SkipDecoding() for m in modalities_lib.MODALITIES if m not in subset}
+  return builder.as_data_source(split=split, decoders=skipped or None)
 
 
 def train_batches(dataset, split, *, global_batch_size, seed, process_index=None,
-                  process_count=None, source=None):
+                  process_count=None, source=None, modalities=modalities_lib.MODALITIES):
   """Shuffled, endlessly repeated batches; a grain DataLoader.
 
   The global order is the split reshuffled every epoch with `seed` (grain's shuffle), cut into
   consecutive global batches that may span two epochs; each process reads its rows of them.
   Its iterator (`iter(loader)`) has get_state/set_state for checkpoints. `source` replaces the
   split's examples with others in the same order (an `ArraySource` of cached features).
+  `modalities`: the media the batches hold (module docstring).
   """
   rows = _process_rows(global_batch_size, process_index, process_count)
-  source = data_source(dataset, split) if source is None else source
+  source = data_source(dataset, split, modalities) if source is None else source
   if len(source) < global_batch_size:
     raise ValueError(f'split {split!r} of {dataset.name} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower global_batch_size.')
-  batches = TrainSource(source, seed=seed, global_batch_size=global_batch_size, rows=rows)
+  batches = TrainSource(source, seed=seed, global_batch_size=global_batch_size, rows=rows,
+                        modalities=modalities)
   return _batch_loader(batches, dataset)
 
 
-def eval_batches(dataset, split, *, global_batch_size, process_index=None, process_count=None):
+def eval_batches(dataset, split, *, global_batch_size, process_index=None, process_count=None,
+                 modalities=modalities_lib.MODALITIES):
   """Batches that cover every example of the split exactly once, in order; a grain DataLoader.
 
   Global batch n holds examples [n * global_batch_size, (n + 1) * global_batch_size); the last
   is padded (padding rows repeat example 0 with `mask` False), so every process yields
   ceil(len / global_batch_size) batches and the gathered outputs come in split order.
+  `modalities`: the media the batches hold (module docstring).
   """
   rows = _process_rows(global_batch_size, process_index, process_count)
-  batches = EvalSource(data_source(dataset, split), global_batch_size=global_batch_size,
-                       rows=rows)
+  batches = EvalSource(data_source(dataset, split, modalities),
+                       global_batch_size=global_batch_size, rows=rows, modalities=modalities)
   return _batch_loader(batches, dataset)
 
 
 def episode_batches(dataset, split, *, n_way, k_shot, q_query, episodes_per_batch, seed,
-                    process_index=None, process_count=None, source=None):
+                    process_index=None, process_count=None, source=None,
+                    modalities=modalities_lib.MODALITIES):
   """Endless batches of few-shot episodes for meta-training; a grain DataLoader.
 
   Batch `step` holds the episodes `episodes.sample_episodes` draws from the split's labels with
   `fold_in(key(seed), step)`, laid out [E, N, K+Q] and flattened on the batch axis (each class
   row: K support then Q query examples). Every process draws the same episodes and keeps its
-  contiguous E / process_count of them: its rows of the global batch. `source` as in
-  `train_batches`.
+  contiguous E / process_count of them: its rows of the global batch. `source` and `modalities`
+  as in `train_batches`.
   """
   episode_rows = _process_rows(episodes_per_batch, process_index, process_count,
                                what='episodes')
-  source = data_source(dataset, split) if source is None else source
+  source = data_source(dataset, split, modalities) if source is None else source
   labels = split_labels(source)
   sampler = EpisodeSampler(labels, n_way=n_way, k_shot=k_shot, q_query=q_query,
                            episodes_per_batch=episodes_per_batch, seed=seed)
   sampler(0)  # Fails now, not in the training loop, if the split cannot make such episodes.
-  return _batch_loader(EpisodeSource(source, sampler, episode_rows), dataset)
+  return _batch_loader(EpisodeSource(source, sampler, episode_rows, modalities=modalities),
+                       dataset)
 
 
 def split_labels(source):
@@ -107,12 +130,14 @@ def split_labels(source):
 class TrainSource:
   """Record n is this process's `rows` of global batch n of the shuffled, repeated split."""
 
-  def __init__(self, source, *, seed, global_batch_size, rows):
+  def __init__(self, source, *, seed, global_batch_size, rows,
+               modalities=modalities_lib.MODALITIES):
     self._source = source
     self._seed = seed
     self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed)
     self._global_batch_size = global_batch_size
     self._rows = rows
+    self._batch = BatchMaker(source, modalities)
 
   def __len__(self):
     return _ENDLESS
@@ -124,17 +149,18 @@ class TrainSource:
   def __getitem__(self, step):
     first = step * self._global_batch_size
     keys = [self._order[i] for i in range(first + self._rows.start, first + self._rows.stop)]
-    return stack([to_model_example(e) for e in self._source.__getitems__(keys)])
+    return self._batch(self._source.__getitems__(keys))
 
 
 class EvalSource:
   """Record n is this process's `rows` of global batch n of the split, padded at the end with
   masked copies of example 0."""
 
-  def __init__(self, source, *, global_batch_size, rows):
+  def __init__(self, source, *, global_batch_size, rows, modalities=modalities_lib.MODALITIES):
     self._source = source
     self._global_batch_size = global_batch_size
     self._rows = rows
+    self._batch = BatchMaker(source, modalities)
 
   def __len__(self):
     return -(-len(self._source) // self._global_batch_size)
@@ -146,15 +172,21 @@ class EvalSource:
   def __getitem__(self, index):
     first = index * self._global_batch_size
     real = range(first + self._rows.start, min(first + self._rows.stop, len(self._source)))
-    examples = [to_model_example(e) for e in self._source.__getitems__(real)] if real else []
-    num_padding = self._rows.stop - self._rows.start - len(examples)
+    elements = self._source.__getitems__(real) if real else []
+    num_padding = self._rows.stop - self._rows.start - len(elements)
     if num_padding:
-      examples += [to_model_example({**self._source[0], 'mask': False})] * num_padding
-    return stack(examples)
+      elements += [{**self._source[0], 'mask': False}] * num_padding
+    return self._batch(elements)
 
 
 class EpisodeSampler:
-  """Step -> (support_idx [E,N,K], query_idx [E,N,Q]) numpy, a pure function of seed and step."""
+  """Step -> (support_idx [E,N,K], query_idx [E,N,Q]) numpy, a pure function of seed and step.
+
+  The jitted JAX sampler draws them on this process's first CPU device, whatever the default
+  device (JAX_PLATFORMS, if set, must list cpu). Unpickled in another process (a grain worker),
+  it first limits that process's JAX to the CPU backend: a worker never claims the accelerator
+  that the training process uses.
+  """
 
   def __init__(self, labels, *, n_way, k_shot, q_query, episodes_per_batch, seed):
     self.labels = labels
@@ -166,19 +198,36 @@ class EpisodeSampler:
     sizes = ', '.join(f'{k}={v}' for k, v in self.sizes.items())
     return f'EpisodeSampler({sizes}, seed={self.seed}, num_labels={len(self.labels)})'
 
+  def __setstate__(self, state):
+    use_cpu_backend_only()
+    self.__dict__.update(state)
+
+  def draw(self, step):
+    """The step's (support_idx, query_idx) as jax arrays on the CPU device."""
+    with jax.default_device(jax.local_devices(backend='cpu')[0]):
+      rng = jax.random.fold_in(jax.random.key(self.seed), step)
+      return episodes.sample_episodes(rng, self.labels, **self.sizes)
+
   def __call__(self, step):
-    rng = jax.random.fold_in(jax.random.key(self.seed), step)
-    support, query = episodes.sample_episodes(rng, self.labels, **self.sizes)
+    support, query = self.draw(step)
     return np.asarray(support), np.asarray(query)
+
+
+def use_cpu_backend_only():
+  """Makes this process's JAX initialize its CPU backend only, unless its backends are already
+  up (a process that holds the accelerator keeps it; the sampler picks the CPU device there)."""
+  if not xla_bridge.backends_are_initialized():  # no public form in jax 0.10
+    jax.config.update('jax_platforms', 'cpu')
 
 
 class EpisodeSource:
   """Record `step` is the batch of that step's episodes `episodes` (a slice), stacked."""
 
-  def __init__(self, source, sampler, episodes):
+  def __init__(self, source, sampler, episodes, *, modalities=modalities_lib.MODALITIES):
     self._source = source
     self._sampler = sampler
     self._episodes = episodes
+    self._batch = BatchMaker(source, modalities)
 
   def __len__(self):
     return _ENDLESS
@@ -190,15 +239,43 @@ class EpisodeSource:
   def __getitem__(self, step):
     support, query = self._sampler(step)
     indices = np.concatenate([support, query], axis=-1)[self._episodes].reshape(-1)
-    examples = self._source.__getitems__(indices.tolist())
-    return stack([to_model_example(e) for e in examples])
+    return self._batch(self._source.__getitems__(indices.tolist()))
 
 
-def to_model_example(element):
-  """Keeps the model's keys: label as int32, `mask` True unless the element says otherwise. A
+class BatchMaker:
+  """Elements of `source` -> a batch of the media of `modalities`, with zeros [B, *shape] in
+  place of the other media that `source` holds (never converted nor stacked)."""
+
+  def __init__(self, source, modalities):
+    self.modalities = modalities_lib.check(modalities)
+    self.absent = {m: spec for m, spec in media_specs(source).items()
+                   if m not in self.modalities}
+
+  def __call__(self, elements):
+    batch = stack([to_model_example(e, self.modalities) for e in elements])
+    for m, (shape, dtype) in self.absent.items():
+      batch[m] = np.zeros((len(elements), *shape), dtype)
+    return {key: batch[key] for key in BATCH_KEYS if key in batch}
+
+
+def media_specs(source):
+  """{modality: (shape, dtype)} of the media an element of `source` holds: an `ArraySource`'s
+  arrays, else the TFDS features of its dataset."""
+  if isinstance(source, ArraySource):
+    return source.media_specs()
+  features = source.dataset_info.features
+  return {m: (features[m].shape, features[m].np_dtype)
+          for m in modalities_lib.MODALITIES if m in features}
+
+
+def to_model_example(element, modalities=modalities_lib.MODALITIES):
+  """Keeps the model's keys, of the media of `modalities` only (the others are left out and
+  absent in `present`): label as int32, `mask` True unless the element says otherwise. A
   cached-feature element holds the modalities of its stage only."""
-  inputs = {m: element[m] for m in modalities.MODALITIES if m in element}
-  return inputs | {'present': element['present'], 'label': np.int32(element['label']),
+  subset = modalities_lib.check(modalities)
+  inputs = {m: element[m] for m in subset if m in element}
+  return inputs | {'present': element['present'] & modalities_lib.mask(subset),
+                   'label': np.int32(element['label']),
                    'mask': np.bool_(element.get('mask', True))}
 
 
@@ -226,6 +303,11 @@ class ArraySource:
 
   def __getitem__(self, index):
     return {k: np.asarray(v[index]) for k, v in self._arrays.items()}
+
+  def media_specs(self):
+    """{modality: (shape, dtype)} of the media its elements hold."""
+    return {m: (a.shape[1:], a.dtype) for m, a in self._arrays.items()
+            if m in modalities_lib.MODALITIES}
 
   def __getitems__(self, indices):
     return [self[i] for i in indices]

@@ -195,20 +195,23 @@ def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh)
   arrays under every subset.
   """
   subsets = tuple(dict.fromkeys(modalities.check(s) for s in subsets))
+  used = modalities.check({m for subset in subsets for m in subset})
   out = over_split(lambda batch: forward(params, batch, subsets), dataset, split,
-                   batch_size=batch_size, mesh=mesh)
+                   batch_size=batch_size, mesh=mesh, modalities=used)
   outputs = {subset: out['subsets'][subset] | {'unimodal_logits': out['unimodal_logits']}
              for subset in subsets}
   return outputs, out['label']
 
 
-def over_split(fn, dataset, split, *, batch_size, mesh, progress=None):
+def over_split(fn, dataset, split, *, batch_size, mesh, progress=None,
+               modalities=modalities.MODALITIES):
   """fn(sharded batch) -> a tree of [B, ...] outputs with the batch's 'mask', run over every
   example of `split` in split order: the gathered outputs concatenated on every process, padding
-  rows dropped ('mask' with them). progress(clips done), if given, every 50 batches."""
+  rows dropped ('mask' with them). progress(clips done), if given, every 50 batches. The batches
+  hold the media of `modalities` only (`loaders.eval_batches`)."""
   chunks = []
-  for i, host_batch in enumerate(loaders.eval_batches(dataset, split,
-                                                      global_batch_size=batch_size)):
+  for i, host_batch in enumerate(loaders.eval_batches(dataset, split, global_batch_size=batch_size,
+                                                      modalities=modalities)):
     chunks.append(sharding.gather(fn(sharding.shard_batch(host_batch, mesh))))
     if progress and (i + 1) % 50 == 0:
       progress((i + 1) * batch_size)

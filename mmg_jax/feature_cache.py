@@ -69,12 +69,14 @@ def make_encode(model, subset):
 
 
 def compute(model, params, dataset, split, subset, *, batch_size, mesh, progress=print):
-  """{m: [N, 1 + T, D] for m in subset, 'present': [N, 3], 'label': [N]} of every example of
-  `split`, in split order (padding dropped); every process gets the whole arrays."""
+  """{m: [N, 1 + T, D] for m in subset, 'present': [N, 3] (of `subset` only), 'label': [N]} of
+  every example of `split`, in split order (padding dropped); every process gets the whole
+  arrays."""
   encode = make_encode(model, subset)
   return evaluate.over_split(lambda batch: encode(params, batch), dataset, split,
                              batch_size=batch_size, mesh=mesh,
-                             progress=lambda clips: progress(f'  {clips} clips encoded.'))
+                             progress=lambda clips: progress(f'  {clips} clips encoded.'),
+                             modalities=subset)
 
 
 def load_or_compute(model, params, dataset, split, subset, *, workdir, batch_size, mesh,

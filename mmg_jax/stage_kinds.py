@@ -26,8 +26,9 @@ class Batches:
 
   counts: the stage fields that size a batch; `validate` requires whole numbers >= 1.
   size: stage -> clips in one global batch.
-  loader: (dataset, stage, seed, source) -> the stage's endless grain DataLoader, reading
-    `source` (the frozen-feature cache) instead of the split's clips unless it is None.
+  loader: (dataset, stage, seed, source) -> the stage's endless grain DataLoader of the media of
+    its modalities only, reading `source` (the frozen-feature cache) instead of the split's clips
+    unless it is None.
   check: (where, stage) -> None, or ValueError: what else `validate` requires of the stage.
   check_split: (stage, num_clips, labels) -> None, or ValueError: what `check_feasible` requires
     of the stage's split, which holds num_clips clips; labels(split) reads a split's labels (it
@@ -162,7 +163,7 @@ def _num_episodes(stage, batch_size):
 
 def _clip_batches(dataset, stage, seed, source):
   return loaders.train_batches(dataset, stage.split, global_batch_size=stage.batch_size,
-                               seed=seed, source=source)
+                               seed=seed, source=source, modalities=stage.modalities)
 
 
 def _check_clip_split(stage, num_clips, labels):
@@ -181,7 +182,7 @@ def _episode_batches(dataset, stage, seed, source):
   return loaders.episode_batches(dataset, stage.split, n_way=stage.n_way, k_shot=stage.k_shot,
                                  q_query=stage.q_query,
                                  episodes_per_batch=stage.episodes_per_batch, seed=seed,
-                                 source=source)
+                                 source=source, modalities=stage.modalities)
 
 
 def _check_whole_episodes(where, stage):

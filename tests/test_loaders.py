@@ -1,12 +1,20 @@
-"""grain loaders over the tiny embedded dataset: coverage, sharding, shuffling, state, episodes."""
+"""grain loaders over the tiny embedded dataset: coverage, sharding, shuffling, state, episodes,
+worker processes, modality subsets."""
 import itertools
+import json
+import os
+import pickle
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 
 from data_pipeline import episodes, loaders
+from tests import cli
 
 # One episode shape for every test: sample_episodes compiles once per shape.
 EPISODES = dict(n_way=5, k_shot=2, q_query=3, episodes_per_batch=2)
@@ -212,3 +220,111 @@ def test_clear_errors(dataset):
   with pytest.raises(ValueError, match='process_index 2'):
     loaders.train_batches(dataset, 'train', global_batch_size=4, seed=0, process_index=2,
                           process_count=2)
+
+
+def test_episode_batches_of_worker_processes_are_those_of_the_calling_process(dataset):
+  """Two grain workers (each draws episodes with JAX on its CPU) yield the same batches."""
+  flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
+
+  def first_batches(num_workers):
+    config = ml_collections.ConfigDict(dataset.to_dict() | {'num_workers': num_workers})
+    loader = loaders.episode_batches(config, 'novel', **EPISODES, seed=4, process_index=0,
+                                     process_count=1)
+    return list(itertools.islice(iter(loader), 3))
+
+  for want, got in zip(first_batches(0), first_batches(2), strict=True):
+    for key in KEYS:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def _sampler(dataset):
+  labels = loaders.split_labels(loaders.data_source(dataset, 'novel'))
+  return loaders.EpisodeSampler(labels, **{'n_way': 5, 'k_shot': 2, 'q_query': 3,
+                                           'episodes_per_batch': 2}, seed=6)
+
+
+def test_episode_sampler_draws_on_the_first_cpu_device_whatever_the_default(dataset):
+  sampler = _sampler(dataset)
+  want = sampler(1)
+  with jax.default_device(jax.devices()[3]):  # 8 fake CPU devices (conftest.py)
+    drawn = sampler.draw(1)
+  for array, expected in zip(drawn, want, strict=True):
+    assert array.devices() == {jax.local_devices(backend='cpu')[0]}
+    np.testing.assert_array_equal(array, expected)
+
+
+_REPORT_JAX_IN_A_NEW_PROCESS = """
+import json, pickle, sys
+import jax
+before = jax.config.jax_platforms
+with open(sys.argv[1], 'rb') as f:
+  sampler = pickle.load(f)
+support, query = sampler(1)
+print(json.dumps({'before': before, 'platforms': jax.config.jax_platforms,
+                  'backend': jax.default_backend(),
+                  'devices': sorted({d.platform for d in jax.devices()}),
+                  'support': support.tolist(), 'query': query.tolist()}))
+"""
+
+
+def test_an_unpickled_episode_sampler_keeps_its_process_jax_on_the_cpu(dataset, tmp_path):
+  """A grain worker gets the sampler pickled: in that fresh process JAX then initializes the CPU
+  backend only (the process here runs without JAX_PLATFORMS, as a training program may), and
+  the sampler draws the episodes it draws here."""
+  sampler = _sampler(dataset)
+  path = tmp_path / 'sampler.pkl'
+  path.write_bytes(pickle.dumps(sampler))
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', _REPORT_JAX_IN_A_NEW_PROCESS, str(path)],
+                          cwd=cli.ROOT, env=env, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout)
+  assert report['before'] is None
+  assert report['platforms'] == 'cpu'
+  assert report['backend'] == 'cpu' and report['devices'] == ['cpu']
+  support, query = sampler(1)
+  np.testing.assert_array_equal(report['support'], support)
+  np.testing.assert_array_equal(report['query'], query)
+
+
+LOADERS = {
+    'train': lambda dataset, **kw: loaders.train_batches(
+        dataset, 'train', global_batch_size=20, seed=2, process_index=0, process_count=1, **kw),
+    'eval': lambda dataset, **kw: loaders.eval_batches(
+        dataset, 'val', global_batch_size=64, process_index=0, process_count=1, **kw),
+    'episodes': lambda dataset, **kw: loaders.episode_batches(
+        dataset, 'novel', **EPISODES, seed=3, process_index=0, process_count=1, **kw),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(LOADERS))
+def test_a_loader_of_imu_only_holds_zeros_for_video_and_audio(dataset, kind):
+  """The same keys, shapes and clips; video and audio zero and absent; IMU as the full loader's."""
+  full, imu = (next(iter(LOADERS[kind](dataset, **kw))) for kw in ({}, {'modalities': ('imu',)}))
+  check_batch(imu, full['label'].shape[0])
+  for key in ('label', 'mask', 'imu'):
+    np.testing.assert_array_equal(imu[key], full[key], err_msg=key)
+  np.testing.assert_array_equal(imu['present'], full['present'] & [False, False, True])
+  assert full['present'][:, :2].any()
+  assert not imu['video'].any() and not imu['audio'].any()
+
+
+def test_a_data_source_of_some_modalities_leaves_the_others_undecoded(dataset):
+  element = loaders.data_source(dataset, 'val', ('audio', 'imu'))[0]
+  full = loaders.data_source(dataset, 'val')[0]
+  assert isinstance(element['video'], bytes)  # tfds.decode.SkipDecoding: raw bytes
+  assert element['video'] == full['video'].tobytes()
+  for key in ('audio', 'imu', 'present', 'label'):
+    np.testing.assert_array_equal(element[key], full[key])
+
+
+@pytest.mark.parametrize('kind', sorted(LOADERS))
+def test_a_loader_of_some_modalities_restores_in_another_loader(dataset, kind):
+  """grain compares the source's repr on restore: an IMU-only loader's state (its TFDS source
+  has decoders) restores in a loader built anew, as in a resumed process."""
+  first = iter(LOADERS[kind](dataset, modalities=('imu',)))
+  next(first)
+  state = first.get_state()
+  resumed = iter(LOADERS[kind](dataset, modalities=('imu',)))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)['imu'], next(first)['imu'])

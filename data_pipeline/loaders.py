@@ -28,6 +28,7 @@ import importlib
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 from jax._src import xla_bridge
 
@@ -39,6 +40,11 @@ BATCH_KEYS = (*modalities_lib.MODALITIES, 'present', 'label', 'mask')
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
 _LABEL_CHUNK = 256
+# Datasets that this process of a multi-process run has seen built. Only process 0 builds; the
+# others wait at a named barrier, up to _BUILD_TIMEOUT_S (an Ego4D build takes hours: build
+# it before a pod run, `python -m data_pipeline.mmg_ego4d.build`).
+_PREPARED = set()
+_BUILD_TIMEOUT_S = 12 * 3600
 _ENDLESS = np.iinfo(np.int32).max  # Records of an endless loader: one per training step.
 # A record is a whole batch: read one at a time, a couple of batches ahead.
 _BATCH_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
@@ -320,9 +326,29 @@ def _builder(dataset):
                      "with a config, e.g. 'mmg_synthetic/tiny'.")
   importlib.import_module(BUILDER_MODULES[name])
   builder = tfds.builder(dataset.name, data_dir=dataset.data_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=dataset.get('manual_dir'))
-  builder.download_and_prepare(download_config=download_config)  # A no-op once built.
+  if jax.process_count() == 1:
+    _prepare(builder, dataset)  # A no-op once built.
+    return builder
+  key = (dataset.name, str(builder.data_dir))
+  if key not in _PREPARED:  # the first use in this process: the same point on every process
+    if jax.process_index() == 0:
+      _prepare(builder, dataset)
+    ocp.multihost.get_barrier_sync_fn()(key=f'dataset built: {key}',
+                                        timeout_ms=_BUILD_TIMEOUT_S * 1000)
+    _PREPARED.add(key)
+    builder = tfds.builder(dataset.name, data_dir=dataset.data_dir)
+  if not builder.is_prepared():
+    raise ValueError(
+        f'process {jax.process_index()} does not find {dataset.name} in {builder.data_dir}, '
+        'which process 0 built: every process must see the same data_dir (a bucket or a shared '
+        'mount: --config.dataset.data_dir=gs://... or an NFS path), or build the dataset on '
+        'every host first (python -m data_pipeline.mmg_ego4d.build, or any run on one process).')
   return builder
+
+
+def _prepare(builder, dataset):
+  download_config = tfds.download.DownloadConfig(manual_dir=dataset.get('manual_dir'))
+  builder.download_and_prepare(download_config=download_config)
 
 
 def _batch_loader(batches, dataset):

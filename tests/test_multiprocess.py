@@ -107,6 +107,14 @@ def test_a_process_late_at_a_stage_boundary_does_not_hang_the_next_stage(tmp_pat
     assert [r['step'] for r in _metrics(tmp_path, name)] == [1, 2]
 
 
+def test_only_process_0_builds_the_dataset_and_the_others_wait(tmp_path):
+  """Both processes read the tiny dataset from an unbuilt data_dir; process 1's builder would
+  fail if called, so it read what process 0 built."""
+  stdouts = _run_two_processes(['tests.dataset_build_worker', f'--data_dir={tmp_path}'],
+                               devices_per_process=1, timeout=300)
+  assert [s.strip().splitlines()[-1] for s in stdouts] == ['train clips: 260'] * 2
+
+
 def test_main_starts_jax_distributed_from_its_flags(tmp_path):
   """Two `mmg_jax.main` processes (stand-in pipeline, tests/main_probe.py) see 2 x 2 devices."""
   config_file = tmp_path / 'experiment.py'

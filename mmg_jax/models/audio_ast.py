@@ -58,9 +58,11 @@ class AudioAST(nn.Module):
   """AST over AST-normalized fbank x [B, T, F] -> (pooled [B, D], patch tokens [B, F'*T', D]).
 
   Both outputs come after the final LayerNorm. Dropout and drop path use the 'dropout' rng.
+  `kernels` (config.model.kernels) picks the attention's form (layers.resolve_kernels).
   """
   config: Any  # configs/common.audio_config(size)
   dtype: Any = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, *, train):
@@ -88,6 +90,6 @@ class AudioAST(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(special, (batch, 2, config.width)), x], axis=1)
     x = nn.Dropout(config.dropout, deterministic=not train)(x + pos_embed)
 
-    x = layers.vit_blocks(x, config, dtype=self.dtype, train=train)
+    x = layers.vit_blocks(x, config, dtype=self.dtype, kernels=self.kernels, train=train)
     x = layers.layer_norm(config.norm_eps, self.dtype, 'norm')(x)
     return (x[:, 0] + x[:, 1]) / 2, x[:, 2:]

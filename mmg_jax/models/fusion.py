@@ -7,6 +7,8 @@ and `present [B, 3]` (columns in MODALITIES order), and return the fused embeddi
 influence on the output: its inputs are replaced by zeros with `jnp.where` before anything
 reads them (so NaN or inf garbage cannot leak either), and the transformer masks its keys.
 Absent is a mask, never a change of shape, so one compiled function serves every subset.
+Both also take `kernels` (config.model.kernels): the form of the transformer's attention
+(layers.resolve_kernels); the MLP has no layer with two forms.
 
 Which tokens enter the transformer: all patch tokens would be 936 at paper size (MViT-B 392,
 AST 444, IMU 100), with attention quadratic in them, so each modality contributes its pooled
@@ -92,6 +94,7 @@ class TransformerFusion(nn.Module):
   config: ml_collections.ConfigDict
   embed_dim: int
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, features, present, *, train=False):
@@ -114,7 +117,8 @@ class TransformerFusion(nn.Module):
     x = nn.Dropout(config.dropout, deterministic=not train)(x)
     for i, drop_path in enumerate(layers.stochastic_depth_rates(config.drop_path, config.depth)):
       x = layers.Block(config.num_heads, config.mlp_ratio, dropout=config.dropout,
-                       drop_path=drop_path, dtype=self.dtype, name=f'block{i}')(x, key_mask, train)
+                       drop_path=drop_path, dtype=self.dtype, kernels=self.kernels,
+                       name=f'block{i}')(x, key_mask, train)
     weights = key_mask.astype(x.dtype) / jnp.sum(key_mask, axis=1, keepdims=True).astype(x.dtype)
     x = layers.layer_norm(1e-6, self.dtype, 'norm')(jnp.einsum('bnd,bn->bd', x, weights))
     return nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=layers.dense_init,
@@ -130,6 +134,7 @@ class MlpFusion(nn.Module):
   config: ml_collections.ConfigDict
   embed_dim: int
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'  # read by no layer: the MLP has one form
 
   @nn.compact
   def __call__(self, features, present, *, train=False):
@@ -151,9 +156,11 @@ class MlpFusion(nn.Module):
 FUSIONS = {'transformer': TransformerFusion, 'mlp': MlpFusion}
 
 
-def create(config, *, embed_dim, dtype=jnp.float32, name='fusion'):
-  """The fusion module `config.kind` names, built from `config` (configs/common.fusion_config)."""
+def create(config, *, embed_dim, dtype=jnp.float32, kernels='auto', name='fusion'):
+  """The fusion module `config.kind` names, built from `config` (configs/common.fusion_config);
+  `kernels` is config.model.kernels."""
   if config.kind not in FUSIONS:
     raise ValueError(f"fusion kind {config.kind!r} is unknown; set config.model.fusion.kind to "
                      f"one of {sorted(FUSIONS)}")
-  return FUSIONS[config.kind](config=config, embed_dim=embed_dim, dtype=dtype, name=name)
+  return FUSIONS[config.kind](config=config, embed_dim=embed_dim, dtype=dtype, kernels=kernels,
+                              name=name)

@@ -18,9 +18,11 @@ class IMUTransformer(nn.Module):
   """IMU x [B, L, 6] -> (cls feature [B, D], patch tokens [B, L // patch_size, D]).
 
   Both outputs come after the final LayerNorm. Dropout and drop path use the 'dropout' rng.
+  `kernels` (config.model.kernels) picks the attention's form (layers.resolve_kernels).
   """
   config: Any  # configs/common.imu_config(size)
   dtype: Any = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, *, train):
@@ -40,6 +42,6 @@ class IMUTransformer(nn.Module):
     x = jnp.concatenate([cls_token, x], axis=1) + pos_embed.astype(self.dtype)
     x = nn.Dropout(config.dropout, deterministic=not train)(x)
 
-    x = layers.vit_blocks(x, config, dtype=self.dtype, train=train)
+    x = layers.vit_blocks(x, config, dtype=self.dtype, kernels=self.kernels, train=train)
     x = layers.layer_norm(config.norm_eps, self.dtype, 'norm')(x)
     return x[:, 0], x[:, 1:]

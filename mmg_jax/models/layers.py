@@ -4,6 +4,10 @@ Every module takes `dtype`, the compute dtype; parameters stay float32 (`param_d
 default). Dropout and drop path draw from the rng stream 'dropout' and are active only when
 `train=True`. Submodule names follow timm's ViT (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, ...), so
 converting a PyTorch checkpoint is a name mapping plus kernel transposes.
+
+`LayerNorm` (its closed-form gradient) and `Attention` (einsum + softmax) have a form for
+XLA:CPU and a native one, with the same params, chosen by `kernels` (config.model.kernels, see
+`resolve_kernels`); `scaled_softmax` is part of MViT's CPU-form attention.
 """
 import functools
 from collections.abc import Sequence
@@ -17,6 +21,24 @@ Dtype = Any
 
 # timm's ViT initializes Linear kernels with a truncated normal of std 0.02 and biases with 0.
 dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+KERNELS = ('auto', 'native', 'cpu')
+
+
+def resolve_kernels(kind):
+  """'cpu' or 'native': the form to run of the layers that have two (config.model.kernels).
+
+  The 'cpu' forms (tap sums for the depthwise convolution, frame-stacked 2-D convolutions,
+  closed-form gradients) were measured faster on XLA:CPU only; elsewhere the standard ops
+  (grouped and 3-D convolutions, autodiff, jax.nn.dot_product_attention) are what the TPU and
+  GPU compilers tune. 'auto' picks by jax.default_backend(), read when a module is called. Both
+  forms have the same params and numbers (tests/test_kernels.py).
+  """
+  if kind not in KERNELS:
+    raise ValueError(f'kernels={kind!r} is unknown; set config.model.kernels to one of {KERNELS}')
+  if kind == 'auto':
+    return 'cpu' if jax.default_backend() == 'cpu' else 'native'
+  return kind
 
 
 def layer_norm(eps, dtype, name=None):
@@ -51,16 +73,21 @@ scaled_softmax.defvjp(_scaled_softmax_fwd, _scaled_softmax_bwd)
 
 
 class LayerNorm(nn.Module):
-  """nn.LayerNorm over the last axis with its params ('scale', 'bias') and numbers, and a
-  closed-form gradient that saves only x and the per-token statistics (see `normalize`)."""
+  """nn.LayerNorm over the last axis with its params ('scale', 'bias') and numbers.
+
+  The CPU form (`kernels`, see `resolve_kernels`) has a closed-form gradient that saves only x
+  and the per-token statistics (`normalize`); the native form is differentiated by autodiff.
+  """
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     scale = self.param('scale', nn.initializers.ones, (x.shape[-1],))
     bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],))
-    return normalize(x, scale, bias, self.epsilon).astype(self.dtype)
+    norm = normalize if resolve_kernels(self.kernels) == 'cpu' else normalize_autodiff
+    return norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -98,6 +125,11 @@ def _normalize_bwd(eps, residuals, g):
 
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def normalize_autodiff(x, scale, bias, eps):
+  """`normalize` without its custom gradient: the native form, which compilers fuse freely."""
+  return _normalize_fwd(x, scale, bias, eps)[0]
 
 
 class Mlp(nn.Module):
@@ -139,13 +171,16 @@ class Attention(nn.Module):
 
   x: [B, N, D]; key_mask: [B, N] bool, False keys get no attention weight. A query whose keys
   are all masked attends to nothing: its attention output is zero (then `proj`'s bias), never
-  NaN. The qkv kernel's output axis is laid out [3, heads, head_dim] as in timm.
+  NaN. The qkv kernel's output axis is laid out [3, heads, head_dim] as in timm. The native form
+  (`kernels`) is jax.nn.dot_product_attention, the CPU form einsum + softmax; attention-weight
+  dropout, which dot_product_attention lacks, runs the einsum form in both.
   """
   num_heads: int
   qkv_bias: bool = True
   attn_dropout: float = 0.0
   proj_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, key_mask=None, *, train=False):
@@ -158,17 +193,37 @@ class Attention(nn.Module):
                    name='qkv')(x)
     qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
-    if key_mask is not None:
-      valid = key_mask[:, None, None, :]
-      logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    if key_mask is not None:
-      weights = jnp.where(valid, weights, 0.0)  # fully masked rows: zeros, not uniform
-    weights = nn.Dropout(self.attn_dropout, deterministic=not train)(weights.astype(self.dtype))
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, num_tokens, dim)
-    out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+    weights_dropout = nn.Dropout(self.attn_dropout, deterministic=not train)
+    if resolve_kernels(self.kernels) == 'native' and not (train and self.attn_dropout > 0):
+      out = masked_dot_product_attention(q, k, v, key_mask)
+    else:
+      out = softmax_attention(q, k, v, key_mask, weights_dropout)
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init,
+                   name='proj')(out.reshape(batch, num_tokens, dim))
     return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
+
+
+def softmax_attention(q, k, v, key_mask, weights_dropout):
+  """Attention of q, k, v [B, N, H, hd] as einsum + float32 softmax (the CPU form), with
+  `weights_dropout` on the weights; fully masked queries give zeros."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * q.shape[-1]**-0.5, k)
+  if key_mask is not None:
+    valid = key_mask[:, None, None, :]
+    logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  if key_mask is not None:
+    weights = jnp.where(valid, weights, 0.0)  # fully masked rows: zeros, not uniform
+  weights = weights_dropout(weights.astype(q.dtype))
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+def masked_dot_product_attention(q, k, v, key_mask):
+  """jax.nn.dot_product_attention of q, k, v [B, N, H, hd] (the native form) under an optional
+  key mask [B, N]; fully masked queries give zeros, as `softmax_attention`."""
+  if key_mask is None:
+    return jax.nn.dot_product_attention(q, k, v)
+  out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+  return jnp.where(key_mask.any(-1)[:, None, None, None], out, 0)
 
 
 class Block(nn.Module):
@@ -185,13 +240,14 @@ class Block(nn.Module):
   drop_path: float = 0.0
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, key_mask=None, train=False):
     dim = x.shape[-1]
     y = layer_norm(self.norm_eps, self.dtype, 'norm1')(x)
     y = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout, self.dtype,
-                  name='attn')(y, key_mask, train=train)
+                  self.kernels, name='attn')(y, key_mask, train=train)
     x = x + DropPath(self.drop_path)(y, train=train)
     y = layer_norm(self.norm_eps, self.dtype, 'norm2')(x)
     y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
@@ -200,17 +256,18 @@ class Block(nn.Module):
 
 
 
-def vit_blocks(x, config, *, dtype, train):
+def vit_blocks(x, config, *, dtype, kernels, train):
   """`config.depth` Blocks named blocks_{i}, drop path rising to `config.drop_path`.
 
   The ViT body shared by the AST and IMU encoders; call it from their compact `__call__` so
   the blocks are their submodules. `config.remat` rematerializes each block in the backward
-  pass.
+  pass; `kernels` picks the attention's form (`resolve_kernels`).
   """
   block_cls = nn.remat(Block, static_argnums=(3,)) if config.remat else Block
   for i, rate in enumerate(stochastic_depth_rates(config.drop_path, config.depth)):
     x = block_cls(config.num_heads, config.mlp_ratio, dropout=config.dropout, drop_path=rate,
-                  norm_eps=config.norm_eps, dtype=dtype, name=f'blocks_{i}')(x, None, train)
+                  norm_eps=config.norm_eps, dtype=dtype, kernels=kernels,
+                  name=f'blocks_{i}')(x, None, train)
   return x
 
 class PatchEmbed(nn.Module):

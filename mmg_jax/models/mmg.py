@@ -82,9 +82,10 @@ class MMGModel(nn.Module):
     head = functools.partial(nn.Dense, config.num_classes, dtype=dtype,
                              kernel_init=layers.dense_init)
     for m in modalities_lib.MODALITIES:  # params '<m>_encoder' and '<m>_head'
-      setattr(self, f'{m}_encoder', ENCODERS[m](config[m], dtype=dtype))
+      setattr(self, f'{m}_encoder', ENCODERS[m](config[m], dtype=dtype, kernels=config.kernels))
       setattr(self, f'{m}_head', head())
-    self.fusion = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype)
+    self.fusion = fusion.create(config.fusion, embed_dim=config.embed_dim, dtype=dtype,
+                                kernels=config.kernels)
     self.head = head()
 
   def encode(self, batch, *, train, modalities=modalities_lib.MODALITIES, frozen_encoders=()):

@@ -12,8 +12,10 @@ mmg_jax/tools/mvit_checkpoints.py, and `python -m mmg_jax.tools.convert_weights`
 Torch video is [B,3,T,H,W]; ours is [B,T,H,W,3] and tokens are flattened in the same (t, h, w)
 order, so outputs match without any permutation (tests/test_mvit_checkpoints.py converts
 torchvision's and pytorchvideo's MViT-B at random weights and compares features at paper size).
-Both convolutions are written in forms XLA:CPU runs fast (PatchEmbed3d, DepthwiseConv3d), with
-the same multiply-adds.
+Both convolutions, the LayerNorms and the attention have two forms with the same params,
+numbers and multiply-adds, chosen by config.model.kernels (layers.resolve_kernels): CPU forms
+that XLA:CPU runs fast (PatchEmbed3d, DepthwiseConv3d, layers.LayerNorm's closed-form gradient,
+layers.scaled_softmax), and the native 3-D, grouped and attention ops for TPU/GPU.
 """
 import dataclasses
 import math
@@ -115,31 +117,48 @@ def _linear_weights(size_in, size_out):
 class PatchEmbed3d(nn.Module):
   """Conv3d patch embedding [B, T, H, W, C] -> [B, T', H', W', features] (torch padding).
 
-  The kernel [kt, kh, kw, C, features] is laid out as nn.Conv's. Computed as one 2-D convolution
-  over frames whose channels hold the kt frames of each temporal window: the same multiply-adds,
-  but XLA:CPU runs 3-D convolutions and their gradients ~8x slower than 2-D ones.
+  The kernel [kt, kh, kw, C, features] is laid out as nn.Conv's. `kernels` (resolve_kernels)
+  picks `frame_stacked_conv3d` (CPU) or `conv3d` (native).
   """
   features: int
   kernel_size: tuple[int, int, int]
   stride: tuple[int, int, int]
   padding: tuple[int, int, int]
   dtype: Any = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
-    (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = self.kernel_size, self.stride, self.padding
-    b, t, h, w, c = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (kt, kh, kw, c, self.features))
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    num_frames = (t + 2 * pt - kt) // st + 1
-    x = jnp.pad(x.astype(self.dtype), [(0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)])
-    windows = jnp.concatenate([x[:, i:i + (num_frames - 1) * st + 1:st] for i in range(kt)], -1)
-    kernel = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * c, self.features)
-    y = jax.lax.conv_general_dilated(
-        windows.reshape(b * num_frames, h, w, kt * c), kernel.astype(self.dtype), (sh, sw),
-        [(ph, ph), (pw, pw)], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    y = y + bias.astype(self.dtype)
-    return y.reshape(b, num_frames, *y.shape[1:])
+    conv = frame_stacked_conv3d if layers.resolve_kernels(self.kernels) == 'cpu' else conv3d
+    return conv(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype),
+                self.stride, self.padding)
+
+
+def conv3d(x, kernel, bias, stride, padding):
+  """3-D convolution x [B, T, H, W, C] * kernel [kt, kh, kw, C, F] + bias [F], zero padding
+  `padding` on both sides of each axis (the native form)."""
+  return jax.lax.conv_general_dilated(x, kernel, stride, [(p, p) for p in padding],
+                                      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC')) + bias
+
+
+def frame_stacked_conv3d(x, kernel, bias, stride, padding):
+  """`conv3d` as one 2-D convolution over frames whose channels hold the kt frames of each
+  temporal window (the CPU form): the same multiply-adds, but XLA:CPU runs 3-D convolutions and
+  their gradients ~8x slower than 2-D ones."""
+  (kt, kh, kw, c, features), (st, sh, sw), (pt, ph, pw) = kernel.shape, stride, padding
+  b, t, h, w, _ = x.shape
+  num_frames = (t + 2 * pt - kt) // st + 1
+  x = jnp.pad(x, [(0, 0), (pt, pt), (0, 0), (0, 0), (0, 0)])
+  windows = jnp.concatenate([x[:, i:i + (num_frames - 1) * st + 1:st] for i in range(kt)], -1)
+  kernel = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * c, features)
+  y = jax.lax.conv_general_dilated(
+      windows.reshape(b * num_frames, h, w, kt * c), kernel, (sh, sw), [(ph, ph), (pw, pw)],
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y = y + bias
+  return y.reshape(b, num_frames, *y.shape[1:])
 
 
 class PositionalEncoding(nn.Module):
@@ -166,28 +185,45 @@ class PositionalEncoding(nn.Module):
 class DepthwiseConv3d(nn.Module):
   """Per-channel Conv3d without bias, zero padding kernel // 2 (torch's Conv3d with groups=C).
 
-  x [N, T, H, W, C]; the kernel [kt, kh, kw, 1, C] is laid out as nn.Conv's. Computed as a sum
-  over the kernel taps of strided shifted slices times per-channel weights, because XLA:CPU runs
-  grouped convolutions (and their gradients) 10-100x slower. Each tap is a dot_general with only
-  batch dimensions, so MAC counters see the convolution's out_size * kt * kh * kw.
+  x [N, T, H, W, C]; the kernel [kt, kh, kw, 1, C] is laid out as nn.Conv's. `kernels`
+  (resolve_kernels) picks `tap_sum_depthwise_conv3d` (CPU) or `grouped_conv3d` (native).
   """
   kernel_size: tuple[int, int, int]
   stride: tuple[int, int, int]
   dtype: Any = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*self.kernel_size, 1, x.shape[-1])).astype(self.dtype)
-    out_grid = pooled_grid(x.shape[1:4], self.kernel_size, self.stride)
-    x = jnp.pad(x.astype(self.dtype), [(0, 0), *_padding(self.kernel_size), (0, 0)])
-    out = 0
-    for tap in np.ndindex(*self.kernel_size):
-      limit = [t + (n - 1) * s + 1 for t, n, s in zip(tap, out_grid, self.stride, strict=True)]
-      shifted = jax.lax.slice(x, (0, *tap, 0), (x.shape[0], *limit, x.shape[-1]),
-                              (1, *self.stride, 1))
-      out = out + jnp.einsum('nthwc,c->nthwc', shifted, kernel[(*tap, 0)])
-    return out
+    cpu = layers.resolve_kernels(self.kernels) == 'cpu'
+    conv = tap_sum_depthwise_conv3d if cpu else grouped_conv3d
+    return conv(x.astype(self.dtype), kernel, self.stride)
+
+
+def grouped_conv3d(x, kernel, stride):
+  """Depthwise 3-D convolution x [N, T, H, W, C] * kernel [kt, kh, kw, 1, C], zero padding
+  kernel // 2, as one convolution with C groups (the native form)."""
+  return jax.lax.conv_general_dilated(x, kernel, stride, _padding(kernel.shape[:3]),
+                                      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
+                                      feature_group_count=x.shape[-1])
+
+
+def tap_sum_depthwise_conv3d(x, kernel, stride):
+  """`grouped_conv3d` as a sum over the kernel taps of strided shifted slices times per-channel
+  weights (the CPU form): XLA:CPU runs grouped convolutions (and their gradients) 10-100x slower.
+  Each tap is a dot_general with only batch dimensions, out_size multiply-adds, so the sum has
+  the convolution's out_size * kt * kh * kw."""
+  kernel_size = kernel.shape[:3]
+  out_grid = pooled_grid(x.shape[1:4], kernel_size, stride)
+  x = jnp.pad(x, [(0, 0), *_padding(kernel_size), (0, 0)])
+  out = 0
+  for tap in np.ndindex(*kernel_size):
+    limit = [t + (n - 1) * s + 1 for t, n, s in zip(tap, out_grid, stride, strict=True)]
+    shifted = jax.lax.slice(x, (0, *tap, 0), (x.shape[0], *limit, x.shape[-1]), (1, *stride, 1))
+    out = out + jnp.einsum('nthwc,c->nthwc', shifted, kernel[(*tap, 0)])
+  return out
 
 
 class AttentionPool(nn.Module):
@@ -199,18 +235,24 @@ class AttentionPool(nn.Module):
   stride: tuple[int, int, int]
   dtype: Any = jnp.float32
   norm_eps: float = LN_EPSILON  # config.pool_norm_eps
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, grid):
     b, h, _, c = x.shape
     cls, patches = x[:, :, :1], x[:, :, 1:].reshape(b * h, *grid, c)
-    patches = DepthwiseConv3d(self.pool_kernel, self.stride, self.dtype, name='conv')(patches)
+    patches = DepthwiseConv3d(self.pool_kernel, self.stride, self.dtype, self.kernels,
+                              name='conv')(patches)
     x = jnp.concatenate([cls, patches.reshape(b, h, -1, c)], axis=2)
-    return layers.LayerNorm(self.norm_eps, self.dtype, name='norm')(x)
+    return layers.LayerNorm(self.norm_eps, self.dtype, self.kernels, name='norm')(x)
 
 
 class MultiscaleAttention(nn.Module):
-  """Multi-head self-attention whose queries, keys and values are pooled on the token grid."""
+  """Multi-head self-attention whose queries, keys and values are pooled on the token grid.
+
+  The attention of the pooled q [B, heads, Nq, C] and k, v [B, heads, Nkv, C] is
+  `scaled_softmax_attention` (CPU form) or jax.nn.dot_product_attention (native), by `kernels`.
+  """
   num_heads: int
   grid: tuple[int, int, int]
   pool_kernel: tuple[int, int, int]
@@ -218,6 +260,7 @@ class MultiscaleAttention(nn.Module):
   stride_kv: tuple[int, int, int]
   dtype: Any = jnp.float32
   pool_norm_eps: float = LN_EPSILON
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -225,18 +268,26 @@ class MultiscaleAttention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=layers.dense_init, name='qkv')(x)
     q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    k = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, self.pool_norm_eps,
-                      name='pool_k')(k, self.grid)
-    v = AttentionPool(self.pool_kernel, self.stride_kv, self.dtype, self.pool_norm_eps,
-                      name='pool_v')(v, self.grid)
+    pool = lambda stride, name: AttentionPool(  # noqa: E731
+        self.pool_kernel, stride, self.dtype, self.pool_norm_eps, self.kernels, name=name)
+    k = pool(self.stride_kv, 'pool_k')(k, self.grid)
+    v = pool(self.stride_kv, 'pool_v')(v, self.grid)
     if self.stride_q is not None:
-      q = AttentionPool(self.pool_kernel, self.stride_q, self.dtype, self.pool_norm_eps,
-                      name='pool_q')(q, self.grid)
-    logits = jnp.einsum('bhqc,bhkc->bhqk', q, k)
-    weights = layers.scaled_softmax(logits.astype(jnp.float32), head_dim**-0.5)
-    weights = weights.astype(self.dtype)
-    x = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, -1, d)
+      q = pool(self.stride_q, 'pool_q')(q, self.grid)
+    if layers.resolve_kernels(self.kernels) == 'cpu':
+      x = scaled_softmax_attention(q, k, v)
+    else:
+      x = jax.nn.dot_product_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)))
+    x = x.reshape(b, -1, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=layers.dense_init, name='project')(x)
+
+
+def scaled_softmax_attention(q, k, v):
+  """Attention of q [B, heads, Nq, C] over k, v [B, heads, Nkv, C] -> [B, Nq, heads, C] as
+  einsums and layers.scaled_softmax (the CPU form), softmax in float32."""
+  logits = jnp.einsum('bhqc,bhkc->bhqk', q, k)
+  weights = layers.scaled_softmax(logits.astype(jnp.float32), q.shape[-1]**-0.5)
+  return jnp.einsum('bhqk,bhkc->bqhc', weights.astype(q.dtype), v)
 
 
 class MultiscaleBlock(nn.Module):
@@ -252,17 +303,18 @@ class MultiscaleBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   pool_norm_eps: float = LN_EPSILON
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train=False):
     s = self.setting
-    y = layers.LayerNorm(LN_EPSILON, self.dtype, name='norm1')(x)
+    y = layers.LayerNorm(LN_EPSILON, self.dtype, self.kernels, name='norm1')(x)
     y = MultiscaleAttention(s.num_heads, self.grid, self.pool_kernel, s.stride_q, s.stride_kv,
-                            self.dtype, self.pool_norm_eps, name='attn')(y)
+                            self.dtype, self.pool_norm_eps, self.kernels, name='attn')(y)
     if s.stride_q is not None:
       x = _skip_pool(x, self.grid, s.stride_q)
     x = x + layers.DropPath(self.drop_path)(y, train=train)
-    y = layers.LayerNorm(LN_EPSILON, self.dtype, name='norm2')(x)
+    y = layers.LayerNorm(LN_EPSILON, self.dtype, self.kernels, name='norm2')(x)
     if s.dim_out != s.dim_in:
       x = nn.Dense(s.dim_out, dtype=self.dtype, kernel_init=layers.dense_init, name='project')(y)
     y = layers.Mlp(int(s.dim_in * self.mlp_ratio), s.dim_out, dtype=self.dtype, name='mlp')(y)
@@ -282,24 +334,26 @@ class VideoMViT(nn.Module):
   """MViT over normalized video x [B, T, H, W, 3] -> (cls feature [B, D], patch tokens [B, N, D]).
 
   Both outputs come after the final LayerNorm; the cls feature is what the reference classifier
-  reads. Drop path draws from the 'dropout' rng stream when `train`.
+  reads. Drop path draws from the 'dropout' rng stream when `train`. `kernels`
+  (config.model.kernels) picks the layers' forms (module docstring).
   """
   config: Any  # configs/common.video_config(size)
   dtype: Any = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x, *, train):
     config = self.config
     x = PatchEmbed3d(config.embed_dim, config.patch_kernel, config.patch_stride,
-                     config.patch_padding, self.dtype, name='conv_proj')(x)
+                     config.patch_padding, self.dtype, self.kernels, name='conv_proj')(x)
     grid = x.shape[1:4]
     x = PositionalEncoding(name='pos_encoding')(x)
     block_cls = nn.remat(MultiscaleBlock, static_argnums=(2,)) if config.remat else MultiscaleBlock
     rates = layers.stochastic_depth_rates(config.drop_path, config.depth)
     for i, (setting, rate) in enumerate(zip(block_settings(config), rates, strict=True)):
       x = block_cls(setting, grid, tuple(config.pool_kernel), config.mlp_ratio, rate, self.dtype,
-                    config.pool_norm_eps, name=f'blocks_{i}')(x, train)
+                    config.pool_norm_eps, self.kernels, name=f'blocks_{i}')(x, train)
       if setting.stride_q is not None:
         grid = pooled_grid(grid, config.pool_kernel, setting.stride_q)
-    x = layers.LayerNorm(LN_EPSILON, self.dtype, name='norm')(x)
+    x = layers.LayerNorm(LN_EPSILON, self.dtype, self.kernels, name='norm')(x)
     return x[:, 0], x[:, 1:]

@@ -55,6 +55,10 @@ def test_tiny_bench_has_every_figure(tiny_doc):
   for key in ('examples_per_s', 'step_examples_per_s', 'ratio'):
     assert _positive(doc['loader'][key])
   assert doc['loader']['dataset'] == 'mmg_synthetic/tiny'
+  for feed in bench.FEEDS:
+    for key in ('clips_per_s', 'clips_per_cpu_s', 'train_gflop_per_clip',
+                'accelerator_clips_per_s', 'cores_per_accelerator'):
+      assert _positive(doc['loader_cores'][feed][key]), (feed, key)
 
 
 def test_tiny_bench_ratios_follow_from_its_measurements(tiny_doc):
@@ -73,6 +77,16 @@ def test_tiny_bench_ratios_follow_from_its_measurements(tiny_doc):
       few['loop_s'] / few['loop_episodes'] / (few['seconds'] / few['num_episodes']))
   loader = doc['loader']
   assert loader['ratio'] == pytest.approx(loader['examples_per_s'] / loader['step_examples_per_s'])
+  fusion = model_stats.fusion_stats(model_config, xla=False)
+  accelerator_gflops = (bench.ACCELERATOR['peak_tflops'] * 1e3
+                        * bench.ACCELERATOR['utilization'])
+  for feed, subset in (('all', 'V A I'), ('imu', 'I')):
+    row = doc['loader_cores'][feed]
+    assert row['train_gflop_per_clip'] == pytest.approx(6 * fusion[subset]['gflops'])
+    assert row['accelerator_clips_per_s'] == pytest.approx(
+        accelerator_gflops / row['train_gflop_per_clip'])
+    assert row['cores_per_accelerator'] == pytest.approx(
+        row['accelerator_clips_per_s'] / row['clips_per_cpu_s'])
 
 
 def test_loop_accuracy_by_hand():

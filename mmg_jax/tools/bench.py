@@ -21,7 +21,13 @@ best of `--repeats` runs after a warm-up run, with compilation timed apart. Part
 - fewshot_eval: N-way K-shot Q-query episodes on random cached embeddings through
   evaluate.episode_accuracy, against a per-episode NumPy loop on a few of them (which must agree);
 - loader: examples/s of the grain training loader of the 'small' dataset (tiny at tiny size)
-  against the examples/s its supervised train step consumes (ratio = loader / step).
+  against the examples/s its supervised train step consumes (ratio = loader / step);
+- loader_cores: clips/s of the grain training loader (0 workers: ArrayRecord read, decode,
+  stack) over clips of the size's input shapes that TFDS writes as the MMG builders do, with
+  every modality and with IMU only, per second and per CPU second of this process; beside them
+  the clips/s that one accelerator's train step consumes at a utilization of its peak
+  (ACCELERATOR; 3 x 2 x the forward's multiply-adds of the model on those modalities, one clip),
+  and so the host cores that feed it: accelerator clips/s / clips per CPU second.
 """
 import contextlib
 import datetime
@@ -29,33 +35,45 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import app, flags
+from etils import epath
 
 from configs import fewshot
-from data_pipeline import episodes, loaders, modalities
+from data_pipeline import episodes, features, loaders, modalities
+from data_pipeline.synthetic import clips
 from mmg_jax import evaluate, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import model_stats
 
-PARTS = ('sgemm', 'encoders', 'train_step', 'fewshot_eval', 'loader')
+PARTS = ('sgemm', 'encoders', 'train_step', 'fewshot_eval', 'loader', 'loader_cores')
 # Clips per encoder gradient: the issue's batches (MViT-B alone fills 2 cores).
 BATCH = {'video': 1, 'audio': 2, 'imu': 8}
 # What each size measures; 'tiny' keeps every part and shrinks its work to seconds.
 SETTINGS = {
     'paper': {'sgemm_size': 4096, 'repeats': 3, 'train_batch': 2, 'loader_size': 'small',
               'num_episodes': 10_000, 'loop_episodes': 100, 'loader_batches': 20,
-              'num_classes': 14, 'clips_per_class': 40, 'embed_dim': 768},
+              'num_classes': 14, 'clips_per_class': 40, 'embed_dim': 768,
+              'feed_clips': 256, 'feed_batch': 32, 'feed_batches': 4},
     # train_batch 8 is the tiny stage's batch: the loader's step is then the same program.
     'tiny': {'sgemm_size': 256, 'repeats': 2, 'train_batch': 8, 'loader_size': 'tiny',
              'num_episodes': 200, 'loop_episodes': 20, 'loader_batches': 3,
-             'num_classes': 6, 'clips_per_class': 20, 'embed_dim': 32},
+             'num_classes': 6, 'clips_per_class': 20, 'embed_dim': 32,
+             'feed_clips': 64, 'feed_batch': 8, 'feed_batches': 4},
 }
 EPISODE = {'n_way': 5, 'k_shot': 5, 'q_query': 15}
+# The accelerator that loader_cores feeds: an H100 SXM's dense bf16 peak, at the fraction of it
+# (model FLOPs utilization) that a well-tuned train step reaches.
+ACCELERATOR = {'name': 'H100 SXM, bf16 dense', 'peak_tflops': 989.0, 'utilization': 0.4}
+# The modality sets whose loaders loader_cores measures.
+FEEDS = {'all': modalities.MODALITIES, 'imu': ('imu',)}
 
 
 def best_time(run, repeats):
@@ -86,7 +104,8 @@ def sgemm_gflops(size, repeats, options=None):
 
 def encoder_fwd_bwd(model_config, modality, batch_size, repeats, options=None):
   """{'fwd_bwd_s', 'compile_s', 'gflop'} of one gradient of the encoder w.r.t. its params."""
-  encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype))
+  encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype),
+                                   kernels=model_config.kernels)
   shape = (batch_size, *model_stats.input_shape(model_config, modality))
   x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
   params = jax.jit(functools.partial(encoder.init, train=False))(jax.random.key(0), x)['params']
@@ -249,6 +268,104 @@ def loader_timing(size, num_batches, repeats, data_dir=None, options=None):
           'ratio': examples_per_s / step['clips_per_s']}
 
 
+def write_clips(data_dir, shapes, num_clips):
+  """Writes a `ClipBench` dataset of `num_clips` clips of `shapes` into `data_dir`; returns its
+  builder."""
+  builder = ClipBench(shapes=shapes, num_clips=num_clips, data_dir=data_dir)
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS reports the build on stdout
+    builder.download_and_prepare()
+  return builder
+
+
+class ClipBench(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A 'train' split of clips in the MMG schema (features.features), written as the MMG builders
+  write theirs: the embedded dataset's renderings of NUM_DISTINCT clips, repeated."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  NUM_DISTINCT = 16
+  # TFDS finds a builder's file through the `importlib_resources` backport, which is not
+  # installed (Python 3.11 has importlib.resources); this file is the answer it looks for.
+  code_path = epath.Path(__file__)
+
+  def __init__(self, *, shapes, num_clips, **kwargs):
+    self._shapes = shapes
+    self._num_clips = num_clips
+    super().__init__(file_format='array_record', **kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=features.features(**self._shapes),
+                                 disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    world = clips.make_world(0)
+    media = clips.render(world, world['causes'][:self.NUM_DISTINCT], np.random.default_rng(0),
+                         **self._shapes)
+    for i in range(self._num_clips):
+      clip = {m: media[m][i % self.NUM_DISTINCT] for m in modalities.MODALITIES}
+      yield i, clip | {'present': np.ones(3, bool), 'label': i % features.NUM_BASE_CLASSES,
+                       'clip_id': f'clip-{i}'}
+
+
+def train_gflop_per_clip(model_config, subset):
+  """3 x 2 x the multiply-adds (model_stats) of the model's forward on one clip of `subset`."""
+  model = mmg.MMGModel(config=model_config)
+  batch = model_stats.abstract_batch(model_config)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+  apply = lambda params, batch: model.apply(params, batch, train=False, modalities=subset)  # noqa: E731
+  return 3 * 2 * model_stats.count_macs(apply, params, batch) / 1e9
+
+
+def loader_cores_timing(size, settings, repeats):
+  """{feed: {'clips_per_s', 'clips_per_cpu_s', 'train_gflop_per_clip', 'accelerator_clips_per_s',
+  'cores_per_accelerator'}} for each of FEEDS, with the clips' shapes and the accelerator."""
+  model_config = fewshot.get_config(size).model
+  shapes = {f'{m}_shape': model_stats.input_shape(model_config, m) for m in modalities.MODALITIES}
+  batch_size, num_batches = settings['feed_batch'], settings['feed_batches']
+  accelerator_flops = ACCELERATOR['peak_tflops'] * 1e12 * ACCELERATOR['utilization']
+  doc = {'shapes': shapes, 'num_clips': settings['feed_clips'], 'batch': batch_size,
+         'accelerator': ACCELERATOR}
+  with tempfile.TemporaryDirectory() as directory:
+    start = time.perf_counter()
+    builder = write_clips(directory, shapes, settings['feed_clips'])
+    doc['write_s'] = time.perf_counter() - start
+    for name, subset in FEEDS.items():
+      wall_s, cpu_s = loader_seconds(builder, subset, batch_size, num_batches, repeats)
+      clips_per_cpu_s = num_batches * batch_size / cpu_s
+      gflop = train_gflop_per_clip(model_config, subset)
+      step_clips_per_s = accelerator_flops / (gflop * 1e9)
+      doc[name] = {'modalities': list(subset), 'clips_per_s': num_batches * batch_size / wall_s,
+                   'clips_per_cpu_s': clips_per_cpu_s, 'train_gflop_per_clip': gflop,
+                   'accelerator_clips_per_s': step_clips_per_s,
+                   'cores_per_accelerator': step_clips_per_s / clips_per_cpu_s}
+  return doc
+
+
+def loader_seconds(builder, subset, batch_size, num_batches, repeats):
+  """(wall s, CPU s) of `num_batches` batches of the training loader of `subset` over the
+  builder's train split (best_wall_and_cpu)."""
+  dataset = ml_collections.ConfigDict({'name': builder.info.full_name, 'num_workers': 0})
+  batches = iter(loaders.train_batches(
+      dataset, 'train', global_batch_size=batch_size, seed=0, process_index=0, process_count=1,
+      source=loaders.builder_source(builder, 'train', subset), modalities=subset))
+  return best_wall_and_cpu(lambda: [next(batches) for _ in range(num_batches)], repeats)
+
+
+def best_wall_and_cpu(run, repeats):
+  """(wall s, CPU s of this process) of the fastest of `repeats` calls of `run()`, after a
+  warm-up call."""
+  run()
+  times = []
+  for _ in range(repeats):
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    times.append((time.perf_counter() - wall, time.process_time() - cpu))
+  return min(times)
+
+
 def machine():
   """Facts that the figures depend on: versions, devices, cores, XLA flags, the time (UTC)."""
   return {'jax_version': jax.__version__, 'backend': jax.default_backend(),
@@ -297,6 +414,9 @@ def run(size, *, parts=PARTS, repeats=None, with_torch=True, data_dir=None, opti
     doc['loader'] = loader_timing(settings['loader_size'], settings['loader_batches'], repeats,
                                   data_dir, options)
     progress(f'loader: {doc["loader"]}')
+  if 'loader_cores' in parts:
+    doc['loader_cores'] = loader_cores_timing(size, settings, repeats)
+    progress(f'loader cores: {doc["loader_cores"]}')
   return doc
 
 
@@ -347,6 +467,20 @@ def format_text(doc):
     lines.append(f'loader {row["dataset"]} (batch {row["batch"]}): '
                  f'{row["examples_per_s"]:.0f} examples/s; its train step '
                  f'{row["step_examples_per_s"]:.1f} examples/s; ratio {row["ratio"]:.1f}')
+  if 'loader_cores' in doc:
+    row = doc['loader_cores']
+    accelerator = row['accelerator']
+    shapes = ', '.join(f'{k.removesuffix("_shape")} {list(v)}' for k, v in row['shapes'].items())
+    lines.append(f'loader, {row["num_clips"]} clips of {shapes}, batch {row["batch"]}, 0 workers; '
+                 f'{accelerator["name"]} at {accelerator["utilization"]:.0%} of '
+                 f'{accelerator["peak_tflops"]:.0f} TFLOP/s:')
+    for name in FEEDS:
+      feed = row[name]
+      lines.append(f'  {name:<4} {feed["clips_per_s"]:8.1f} clips/s, '
+                   f'{feed["clips_per_cpu_s"]:8.1f} per CPU s; train step '
+                   f'{feed["train_gflop_per_clip"]:.4g} GFLOP a clip, '
+                   f'{feed["accelerator_clips_per_s"]:.4g} clips/s: '
+                   f'{feed["cores_per_accelerator"]:.3g} cores')
   return '\n'.join(lines)
 
 

@@ -22,6 +22,7 @@ written after each pipeline's rows. Bad input and stopped stages print one parag
 import os
 import sys
 import threading
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -157,9 +158,24 @@ def main(argv):
       pipeline.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
   except (*USER_ERRORS, train.StageStopped, mmg_jax.workdir.WorkdirBusy) as e:
     if flags.FLAGS.verbosity >= 1:
+      _exit_if_distributed(traceback.format_exc())
       raise
     hint = '' if isinstance(e, train.Preempted) else '\n(run with --verbosity=1 for the traceback)'
+    _exit_if_distributed(f'error: {e}{hint}')
     raise SystemExit(f'error: {e}{hint}') from e
+  except BaseException:
+    _exit_if_distributed(traceback.format_exc())
+    raise
+
+
+def _exit_if_distributed(text):
+  """In a multi-process run, prints `text` and exits 1 at once: a normal exit would wait in
+  jax.distributed's shutdown for the peers, which wait for this process in their next
+  collective (the launcher, or the coordinator's heartbeat, then stops them)."""
+  if jax.process_count() > 1:
+    print(text, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,8 @@ an interrupted stage and skips finished ones. Pipelines that begin with the same
 model, same stage configs) share them: a shared stage runs once, in the directory of the first
 pipeline (in name order) that lists it, and later pipelines restore its params from its final
 checkpoint. The devices hold the params of one pipeline at a time (at paper size a param set is
-~0.6 GB and the ablation has ~15 stages).
+~0.6 GB and the ablation has ~15 stages). The workdir may be local or gs:// (any etils.epath
+path); mmg_jax/workdir.py says what holds on an object store.
 
 Modality discipline is enforced, not assumed:
 - every stage sees its batches through `evaluate.restrict` with its own `modalities`: the others
@@ -30,11 +31,13 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from data_pipeline import episodes, features, loaders, modalities
 from mmg_jax import checkpoint, evaluate, feature_cache, report, sharding, stage_kinds, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import convert_weights
+from mmg_jax.workdir import atomic_write_text
 
 LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
 UNLABELED_SPLIT = 'unlabeled'
@@ -377,11 +380,10 @@ def _identity_differences(old, new):
 
 def _check_stage_dir(stage_dir, identity):
   """Refuses a stage directory that holds a stage trained under another config."""
-  path = os.path.join(stage_dir, STAGE_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(stage_dir) / STAGE_FILE
+  if not path.exists():
     return
-  with open(path) as f:
-    recorded = f.read()
+  recorded = path.read_text()
   if recorded != identity:
     differences = _identity_differences(recorded, identity)
     raise ValueError(f'{stage_dir} holds a stage trained with a different config (fields that '
@@ -393,12 +395,11 @@ def _claim_stage_dir(stage_dir, identity):
   """Records the stage's identity; refuses a directory trained under another config. Returns
   whether this call wrote the record."""
   _check_stage_dir(stage_dir, identity)
-  path = os.path.join(stage_dir, STAGE_FILE)
-  if os.path.exists(path) or jax.process_index() != 0:
+  path = epath.Path(stage_dir) / STAGE_FILE
+  if path.exists() or jax.process_index() != 0:
     return False
-  os.makedirs(stage_dir, exist_ok=True)
-  with open(path, 'w') as f:
-    f.write(identity)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(path, identity)  # the other processes read it meanwhile
   return True
 
 
@@ -419,7 +420,7 @@ def _refuse_orphans(workdir, directories, name, index):
   already exist, since it was trained from params that are gone (a deleted stage directory)."""
   stages = _stages_of(directories, name)
   for later in stages[index + 1:]:
-    if os.path.exists(os.path.join(workdir, later, STAGE_FILE)):
+    if (epath.Path(workdir) / later / STAGE_FILE).exists():
       raise ValueError(f'{os.path.join(workdir, stages[index])} has no finished checkpoint, but '
                        f'{os.path.join(workdir, later)}, a later stage of pipeline {name!r}, was '
                        'trained from it: retraining the earlier stage would leave the later one '
@@ -507,7 +508,7 @@ def _run_stage(config, model, stage, *, seed, workdir, stage_dir, identity, init
         checkpoint_every=stage.checkpoint_every)
   except BaseException:
     if claimed and _checkpoint_steps(stage_dir) is None:
-      os.remove(os.path.join(stage_dir, STAGE_FILE))
+      (epath.Path(stage_dir) / STAGE_FILE).unlink()
     raise
 
 
@@ -605,7 +606,7 @@ def _save_embeddings(config, name, workdir, predictions):
   split = (config.eval.fewshot_split if config.eval.fewshot_split in predictions else
            config.eval.manyshot_split)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     plots.save_embeddings(os.path.join(workdir, plots.EMBEDDINGS_FILE), *predictions[split],
                           pipeline=name, split=split)
 

@@ -170,6 +170,30 @@ def test_the_launchers_two_processes_give_the_one_process_table(fewshot_tiny_run
   assert two_rows == one_rows
 
 
+def test_a_process_that_fails_exits_at_once_instead_of_waiting_for_its_peers(tmp_path):
+  """Process 1's error ends process 1 with its message while process 0 still waits for it at a
+  barrier (a normal exit waits up to 5 min in jax.distributed's shutdown for process 0, as the
+  launcher's processes did after one failed)."""
+  config_file = tmp_path / 'experiment.py'
+  config_file.write_text('import ml_collections\n\n\ndef get_config(arg=None):\n'
+                         '  return ml_collections.ConfigDict()\n')
+  env = os.environ | {'XLA_FLAGS': cli.xla_flags(1), 'MAIN_PROBE': 'fail'}
+  address = f'--coordinator_address=127.0.0.1:{_free_port()}'
+  processes = [_start([sys.executable, '-m', 'tests.main_probe', f'--config={config_file}',
+                       f'--workdir={tmp_path / "w"}', address, '--num_processes=2',
+                       f'--process_id={i}'], env) for i in range(2)]
+  try:
+    _, stderr = processes[1].communicate(timeout=120)
+    still_waiting = processes[0].poll() is None
+  finally:
+    for p in processes:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+  assert processes[1].returncode == 1
+  assert 'error: a bad input seen by process 1' in stderr
+  assert still_waiting, 'process 1 ended only once process 0 had'
+
+
 @pytest.mark.parametrize('started', [0, 1])
 def test_a_process_whose_peer_never_arrives_exits_naming_the_coordinator(started):
   """Only one of two processes is started: it gives up after --distributed_timeout with a

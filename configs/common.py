@@ -84,13 +84,16 @@ def video_config(size):
   pytorchvideo layout: --source=pytorchvideo_mvit_b_16x4), or torchvision's `mvit_v1_b` weights
   `MViT_V1_B_Weights.KINETICS400_V1` (pytorch/vision; the state dict file `mvit_v1_b-dbeb1030.pth`
   that torchvision downloads into its cache: --source=torchvision_mvit_v1_b). Convert once, then
-  pass the directory:
+  pass the directory with the numerics the converter prints:
     python -m mmg_jax.tools.convert_weights --source=pytorchvideo_mvit_b_16x4 \
         --checkpoint=MVIT_B_16x4.pyth --output=checkpoints/mvit_b_k400
     python -m mmg_jax.main --config=configs/manyshot.py:paper \
-        --config.model.video.init_from=checkpoints/mvit_b_k400 ...
+        --config.model.video.init_from=checkpoints/mvit_b_k400 \
+        --config.model.video.pool_norm_eps=1e-05 ...
   Position embeddings are adapted to `input_shape`; every other key and shape must match this
-  config (the 'paper' size does).
+  config (the 'paper' size does). The checkpoint's provenance records its source's
+  `pool_norm_eps` (pytorchvideo/SlowFast 1e-5, torchvision 1e-6): loading into a config with
+  another is an error naming the flag (mmg_jax.tools.convert_weights.apply_numerics sets it).
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -110,7 +113,8 @@ def video_config(size):
       'mlp_ratio': 4.0,
       # LayerNorm epsilon after each q/k/v pooling (every other LayerNorm: 1e-6). torchvision's
       # mvit_v1_b: 1e-6; pytorchvideo's mvit_base_16x4 and SlowFast's MViT v1 (which trained the
-      # Kinetics-400 MVIT_B_16x4 weights): torch's default 1e-5. Weights convert either way.
+      # Kinetics-400 MVIT_B_16x4 weights): torch's default 1e-5. Weights convert either way; a
+      # converted checkpoint records its source's and loading checks it.
       'pool_norm_eps': 1e-6,
       'drop_path': {'tiny': 0.1, 'small': 0.1, 'paper': 0.2}[size],  # last block; linear from 0
       # Rematerialize each block in the backward pass: activations of one block at a time, for
@@ -143,11 +147,15 @@ def audio_config(size):
   full AudioSet, mAP 0.4593). Either of two files: the AST repository's (YuanGongND/ast)
   `audioset_10_10_0.4593.pth` (--source=ast_official), or the transformers checkpoint
   `MIT/ast-finetuned-audioset-10-10-0.4593` on the Hugging Face Hub, a directory with
-  model.safetensors or pytorch_model.bin (--source=hf_ast). Convert once, then pass the directory:
+  model.safetensors or pytorch_model.bin (--source=hf_ast). Convert once, then pass the directory
+  with the numerics the converter prints:
     python -m mmg_jax.tools.convert_weights --source=ast_official \
         --checkpoint=audioset_10_10_0.4593.pth --output=checkpoints/ast_audioset
     python -m mmg_jax.main ... --config.model.audio.init_from=checkpoints/ast_audioset
-  The checkpoint's 1024-frame position embeddings are adapted to `input_shape`.
+  (--source=hf_ast also needs --config.model.audio.norm_eps=1e-12). The checkpoint's 1024-frame
+  position embeddings are adapted to `input_shape`. Its provenance records its source's
+  `norm_eps` (AST repository 1e-6, transformers 1e-12): loading into a config with another is an
+  error naming the flag (mmg_jax.tools.convert_weights.apply_numerics sets it).
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -159,7 +167,7 @@ def audio_config(size):
       'depth': {'tiny': 2, 'small': 3, 'paper': 12}[size],
       'num_heads': {'tiny': 2, 'small': 4, 'paper': 12}[size],
       'mlp_ratio': 4.0,
-      'norm_eps': 1e-6,  # timm/AST; HF's ASTConfig uses 1e-12
+      'norm_eps': 1e-6,  # timm/AST; HF's ASTConfig 1e-12 (a converted checkpoint records its own)
       'dropout': 0.0,
       'drop_path': 0.1,  # last block; linear from 0 (AST's reference training uses none)
       # Rematerialize each block in the backward pass: activations of one block at a time, for

@@ -48,6 +48,7 @@ def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None)
     python -m mmg_jax.main --config=configs/manyshot.py:paper --workdir=runs/manyshot_paper \
         --config.dataset.manual_dir=EGO4D_DIR \
         --config.model.video.init_from=checkpoints/mvit_b_k400 \
+        --config.model.video.pool_norm_eps=1e-05 \
         --config.model.audio.init_from=checkpoints/ast_audioset
   The 'paper' pipelines keep their stage structure (L_align, then L_CE, each training every
   param); with init_from their encoders simply start pretrained, without it from a fresh init.

@@ -3,11 +3,13 @@
 transformers' ASTModel at its default size (AST's ViT-B: 768 wide, 12 blocks of 12 heads, 16x16
 patches of stride 10 over 128 mel bins) with random weights writes the checkpoint files; the
 converter reads them (`hf_ast`, `ast_official`), `convert_weights.load` gives our params, and
-AudioAST's features must equal the reference's within 1e-4.
+AudioAST's features must equal the reference's within 1e-4, in a config whose LayerNorm epsilon
+comes from the converted checkpoint's provenance (which must hold the reference's own).
 """
 import copy
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -59,9 +61,9 @@ def _assert_same_weights(model, reference):
     np.testing.assert_array_equal(have[name].numpy(), want[name].numpy(), err_msg=name)
 
 
-def _our_config(hf_config, norm_eps):
-  """'paper' AST config with the reference's input length stored and its epsilon; asserts the
-  rest of transformers' default ASTConfig is our 'paper' size."""
+def _our_config(hf_config):
+  """'paper' AST config with the reference's input length stored; asserts the rest of
+  transformers' default ASTConfig is our 'paper' size."""
   config = common.audio_config('paper')
   assert (hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads,
           hf_config.intermediate_size, hf_config.num_mel_bins) == (
@@ -71,7 +73,21 @@ def _our_config(hf_config, norm_eps):
       tuple(config.patch_size), tuple(config.patch_strides))
   config.input_shape = (hf_config.max_length, hf_config.num_mel_bins)
   config.pos_embed_frames = hf_config.max_length
-  config.norm_eps = norm_eps
+  return config
+
+
+def _numerics_config(directory, config, norm_eps, *, other):
+  """`config` with the numerics `directory` records, which must be the reference's `norm_eps`;
+  load refuses `config` with norm_eps `other`, naming the field, both values and the flag."""
+  assert convert_weights.read_provenance(directory)['numerics'] == {'norm_eps': norm_eps}
+  config = config.copy_and_resolve_references()
+  config.norm_eps = other
+  named = (f'norm_eps={norm_eps!r}', f'norm_eps={other!r}',
+           f'--config.model.audio.norm_eps={norm_eps!r}')
+  with pytest.raises(ValueError, match='.*'.join(map(re.escape, named))):
+    convert_weights.load(directory, encoder_config=config)
+  config = convert_weights.apply_numerics(directory, config)
+  assert config.norm_eps == norm_eps
   return config
 
 
@@ -174,7 +190,8 @@ def test_hf_ast_transformers5_names_at_384_frames_match_transformers(reference_3
   assert not info['missing_keys'] and not info['unexpected_keys']
   _assert_same_weights(reloaded, ref['model'])
   output = _convert('hf_ast', ref['dir'], str(tmp_path / 'converted'))
-  config = _our_config(ref['config'], norm_eps=ref['config'].layer_norm_eps)
+  config = _numerics_config(output, _our_config(ref['config']), ref['config'].layer_norm_eps,
+                            other=AST_NORM_EPS)
   _assert_parity(_our_outputs(output, config, ref['x']), ref['outputs'],
                  'hf_ast, transformers 5 names, 384 frames')
 
@@ -198,7 +215,9 @@ def test_hf_ast_published_names_at_1024_frames_match_transformers(reference_1024
   assert result.returncode == 0, result.stderr[-2000:]
   provenance = convert_weights.read_provenance(output)
   assert provenance['ignored_keys'] == 4  # classifier.{layernorm, dense}.{weight, bias}
-  config = _our_config(ref['config'], norm_eps=ref['config'].layer_norm_eps)
+  assert '--config.model.audio.norm_eps=1e-12' in result.stdout
+  config = _numerics_config(output, _our_config(ref['config']), ref['config'].layer_norm_eps,
+                            other=AST_NORM_EPS)
   _assert_parity(_our_outputs(output, config, ref['x']), ref['outputs'],
                  'hf_ast, transformers 4 names, 1024 frames')
 
@@ -218,7 +237,7 @@ def test_hf_ast_reads_pytorch_model_bin(reference_384, tmp_path):
 
 def test_ast_official_checkpoint_matches_the_reference(reference_1024, tmp_path):
   """The AST repository's `module.v.*` layout; the reference is the same network with AST's
-  LayerNorm epsilon, and our 'paper' config keeps AST's."""
+  LayerNorm epsilon, which the provenance records and our 'paper' config keeps."""
   import torch
   ref = reference_1024
   checkpoint = str(tmp_path / 'audioset_10_10_random.pth')
@@ -230,8 +249,9 @@ def test_ast_official_checkpoint_matches_the_reference(reference_1024, tmp_path)
   expected = _hf_outputs(reference, ref['x'])
   output = _convert('ast_official', checkpoint, str(tmp_path / 'converted'))
   assert convert_weights.read_provenance(output)['ignored_keys'] == 8  # mlp_head, head, head_dist
-  config = _our_config(ref['config'], norm_eps=common.audio_config('paper').norm_eps)
-  assert config.norm_eps == AST_NORM_EPS
+  assert common.audio_config('paper').norm_eps == AST_NORM_EPS
+  config = _numerics_config(output, _our_config(ref['config']), AST_NORM_EPS,
+                            other=ref['config'].layer_norm_eps)
   _assert_parity(_our_outputs(output, config, ref['x']), expected, 'ast_official, 1024 frames')
 
 
@@ -252,9 +272,8 @@ def test_the_audioset_grid_in_the_paper_config_runs_384_frames_as_ast_does(refer
   ast_384.load_state_dict(state)
   x = normal((1, 384, 128), seed=3)
   output = _convert('hf_ast', ref['dir'], str(tmp_path / 'converted'))
-  config = common.audio_config('paper')
+  config = convert_weights.apply_numerics(output, common.audio_config('paper'))
   assert (config.input_shape, config.pos_embed_frames) == ((384, 128), 1024)
-  config.norm_eps = ref['config'].layer_norm_eps
   _assert_parity(_our_outputs(output, config, x), _hf_outputs(ast_384, x),
                  'hf_ast 1024-frame checkpoint, paper config, 384 frames')
 
@@ -265,7 +284,8 @@ def test_a_384_frame_checkpoint_loads_into_the_paper_config_interpolated_as_ast_
   (12 x 37) is interpolated along time as AST's loader does (torch bilinear)."""
   import torch
   output = _convert('hf_ast', reference_384['dir'], str(tmp_path / 'converted'))
-  pos_embed = convert_weights.load(output, common.audio_config('paper'))['params']['pos_embed']
+  config = convert_weights.apply_numerics(output, common.audio_config('paper'))
+  pos_embed = convert_weights.load(output, config)['params']['pos_embed']
   stored = reference_384['model'].embeddings.position_embeddings.detach()
   grid = stored[:, 2:].reshape(1, 12, 37, -1).permute(0, 3, 1, 2)
   resized = torch.nn.functional.interpolate(grid, size=(12, 101), mode='bilinear')

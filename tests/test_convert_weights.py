@@ -5,6 +5,7 @@ test_mvit_checkpoints.py and test_ast_checkpoints.py.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -173,7 +174,7 @@ def _random_encoder_params(modality, size='tiny'):
 
 def test_saved_params_load_back_bit_identical_with_their_provenance(tmp_path):
   config, params = _random_encoder_params('imu')
-  provenance = {'modality': 'imu', 'source': 'test', 'sha256': '00'}
+  provenance = {'modality': 'imu', 'source': 'test', 'sha256': '00', 'numerics': {'norm_eps': 1e-6}}
   convert_weights.save(str(tmp_path), params, provenance)
   loaded = convert_weights.load(str(tmp_path), encoder_config=config)['params']
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
@@ -195,6 +196,55 @@ def test_loading_into_another_encoder_config_names_the_differing_keys(tmp_path):
 def test_provenance_must_say_what_the_params_are(tmp_path):
   with pytest.raises(ValueError, match='modality, source and sha256'):
     convert_weights.save(str(tmp_path), {}, {'source': 'x'})
+
+
+def _save_tiny(directory, modality, **provenance):
+  """A converted-checkpoint directory of the tiny encoder's random params; its config."""
+  config, params = _random_encoder_params(modality)
+  convert_weights.save(str(directory), params, {'modality': modality, 'sha256': '00'} | provenance)
+  return config
+
+
+def test_load_refuses_other_numerics_naming_field_values_and_flag(tmp_path):
+  config = _save_tiny(tmp_path, 'video', source='pytorchvideo_mvit_b_16x4',
+                      numerics={'pool_norm_eps': 1e-5})
+  assert config.pool_norm_eps == 1e-6
+  message = ('(pytorchvideo_mvit_b_16x4) holds the weights of a reference that computes with '
+             'pool_norm_eps=1e-05, but the encoder config has pool_norm_eps=1e-06: its features '
+             "would not be the reference's. Set --config.model.video.pool_norm_eps=1e-05")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    convert_weights.load(str(tmp_path), encoder_config=config)
+
+
+def test_apply_numerics_gives_the_config_load_accepts_and_leaves_the_given_one(tmp_path):
+  config = _save_tiny(tmp_path, 'audio', source='hf_ast', numerics={'norm_eps': 1e-12})
+  applied = convert_weights.apply_numerics(str(tmp_path), config)
+  assert (applied.norm_eps, config.norm_eps) == (1e-12, 1e-6)
+  assert applied.to_dict() == config.to_dict() | {'norm_eps': 1e-12}
+  convert_weights.load(str(tmp_path), encoder_config=applied)  # accepted
+
+
+def test_a_conversion_older_than_recorded_numerics_is_checked_against_its_sources(tmp_path):
+  """Its source fixes them: load refuses what a fresh conversion's provenance would refuse."""
+  config = _save_tiny(tmp_path, 'audio', source='hf_ast')
+  with pytest.raises(ValueError, match=r'norm_eps=1e-12, .*norm_eps=1e-06'):
+    convert_weights.load(str(tmp_path), encoder_config=config)
+  assert convert_weights.apply_numerics(str(tmp_path), config).norm_eps == 1e-12
+
+
+def test_params_saved_without_numerics_under_a_source_of_their_own_load_with_a_warning(
+    tmp_path):
+  config = _save_tiny(tmp_path, 'imu', source='own training')
+  with pytest.warns(UserWarning, match=r"records no numerics .*'own training'.*unchecked"):
+    convert_weights.load(str(tmp_path), encoder_config=config)
+
+
+def test_every_sources_numerics_are_fields_of_its_encoder_config():
+  """Only those can be recorded and applied; each source fixes its LayerNorm epsilon."""
+  for layout in convert_weights.SOURCES.values():
+    encoder_config = common.model_config('paper')[layout.modality]
+    assert layout.numerics and set(layout.numerics) <= set(encoder_config), layout.name
+    assert all(field.endswith('norm_eps') for field in layout.numerics), layout.name
 
 
 def test_command_line_errors_are_one_paragraph_not_a_traceback(tmp_path):

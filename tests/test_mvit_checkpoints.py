@@ -4,11 +4,14 @@ converter's public path, SlowFast's names, clear errors, position embeddings for
 Each reference model is built at random weights (every parameter perturbed, so no norm scale or
 bias is a constant), saved in the reference's own file layout, converted, loaded and run in eval
 mode on the same [1, 3, 16, 224, 224] clip as ours; the features after the final LayerNorm (the
-cls token its classifier reads, and the patch tokens) must agree within 1e-4.
+cls token its classifier reads, and the patch tokens) must agree within 1e-4. The config they
+are loaded into takes its pooling-norm epsilon from the converted checkpoint's provenance, which
+must hold the reference model's own.
 """
 import copy
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +78,28 @@ def ours(variables, clip, pool_norm_eps=1e-6):
   return tuple(np.asarray(y) for y in _our_apply(pool_norm_eps)(variables, x))
 
 
+def _pool_norm_eps(model, pattern):
+  """The one epsilon of the reference's modules whose names full-match `pattern` (its q/k/v
+  pooling LayerNorms)."""
+  (eps,) = {m.eps for name, m in model.named_modules() if re.fullmatch(pattern, name)}
+  return eps
+
+
+def _numerics_config(directory, pool_norm_eps, *, other):
+  """The paper config with the numerics `directory` records, which must be the reference's
+  `pool_norm_eps`; load refuses the paper config with `other`, naming field, values and flag."""
+  assert convert_weights.read_provenance(directory)['numerics'] == {'pool_norm_eps': pool_norm_eps}
+  config = common.video_config('paper')
+  config.pool_norm_eps = other
+  named = (f'pool_norm_eps={pool_norm_eps!r}', f'pool_norm_eps={other!r}',
+           f'--config.model.video.pool_norm_eps={pool_norm_eps!r}')
+  with pytest.raises(ValueError, match='.*'.join(map(re.escape, named))):
+    convert_weights.load(directory, encoder_config=config)
+  config = convert_weights.apply_numerics(directory, config)
+  assert config.pool_norm_eps == pool_norm_eps
+  return config
+
+
 @pytest.fixture(scope='module')
 def paper_clip():
   return _clip((1, 3, 16, 224, 224))
@@ -116,19 +141,30 @@ def test_torchvision_checkpoint_converted_by_the_cli_gives_torchvisions_features
   num_keys = len(model.state_dict())
   assert (provenance['source_keys'], provenance['ignored_keys']) == (num_keys, 2)  # head.1.*
   assert provenance['converted_keys'] == num_keys - 2
-  _assert_close(ours(convert_weights.load(str(output)), paper_clip),
+  assert '--config.model.video.pool_norm_eps=1e-06' in run.stdout
+  config = _numerics_config(str(output), _pool_norm_eps(model, r'.*\.pool_[qkv]\.norm_act\.0'),
+                            other=1e-5)
+  _assert_close(ours(convert_weights.load(str(output), encoder_config=config), paper_clip,
+                     config.pool_norm_eps),
                 _features_after(model.norm, model, paper_clip))
 
 
-def test_pytorchvideo_checkpoint_gives_pytorchvideos_features(pytorchvideo_mvit, paper_clip,
-                                                              tmp_path):
-  """With pytorchvideo's q/k/v pooling-norm epsilon (torch's default 1e-5; our default, as
-  torchvision's, is 1e-6, which moves these features by ~3e-4)."""
+def test_pytorchvideo_checkpoint_gives_pytorchvideos_features_with_its_recorded_epsilon(
+    pytorchvideo_mvit, paper_clip, tmp_path):
+  """Only with pytorchvideo's q/k/v pooling-norm epsilon (torch's default 1e-5), which the
+  provenance records; our default, as torchvision's, is 1e-6, which load refuses and which
+  moves these features beyond the tolerance."""
   model, path = pytorchvideo_mvit
   convert_weights.save(tmp_path, *convert_weights.convert('pytorchvideo_mvit_b_16x4', str(path)))
   assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5, 1e-6}
-  _assert_close(ours(convert_weights.load(str(tmp_path)), paper_clip, pool_norm_eps=1e-5),
-                _features_after(model.norm_embed, model, paper_clip))
+  config = _numerics_config(str(tmp_path), _pool_norm_eps(model, r'.*\.attn\.norm_[qkv]'),
+                            other=common.video_config('paper').pool_norm_eps)
+  want = _features_after(model.norm_embed, model, paper_clip)
+  _assert_close(ours(convert_weights.load(str(tmp_path), encoder_config=config), paper_clip,
+                     config.pool_norm_eps), want)
+  at_paper_default = ours(convert_weights.load(str(tmp_path)), paper_clip)
+  with pytest.raises(AssertionError, match='max abs diff'):
+    _assert_close(at_paper_default, want)
 
 
 def _slowfast_state(pytorchvideo_state, fuse_qkv):

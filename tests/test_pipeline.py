@@ -253,13 +253,15 @@ def test_a_shared_stage_is_restored_from_its_checkpoint_not_retrained(tmp_path, 
   jax.tree.map(np.testing.assert_array_equal, sharding.gather(first), sharding.gather(second))
 
 
-def _save_random_encoder(directory, modality, encoder_config, seed):
-  """A converted-checkpoint directory of random params of the encoder; returns the params."""
+def _save_random_encoder(directory, modality, encoder_config, seed, numerics=None):
+  """A converted-checkpoint directory of random params of the encoder whose provenance records
+  `numerics` (None: none, random params fix no epsilon); returns the params."""
   shapes = convert_weights.expected_params(modality, encoder_config)
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), shapes)
   convert_weights.save(str(directory), params, {'modality': modality, 'source': 'random',
-                                                'sha256': f'{seed:064x}'})
+                                                'sha256': f'{seed:064x}',
+                                                'numerics': numerics or {}})
   return params
 
 
@@ -299,6 +301,19 @@ def test_a_converted_encoder_of_another_modality_or_shape_is_refused(tmp_path):
   config.model.video.init_from = str(tmp_path / 'wider')
   with pytest.raises(ValueError, match=r'model\.video\.init_from: .* does not fit the encoder'):
     pipeline.validate(config)
+
+
+def test_a_converted_encoder_of_other_numerics_is_refused_naming_the_flag(tmp_path):
+  """Found by validate, before anything trains; the config with the flag set passes."""
+  config = fewshot.get_config('tiny')
+  _save_random_encoder(tmp_path / 'video', 'video', config.model.video, seed=0,
+                       numerics={'pool_norm_eps': 1e-5})
+  config.model.video.init_from = str(tmp_path / 'video')
+  with pytest.raises(ValueError, match=r'model\.video\.init_from: .* pool_norm_eps=1e-06.* '
+                                       r'--config\.model\.video\.pool_norm_eps=1e-05'):
+    pipeline.validate(config)
+  config.model.video.pool_norm_eps = 1e-5
+  pipeline.validate(config)
 
 
 def test_the_stage_identity_follows_the_checkpoint_content_not_its_path(tmp_path):

@@ -3,8 +3,9 @@
 Both layouts fill mmg_jax/models/audio_ast.py's AudioAST; the reference classifier heads are
 dropped. Named differences from our 'paper' config:
   - LayerNorm epsilon: timm/AST 1e-6 (our `norm_eps`), transformers' ASTConfig 1e-12. The
-    checkpoints hold no epsilon, so a converted HF checkpoint reproduces transformers' features
-    with norm_eps=1e-12 (the parity tests set it), AST's with the default 1e-6.
+    checkpoints hold no epsilon, so each layout's `numerics` does: the converter records it and
+    `convert_weights.load` refuses a config with another (a converted HF checkpoint reproduces
+    transformers' features with norm_eps=1e-12, AST's with the default 1e-6).
   - Position embeddings: the AudioSet checkpoints store them for 1024 frames (a 12 x 101 patch
     grid). `adapt_to_config` resizes a checkpoint's grid to the config's `pos_embed_frames` by
     AST's rule; the model then adapts them to each input's frames at call time.
@@ -110,12 +111,14 @@ ast_official = weight_layout.Layout(
     name='ast_official', modality='audio',
     reference='YuanGongND/ast (AudioSet checkpoints such as audioset_10_10_0.4593.pth: '
               'module.v.* timm DeiT names; LayerNorm eps 1e-6)',
-    rules=AST_OFFICIAL_RULES, ignore=AST_OFFICIAL_IGNORE, prepare=prepare_official)
+    rules=AST_OFFICIAL_RULES, ignore=AST_OFFICIAL_IGNORE, prepare=prepare_official,
+    numerics={'norm_eps': 1e-6})  # timm DeiT's partial(nn.LayerNorm, eps=1e-6)
 hf_ast = weight_layout.Layout(
     name='hf_ast', modality='audio',
     reference='transformers ASTModel / ASTForAudioClassification (e.g. MIT/ast-finetuned-'
               'audioset-10-10-0.4593; transformers 4 or 5 names; LayerNorm eps 1e-12)',
-    rules=HF_AST_RULES, ignore=HF_AST_IGNORE, prepare=prepare_hf, weights_file=hf_weights_file)
+    rules=HF_AST_RULES, ignore=HF_AST_IGNORE, prepare=prepare_hf, weights_file=hf_weights_file,
+    numerics={'norm_eps': 1e-12})  # ASTConfig.layer_norm_eps
 LAYOUTS = (ast_official, hf_ast)
 
 

@@ -16,18 +16,21 @@ Reading needs no torch: torch zip files and safetensors are read by torch_checkp
 The output directory holds `params.msgpack` (flax.serialization msgpack of the encoder's param
 tree, float32) and `provenance.json` (source, the file read and its sha256, modality, the
 input shape of the 'paper' encoder the params were checked against, key counts after `prepare`:
-fused q/k/v count once). The reference classifier heads are
+fused q/k/v count once, and `numerics`: the encoder config fields the source's reference fixes
+and the weights do not show, its LayerNorm epsilons). The reference classifier heads are
 dropped. `load(DIR)` gives {'params': tree} for `mmg.ENCODERS[modality](config)` of the 'paper'
 config as it is; `load(DIR, encoder_config=cfg)` first adapts the position embeddings to cfg's
-input (see each module's `adapt_to_config`) and checks every key and shape against cfg's
-encoder. Training starts from it with `config.model.<modality>.init_from = DIR`. The weights do
-not carry a reference's epsilons: pytorchvideo/SlowFast MViT computes with
-`config.model.video.pool_norm_eps=1e-5`, HF's AST with `config.model.audio.norm_eps=1e-12`.
+input (see each module's `adapt_to_config`), checks every key and shape against cfg's encoder,
+and refuses a cfg whose numerics differ from the checkpoint's (pytorchvideo/SlowFast MViT
+computes with `--config.model.video.pool_norm_eps=1e-05`, HF's AST with
+`--config.model.audio.norm_eps=1e-12`), naming the flags to set; `apply_numerics(DIR, cfg)`
+gives cfg with them set. Training starts from it with `config.model.<modality>.init_from = DIR`.
 """
 import datetime
 import hashlib
 import json
 import os
+import warnings
 
 import flax.serialization
 import jax
@@ -78,13 +81,18 @@ def convert(source, checkpoint):
       'input_shape': list(paper.input_shape), 'source_keys': counts.source_keys,
       'converted_keys': counts.converted, 'ignored_keys': counts.ignored,
       'num_params': int(sum(x.size for x in jax.tree.leaves(params))),
+      'numerics': dict(layout.numerics),
       'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
   return params, provenance
 
 
 def save(directory, params, provenance):
-  """Writes params.msgpack and provenance.json into `directory` (each atomically)."""
+  """Writes params.msgpack and provenance.json into `directory` (each atomically).
+
+  provenance needs modality, source and sha256; its 'numerics' ({encoder config field: value},
+  which `convert` records) are what `load` checks an encoder config against.
+  """
   for key in ('modality', 'source', 'sha256'):
     if key not in provenance:
       raise ValueError(f'provenance lacks {key!r}; it needs modality, source and sha256.')
@@ -114,16 +122,70 @@ def read_provenance(directory):
 
 def load(directory, encoder_config=None):
   """{'params': tree} of a converted checkpoint; adapted to and checked against
-  `encoder_config` (config.model.<modality>) when given."""
+  `encoder_config` (config.model.<modality>) when given: its keys, shapes and numerics."""
   provenance = read_provenance(directory)
   with open(os.path.join(directory, PARAMS_FILE), 'rb') as f:
     params = flax.serialization.msgpack_restore(f.read())
   if encoder_config is not None:
-    modality = provenance['modality']
+    modality, where = provenance['modality'], f'{directory} ({provenance["source"]})'
     params = adapt(modality, params, encoder_config)
-    check_shapes(params, expected_params(modality, encoder_config),
-                 f'{directory} ({provenance["source"]})')
+    check_shapes(params, expected_params(modality, encoder_config), where)
+    check_numerics(_known_numerics(provenance, where), encoder_config, modality, where)
   return {'params': params}
+
+
+def apply_numerics(directory, encoder_config):
+  """A copy of `encoder_config` (config.model.<modality>) with the numerics of the converted
+  checkpoint in `directory` set: the config `load` accepts, computing as the reference does."""
+  config = encoder_config.copy_and_resolve_references()
+  config.update(_known_numerics(read_provenance(directory), directory))
+  return config
+
+
+def source_numerics(provenance):
+  """{encoder config field: value} the checkpoint's reference computes with, None if unknown.
+
+  Recorded by `convert`; a directory converted before they were recorded gets its source's (a
+  source fixes them); params saved under a source of their own without 'numerics' have none.
+  """
+  if 'numerics' in provenance:
+    return provenance['numerics']
+  layout = SOURCES.get(provenance['source'])
+  return None if layout is None else dict(layout.numerics)
+
+
+def _known_numerics(provenance, where):
+  """source_numerics, or {} and a warning when unknown: the config's own go unchecked."""
+  numerics = source_numerics(provenance)
+  if numerics is None:
+    warnings.warn(f'{where} records no numerics (no "numerics" in its {PROVENANCE_FILE}, and '
+                  f'{provenance["source"]!r} is not a --source of convert_weights): the encoder '
+                  "config's LayerNorm epsilons are used unchecked.", stacklevel=3)
+    return {}
+  return numerics
+
+
+def check_numerics(numerics, encoder_config, modality, where):
+  """Raises ValueError naming each field of `encoder_config` whose value differs from
+  `numerics` and the flags that fix it: with another value the features are not the
+  reference's (1e-6 for pytorchvideo's 1e-5 pooling-norm epsilon moves MViT-B's by ~3e-4 at
+  random weights, more than the parity tests' 1e-4)."""
+  differ = {field: value for field, value in numerics.items()
+            if encoder_config.get(field) != value}
+  if differ:
+    have = ', '.join(f'{field}={encoder_config.get(field)!r}' for field in differ)
+    want = ', '.join(f'{field}={value!r}' for field, value in differ.items())
+    raise ValueError(
+        f'{where} holds the weights of a reference that computes with {want}, but the encoder '
+        f"config has {have}: its features would not be the reference's. Set "
+        f'{numerics_flags(modality, differ)} (in Python: '
+        'convert_weights.apply_numerics(DIR, encoder_config)).')
+
+
+def numerics_flags(modality, numerics):
+  """Command-line flags that set `numerics` in config.model.<modality>."""
+  return ' '.join(f'--config.model.{modality}.{field}={value!r}'
+                  for field, value in numerics.items())
 
 
 def adapt(modality, params, encoder_config):
@@ -173,10 +235,11 @@ def main(argv):
     save(flag.output, params, provenance)
   except ValueError as e:  # a user's file or flag: one paragraph, no traceback
     raise SystemExit(f'convert_weights: {e}') from None
-  _say(f'wrote {provenance["num_params"] / 1e6:.2f} M params of the {provenance["modality"]} '
-       f'encoder ({provenance["converted_keys"]} keys converted, {provenance["ignored_keys"]} '
-       f'ignored) to {flag.output}; train from it with '
-       f'--config.model.{provenance["modality"]}.init_from={flag.output}')
+  modality = provenance['modality']
+  _say(f'wrote {provenance["num_params"] / 1e6:.2f} M params of the {modality} encoder '
+       f'({provenance["converted_keys"]} keys converted, {provenance["ignored_keys"]} ignored) '
+       f'to {flag.output}; train from it with --config.model.{modality}.init_from={flag.output} '
+       f'{numerics_flags(modality, provenance["numerics"])}')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,9 @@ weights were trained with) builds the q/k/v pooling LayerNorms as `nn.LayerNorm`
 default epsilon 1e-5, while torchvision (whose Kinetics-400 weights were ported from
 pytorchvideo's model zoo), today's SlowFast and our default use 1e-6. The weights convert the
 same either way; the epsilon is the video config's `pool_norm_eps` (1e-5 computes exactly as
-pytorchvideo does; at random weights the two differ by ~3e-4 in the final features).
+pytorchvideo does; at random weights the two differ by ~3e-4 in the final features). Each
+layout's `numerics` holds its epsilon: the converter records it and `convert_weights.load`
+refuses a config with another.
 
 Torch video is [B, 3, T, H, W], ours [B, T, H, W, 3]; tokens are flattened in the same (t, h, w)
 order in all three, so no permutation of tokens or position embeddings is needed. A torch
@@ -63,6 +65,7 @@ torchvision_mvit_v1_b = weight_layout.Layout(
         *_rows(r'norm', 'norm', _NORM),
     ),
     ignore=(r'head\.1\.(weight|bias)',),  # the 400-class Kinetics classifier (after dropout)
+    numerics={'pool_norm_eps': 1e-6},  # norm_layer=partial(nn.LayerNorm, eps=1e-6) throughout
     prepare=lambda contents: weight_layout.strip_prefix(weight_layout.flatten(contents),
                                                         'module.'),  # DataParallel's prefix
 )
@@ -108,6 +111,7 @@ pytorchvideo_mvit_b_16x4 = weight_layout.Layout(
     # The 400-class Kinetics classifier: pytorchvideo's head.proj, SlowFast's head.projection.
     ignore=(r'head\.(?:proj|projection)\.(weight|bias)',),
     prepare=_prepare_pytorchvideo,
+    numerics={'pool_norm_eps': 1e-5},  # MultiScaleAttention's norm_q/k/v: nn.LayerNorm's default
 )
 
 LAYOUTS = (torchvision_mvit_v1_b, pytorchvideo_mvit_b_16x4)

@@ -13,7 +13,7 @@ template of our param tree that may use the pattern's groups (`blocks_\\1/attn/q
 import collections
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -81,7 +81,9 @@ class Layout:
   implementation and which published files use this layout; rules: (pattern, path, transform)
   rows; ignore: full-match patterns of source keys dropped on purpose; prepare: file contents ->
   flat state dict in the source's names; weights_file: a user's path (file or directory) -> the
-  one file to read.
+  one file to read; numerics: {field: value} of the encoder config that the reference fixes,
+  its outputs depend on and the weights' shapes do not show (its LayerNorm epsilons), so that a
+  converted checkpoint records them and loading checks the config against them.
   """
   name: str
   modality: str
@@ -90,6 +92,7 @@ class Layout:
   ignore: tuple[str, ...] = ()
   prepare: Callable[[object], dict[str, np.ndarray]] = flatten
   weights_file: Callable[[str], str] = identity
+  numerics: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

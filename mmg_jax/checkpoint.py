@@ -11,6 +11,9 @@ replaces it is fully on disk (orbax's own rotation would run even when the newer
 a save that fails raises `SaveFailed`, and a checkpoint that cannot be read is set aside for
 the one before it (`restore_latest`).
 
+The directory may be local or on an object store (gs://): orbax writes both, and on gs://
+commits a step by writing its commit file last instead of by an atomic rename.
+
 The params and optimizer state are replicated (sharding.py). Orbax splits the writing of a
 replicated array among its replicas ("replica-parallel"): each device slices off its part, an
 eager `jax.lax.slice` compiled once per array shape and device. For the hundreds of small arrays
@@ -28,6 +31,9 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from absl import flags
+from etils import epath
+
+import mmg_jax.workdir
 
 _MIN_REPLICA_SLICE_BYTES = 2**20
 
@@ -66,7 +72,9 @@ class Checkpointer:
   _created = 0  # Checkpointers this process has made: the same count on every process
 
   def __init__(self, directory, *, keep):
-    self.directory = os.path.abspath(directory)
+    # A local path made absolute (orbax's messages and the barrier names); gs:// stays as it is.
+    self.directory = (os.path.abspath(directory) if mmg_jax.workdir.is_local(directory) else
+                      os.fspath(directory))
     self.keep = keep
     Checkpointer._created += 1
     barrier_prefix = f'{Checkpointer._created}:{self.directory}'
@@ -200,7 +208,7 @@ class Checkpointer:
     path = os.path.join(self.directory, str(step))
     aside = f'{path}.unreadable-{time.strftime("%Y%m%dT%H%M%S")}'
     if jax.process_index() == 0:
-      os.rename(path, aside)
+      epath.Path(path).rename(aside)  # on an object store a copy, then a delete
       warnings.warn(f'the checkpoint of step {step} in {self.directory} cannot be read '
                     f'({error}); resuming from the one of step {fallback} instead. The '
                     f'unreadable files are kept in {aside}.', stacklevel=3)

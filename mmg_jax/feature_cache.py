@@ -12,16 +12,20 @@ per modality of the stage (`mmg.pack_features`: the pooled feature and the T tok
 reads), `present.npy`, `label.npy` and `info.json`, in split order. The key hashes what the
 features depend on: the dataset and split, the encoders' configs and the bytes of their params,
 so another init or an encoder trained further is another cache, and a rerun (or a later stage
-on the same encoders and split) reads it back instead of computing it.
+on the same encoders and split) reads it back instead of computing it. `info.json` is written
+last: a directory without it (a write that stopped) is not a cache, and is written again. The
+workdir may be an object store (gs://): the arrays are read through epath, and memory-mapped
+only from a local disk.
 """
 import hashlib
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
+from etils import epath
 
+import mmg_jax.workdir
 from data_pipeline import loaders, modalities
 from mmg_jax import evaluate
 from mmg_jax.models import mmg
@@ -92,7 +96,7 @@ def load_or_compute(model, params, dataset, split, subset, *, workdir, batch_siz
   names = (*subset, 'present', 'label')
   if jax.process_count() == 1 and _complete(directory, key):
     progress(f'reading the frozen features of {list(subset)} on {split!r} from {directory}.')
-    arrays = {k: np.load(os.path.join(directory, f'{k}.npy'), mmap_mode='r') for k in names}
+    arrays = {k: _load(os.path.join(directory, f'{k}.npy')) for k in names}
   else:
     progress(f'encoding {split!r} once with the frozen {list(subset)} encoders.')
     arrays = compute(model, params, dataset, split, subset, batch_size=batch_size, mesh=mesh,
@@ -103,23 +107,27 @@ def load_or_compute(model, params, dataset, split, subset, *, workdir, batch_siz
 
 
 def _complete(directory, key):
-  path = os.path.join(directory, _INFO)
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get('key') == key
+  path = epath.Path(directory) / _INFO
+  return path.exists() and json.loads(path.read_text()).get('key') == key
+
+
+def _load(path):
+  """An .npy array: memory-mapped from a local disk, read whole from an object store."""
+  if mmg_jax.workdir.is_local(path):
+    return np.load(path, mmap_mode='r')
+  with epath.Path(path).open('rb') as f:
+    return np.load(f)
 
 
 def _write(directory, key, arrays):
-  """Writes the arrays beside the final directory, then renames it in: a cache directory is
-  whole or absent, never half written."""
-  partial = f'{directory}.partial'
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
+  """Writes the arrays into a fresh directory, then info.json, which makes it a cache: a write
+  that stops leaves no info.json, on any filesystem (an object store has no atomic rename)."""
+  directory = epath.Path(directory)
+  directory.rmtree(missing_ok=True)
+  directory.mkdir(parents=True)
   for k, v in arrays.items():
-    np.save(os.path.join(partial, f'{k}.npy'), v)
-  with open(os.path.join(partial, _INFO), 'w') as f:
-    json.dump({'key': key, 'num_examples': len(arrays['label']),
-               'shapes': {k: list(v.shape) for k, v in arrays.items()}}, f)
-  shutil.rmtree(directory, ignore_errors=True)
-  os.rename(partial, directory)
+    with (directory / f'{k}.npy').open('wb') as f:
+      np.save(f, v)
+  (directory / _INFO).write_text(json.dumps(
+      {'key': key, 'num_examples': len(arrays['label']),
+       'shapes': {k: list(v.shape) for k, v in arrays.items()}}))

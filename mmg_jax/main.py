@@ -15,9 +15,10 @@ processes (one per host), every process runs this same command:
     missing ids.
 Each process reads its own shard of the data; only process 0 writes logs and reports.
 
-One run at a time per workdir (mmg_jax/workdir.py's lock). Results (results.json/md, plots) are
-written after each pipeline's rows. Bad input and stopped stages print one paragraph and exit 1;
---verbosity=1 shows the traceback.
+One run at a time per workdir (mmg_jax/workdir.py's lock). --workdir may be gs://bucket/run
+(any etils.epath path; needs gcsfs): such a workdir is not locked, and mmg_jax/workdir.py says
+what still holds. Results (results.json/md, plots) are written after each pipeline's rows. Bad
+input and stopped stages print one paragraph and exit 1; --verbosity=1 shows the traceback.
 """
 import os
 import sys

@@ -22,16 +22,17 @@ Clip i appears once per subset.
 Two figures show data rather than a run (notebooks/quickstart.ipynb draws them): `draw_clip`, one
 clip's video frames, audio fbank and IMU channels; `draw_episode`, one few-shot episode, support
 clips in one modality, queries in another, each query marked with its nearest prototype's class.
-Every figure is drawn with matplotlib's Agg canvas (no display).
+Every figure is drawn with matplotlib's Agg canvas (no display). The workdir may be any
+etils.epath path (gs://...): every file is read and written through epath.
 """
 import functools
-import glob
 import json
 import math
 import os
 
 import ml_collections
 import numpy as np
+from etils import epath
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
@@ -56,6 +57,17 @@ _CLIP_AXES = {'video': (4, 3, '[T, H, W, 3]'), 'audio': (2, None, '[T_a, mel bin
               'imu': (2, len(preprocess.IMU_CHANNELS), f'[L, {len(preprocess.IMU_CHANNELS)}]')}
 # A query's title color and mark, by whether its nearest prototype is its own class.
 _MARKS = {True: ('tab:green', '\u2713'), False: ('tab:red', '\u2717')}
+
+
+def _save(fig, path):
+  """Writes `fig` as a PNG to `path`, any epath path (matplotlib writes local files only)."""
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=_DPI)
+
+
+def _glob(workdir, pattern):
+  """The paths (strings) under `workdir` that match `pattern`, sorted."""
+  return sorted(os.fspath(p) for p in epath.Path(workdir).glob(pattern))
 
 
 def _subset_order(subsets):
@@ -171,30 +183,29 @@ def draw_matrix(kind, rows, path):
       _heatmap(ax, labels, values, vmin=vmin, vmax=vmax, title=title, axis_names=axis_names)
     drawn[metric] = {'rows': labels[0], 'columns': labels[1], 'ours': ours, 'paper': paper}
   fig.suptitle(f'MMG {kind} results')
-  fig.savefig(path, dpi=_DPI)
+  _save(fig, path)
   return drawn
 
 
 def read_metrics(path):
   """The records of a metrics.jsonl, [{'step': int, <metric>: float, ...}], in file order."""
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 def stage_order(stage_dir):
   """A stage's position in its pipeline (the number of stages in its stage.json identity), or
   None when the directory has no stage.json."""
-  path = os.path.join(stage_dir, 'stage.json')
-  if not os.path.exists(path):
+  path = epath.Path(stage_dir) / 'stage.json'
+  if not path.exists():
     return None
-  with open(path) as f:
-    return len(json.load(f)['stages'])
+  return len(json.loads(path.read_text())['stages'])
 
 
 def pipeline_stages(workdir):
   """{pipeline: [(stage name, stage dir)]} of every stage that logged metrics, in stage order."""
   found = {}
-  for path in sorted(glob.glob(os.path.join(workdir, '*', '*', 'metrics.jsonl'))):
+  for path in _glob(workdir, '*/*/metrics.jsonl'):
     stage_dir = os.path.dirname(path)
     pipeline = os.path.basename(os.path.dirname(stage_dir))
     found.setdefault(pipeline, []).append(stage_dir)
@@ -237,7 +248,7 @@ def draw_curves(pipeline, stages, path):
       ax.set_xlabel('step')
     drawn[stage] = groups
   fig.suptitle(f'training curves of pipeline {pipeline}')
-  fig.savefig(path, dpi=_DPI)
+  _save(fig, path)
   return drawn
 
 
@@ -249,10 +260,10 @@ def subset_memory(subset):
 def read_model_configs(workdir):
   """{pipeline: model ConfigDict} from the stage.json each trained stage leaves in its dir."""
   models = {}
-  for path in sorted(glob.glob(os.path.join(workdir, '*', '*', 'stage.json'))):
+  for path in _glob(workdir, '*/*/stage.json'):
     pipeline = os.path.basename(os.path.dirname(os.path.dirname(path)))
-    with open(path) as f:
-      models.setdefault(pipeline, ml_collections.ConfigDict(json.load(f)['model']))
+    models.setdefault(pipeline, ml_collections.ConfigDict(
+        json.loads(epath.Path(path).read_text())['model']))
   return models
 
 
@@ -328,7 +339,7 @@ def draw_cost(points, path):
     right.set_ylabel(f'{mine[0]["metric_name"]} accuracy (%; the paper\'s: '
                      f'{report.PAPER_METRIC_NAMES[metric]})')
   fig.suptitle('accuracy against cost, per modality subset')
-  fig.savefig(path, dpi=_DPI)
+  _save(fig, path)
   return points
 
 
@@ -338,19 +349,20 @@ def save_embeddings(path, outputs, labels, *, pipeline, split):
   outputs: {subset: {'fused': [n, D], ...}}; labels: [n].
   """
   subsets = [modalities.check(s) for s in outputs]
-  np.savez(path,
-           embeddings=np.concatenate([np.asarray(outputs[s]['fused'], np.float32)
-                                      for s in subsets]),
-           labels=np.concatenate([np.asarray(labels)] * len(subsets)),
-           subset=np.array([modalities.short_name(s) for s in subsets
-                            for _ in range(len(labels))]),
-           pipeline=np.array(pipeline), split=np.array(split))
+  with epath.Path(path).open('wb') as f:
+    np.savez(f,
+             embeddings=np.concatenate([np.asarray(outputs[s]['fused'], np.float32)
+                                        for s in subsets]),
+             labels=np.concatenate([np.asarray(labels)] * len(subsets)),
+             subset=np.array([modalities.short_name(s) for s in subsets
+                              for _ in range(len(labels))]),
+             pipeline=np.array(pipeline), split=np.array(split))
 
 
 def load_embeddings(path):
   """The arrays of an embeddings file, checked: {'embeddings', 'labels', 'subset', 'pipeline',
   'split'}."""
-  with np.load(path) as data:
+  with epath.Path(path).open('rb') as f, np.load(f) as data:
     arrays = {k: data[k] for k in data.files}
   missing = {'embeddings', 'labels', 'subset'} - arrays.keys()
   n = len(arrays.get('embeddings', ()))
@@ -410,19 +422,18 @@ def draw_embeddings(arrays, path, max_classes=MAX_CLASSES):
   where = ' '.join(str(arrays[k]) for k in ('pipeline', 'split') if str(arrays[k]))
   ax.set_title(f'fused embeddings {where}: color = class ({len(classes)} of {num_classes}), '
                'marker = modalities')
-  fig.savefig(path, dpi=_DPI)
+  _save(fig, path)
   return points, labels, subsets
 
 
 def read_results(workdir):
   """The results.json document of a finished run ({'kind', 'rows'[, 'unimodal']})."""
   path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise ValueError(f'{path} does not exist: no pipeline of {workdir} has been evaluated yet '
                      '(results.json is written after each pipeline); run its training command '
                      'first, or give the workdir of a run.')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def draw_run(workdir, models=None):
@@ -434,7 +445,7 @@ def draw_run(workdir, models=None):
   results = read_results(workdir)
   rows = [row for row in results['rows'] if row['mean'] is not None]  # not the pending ones
   out = os.path.join(workdir, PLOTS_DIR)
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   paths, notes = [], []
 
   def target(name):
@@ -454,7 +465,7 @@ def draw_run(workdir, models=None):
   if points:
     draw_cost(points, target('cost.png'))
   embeddings = os.path.join(workdir, EMBEDDINGS_FILE)
-  if os.path.exists(embeddings):
+  if epath.Path(embeddings).exists():
     draw_embeddings(load_embeddings(embeddings), target('embeddings.png'))
   else:
     notes.append(f'embedding map: no {embeddings} (see mmg_jax.plots for its format).')
@@ -524,7 +535,7 @@ def draw_clip(example, path=None):
            for k in ('clip_id', 'label') if k in example]
   fig.suptitle(', '.join(names) or 'one clip')
   if path is not None:
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
   return fig
 
 
@@ -588,5 +599,5 @@ def draw_episode(source, support_idx, query_idx, predicted, *, support_modality=
   fig.suptitle(f'one {n_way}-way {k_shot}-shot episode, support {support} -> query {query}: '
                f'{100 * accuracy:.0f}% of its {predicted.size} queries nearest their own prototype')
   if path is not None:
-    fig.savefig(path, dpi=_DPI)
+    _save(fig, path)
   return fig

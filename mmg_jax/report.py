@@ -17,6 +17,7 @@ import json
 import os
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 import mmg_jax.workdir
@@ -235,7 +236,7 @@ def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
           f'{os.path.join(workdir, "results.md")}.', flush=True)
   else:
     print(text, flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   _write_markdown(workdir, text)
   mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.json'),
                                     json.dumps(to_json(kind, rows, unimodal), indent=2) + '\n')

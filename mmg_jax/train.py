@@ -17,7 +17,9 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -25,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import tensorboardX
+from etils import epath
 from flax import struct
 
+import mmg_jax.workdir
 from mmg_jax import checkpoint, sharding
 
 
@@ -237,29 +241,32 @@ def init_state(params, optimizer):
 
 
 class StageLog:
-  """metrics.jsonl, TensorBoard events and a console progress line; only process 0 writes."""
+  """metrics.jsonl, TensorBoard events and a console progress line; only process 0 writes.
+
+  stage_dir may be any epath path (gs://...): metrics.jsonl is written through epath, the
+  events as `EventFiles` write them.
+  """
 
   def __init__(self, stage_dir, name, *, start_step, num_steps):
     self.name, self.num_steps = name, num_steps
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    os.makedirs(stage_dir, exist_ok=True)
-    self.jsonl_path = os.path.join(stage_dir, 'metrics.jsonl')
+    epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
+    self.jsonl_path = epath.Path(stage_dir) / 'metrics.jsonl'
     self._drop_records_after(start_step)
-    self.tensorboard = tensorboardX.SummaryWriter(stage_dir)
+    self.tensorboard = EventFiles(stage_dir)
     self.start_time = time.perf_counter()
     self.last_step, self.last_time = start_step, self.start_time
 
   def _drop_records_after(self, step):
     """A resumed stage logs again the steps after its checkpoint; keep one record per step
     (and drop a last line cut short by a kill)."""
-    if not os.path.exists(self.jsonl_path):
+    if not self.jsonl_path.exists():
       return
-    with open(self.jsonl_path) as f:
+    with self.jsonl_path.open() as f:
       records = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= step]
-    with open(self.jsonl_path, 'w') as f:
-      f.writelines(records)
+    mmg_jax.workdir.atomic_write_text(self.jsonl_path, ''.join(records))
 
   def message(self, text):
     _message(self.name, text)
@@ -279,8 +286,7 @@ class StageLog:
     steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     record = {'step': step, **metrics, 'examples_per_sec': steps_per_sec * global_batch_size}
-    with open(self.jsonl_path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    mmg_jax.workdir.append_text(self.jsonl_path, json.dumps(record) + '\n')
     for key, value in record.items():
       if key != 'step':
         self.tensorboard.add_scalar(key, value, step)
@@ -299,10 +305,49 @@ class StageLog:
     return self
 
   def __exit__(self, exc_type, *exc_info):
-    # Closing flushes the event file; on a full disk that fails too, and must not hide the
-    # error that stopped the stage (SaveFailed).
-    with contextlib.suppress(OSError) if exc_type else contextlib.nullcontext():
+    # Closing flushes (and off a local disk uploads) the event file; on a full disk or a lost
+    # connection that fails too, and must not hide the error that stopped the stage.
+    with contextlib.suppress(Exception) if exc_type else contextlib.nullcontext():
       self.close()
+
+
+class EventFiles:
+  """tensorboardX's SummaryWriter for `directory`, which may be any epath path.
+
+  tensorboardX writes local files, and gs:// only through google-cloud-storage (a second GCS
+  client beside epath's, in no requirements file). So off a local disk the events go to a local
+  temporary directory, and every `flush` and `close` copies the event file over through epath,
+  whole (an object store cannot append): TensorBoard pointed at the workdir sees each log step.
+  """
+
+  def __init__(self, directory):
+    self.directory = directory
+    self.staging = (None if mmg_jax.workdir.is_local(directory) else
+                    tempfile.mkdtemp(prefix='mmg-events-'))
+    self.writer = tensorboardX.SummaryWriter(self.staging or directory)
+
+  def add_scalar(self, tag, value, step):
+    self.writer.add_scalar(tag, value, step)
+
+  def flush(self):
+    self.writer.flush()
+    self._copy()
+
+  def close(self):
+    try:
+      self.writer.close()
+      self._copy()
+    finally:
+      if self.staging:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+  def _copy(self):
+    """The staged event file(s), uploaded whole over the earlier copy."""
+    if not self.staging:
+      return
+    for name in os.listdir(self.staging):
+      with open(os.path.join(self.staging, name), 'rb') as f:
+        (epath.Path(self.directory) / name).write_bytes(f.read())
 
 
 def _message(name, text):
@@ -396,6 +441,7 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   loader: grain DataLoader (or IterDataset) of host-local numpy batch dicts; its iterator
     position is checkpointed with the state.
   optimizer: ConfigDict for `make_optimizer`, plus accumulate_steps.
+  workdir: a local directory or any etils.epath path (gs://...).
   Checkpoints go to workdir/<name>/checkpoints every `checkpoint_every` steps, at the end, and
   on SIGTERM (then `Preempted` is raised); the last `keep` are kept. A stage whose final
   checkpoint exists is not trained again: its params are restored and returned. A latest

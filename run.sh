@@ -18,7 +18,7 @@ usage: ./run.sh COMMAND [ARGS...] [main flags...]
   tpu-pod NAME ZONE CONFIG      CONFIG (e.g. configs/fewshot.py:paper) on every worker of the
                                 TPU VM NAME; the repo must be at ~/mmg-jax on each worker with
                                 requirements.txt and jax[tpu] installed, and --workdir a path
-                                every worker shares (NFS or a mounted bucket)
+                                every worker shares (gs://bucket/run with gcsfs installed, or NFS)
   local-multiprocess N CONFIG   CONFIG on N processes on this machine (jax.distributed over
                                 localhost), e.g. to check a multi-host launch on CPU
 EOF

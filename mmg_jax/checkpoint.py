@@ -64,20 +64,22 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of a stage in `directory` (None: all of them).
 
   Every process must create (and close) the same Checkpointers in the same order: each one
-  enters barriers between the processes. Their names are unique per Checkpointer (the
-  directory and this process's count of Checkpointers), so a process that skipped one times out
-  naming it instead of pairing its barriers with another manager's.
+  enters barriers between the processes. Their names are unique per Checkpointer (this
+  process's count of Checkpointers and the stage's folder name, never a host's absolute path),
+  so a process that skipped one times out naming it instead of pairing its barriers with
+  another manager's.
   """
 
   _created = 0  # Checkpointers this process has made: the same count on every process
 
   def __init__(self, directory, *, keep):
-    # A local path made absolute (orbax's messages and the barrier names); gs:// stays as it is.
+    # A local path made absolute (orbax's messages); gs:// stays as it is.
     self.directory = (os.path.abspath(directory) if mmg_jax.workdir.is_local(directory) else
                       os.fspath(directory))
     self.keep = keep
     Checkpointer._created += 1
-    barrier_prefix = f'{Checkpointer._created}:{self.directory}'
+    stage = os.path.basename(os.path.dirname(self.directory.rstrip('/')))
+    barrier_prefix = f'checkpointer-{Checkpointer._created}-{stage}'
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True,

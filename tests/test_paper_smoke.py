@@ -1,6 +1,6 @@
 """The paper-size smoke run: its configs, its generated data set and its measurements.
 
-The run itself (mmg_jax/tools/paper_smoke.py: 20 min, 16.4 GiB of memory and 13 GB of disk on
+The run itself (mmg_jax/tools/paper_smoke.py: 29 min, 11.7 GiB of memory and 14 GB of disk on
 2 CPU cores) is not in the default suite; run it with
   MMG_PAPER_SMOKE=1 python -m pytest tests/test_paper_smoke.py -k full_run
 """
@@ -141,7 +141,7 @@ def test_measure_reports_status_and_the_child_peak_memory():
 
 
 @pytest.mark.skipif(not os.environ.get('MMG_PAPER_SMOKE'),
-                    reason='20 min and 16 GiB on 2 cores; set MMG_PAPER_SMOKE=1 to run it')
+                    reason='29 min and 12 GiB on 2 cores; set MMG_PAPER_SMOKE=1 to run it')
 def test_full_run_prints_both_tables(tmp_path):
   import subprocess
 

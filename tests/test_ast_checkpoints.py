@@ -9,7 +9,6 @@ comes from the converted checkpoint's provenance (which must hold the reference'
 import copy
 import functools
 import os
-import re
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import pytest
 from configs import common
 from mmg_jax.models import audio_ast
 from mmg_jax.tools import ast_checkpoints, convert_weights, torch_checkpoint
+from tests import numerics
 from tests.test_layers import normal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,21 +73,6 @@ def _our_config(hf_config):
       tuple(config.patch_size), tuple(config.patch_strides))
   config.input_shape = (hf_config.max_length, hf_config.num_mel_bins)
   config.pos_embed_frames = hf_config.max_length
-  return config
-
-
-def _numerics_config(directory, config, norm_eps, *, other):
-  """`config` with the numerics `directory` records, which must be the reference's `norm_eps`;
-  load refuses `config` with norm_eps `other`, naming the field, both values and the flag."""
-  assert convert_weights.read_provenance(directory)['numerics'] == {'norm_eps': norm_eps}
-  config = config.copy_and_resolve_references()
-  config.norm_eps = other
-  named = (f'norm_eps={norm_eps!r}', f'norm_eps={other!r}',
-           f'--config.model.audio.norm_eps={norm_eps!r}')
-  with pytest.raises(ValueError, match='.*'.join(map(re.escape, named))):
-    convert_weights.load(directory, encoder_config=config)
-  config = convert_weights.apply_numerics(directory, config)
-  assert config.norm_eps == norm_eps
   return config
 
 
@@ -190,8 +175,8 @@ def test_hf_ast_transformers5_names_at_384_frames_match_transformers(reference_3
   assert not info['missing_keys'] and not info['unexpected_keys']
   _assert_same_weights(reloaded, ref['model'])
   output = _convert('hf_ast', ref['dir'], str(tmp_path / 'converted'))
-  config = _numerics_config(output, _our_config(ref['config']), ref['config'].layer_norm_eps,
-                            other=AST_NORM_EPS)
+  config = numerics.checked_config(output, _our_config(ref['config']), 'audio', 'norm_eps',
+                                   ref['config'].layer_norm_eps, other=AST_NORM_EPS)
   _assert_parity(_our_outputs(output, config, ref['x']), ref['outputs'],
                  'hf_ast, transformers 5 names, 384 frames')
 
@@ -216,8 +201,8 @@ def test_hf_ast_published_names_at_1024_frames_match_transformers(reference_1024
   provenance = convert_weights.read_provenance(output)
   assert provenance['ignored_keys'] == 4  # classifier.{layernorm, dense}.{weight, bias}
   assert '--config.model.audio.norm_eps=1e-12' in result.stdout
-  config = _numerics_config(output, _our_config(ref['config']), ref['config'].layer_norm_eps,
-                            other=AST_NORM_EPS)
+  config = numerics.checked_config(output, _our_config(ref['config']), 'audio', 'norm_eps',
+                                   ref['config'].layer_norm_eps, other=AST_NORM_EPS)
   _assert_parity(_our_outputs(output, config, ref['x']), ref['outputs'],
                  'hf_ast, transformers 4 names, 1024 frames')
 
@@ -250,8 +235,8 @@ def test_ast_official_checkpoint_matches_the_reference(reference_1024, tmp_path)
   output = _convert('ast_official', checkpoint, str(tmp_path / 'converted'))
   assert convert_weights.read_provenance(output)['ignored_keys'] == 8  # mlp_head, head, head_dist
   assert common.audio_config('paper').norm_eps == AST_NORM_EPS
-  config = _numerics_config(output, _our_config(ref['config']), AST_NORM_EPS,
-                            other=ref['config'].layer_norm_eps)
+  config = numerics.checked_config(output, _our_config(ref['config']), 'audio', 'norm_eps',
+                                   AST_NORM_EPS, other=ref['config'].layer_norm_eps)
   _assert_parity(_our_outputs(output, config, ref['x']), expected, 'ast_official, 1024 frames')
 
 

@@ -23,6 +23,7 @@ import pytest
 from configs import common
 from mmg_jax.models import video_mvit
 from mmg_jax.tools import convert_weights, mvit_checkpoints
+from tests import numerics
 
 torch = pytest.importorskip('torch', reason='the reference MViTs need torch (requirements-test)')
 
@@ -85,21 +86,6 @@ def _pool_norm_eps(model, pattern):
   return eps
 
 
-def _numerics_config(directory, pool_norm_eps, *, other):
-  """The paper config with the numerics `directory` records, which must be the reference's
-  `pool_norm_eps`; load refuses the paper config with `other`, naming field, values and flag."""
-  assert convert_weights.read_provenance(directory)['numerics'] == {'pool_norm_eps': pool_norm_eps}
-  config = common.video_config('paper')
-  config.pool_norm_eps = other
-  named = (f'pool_norm_eps={pool_norm_eps!r}', f'pool_norm_eps={other!r}',
-           f'--config.model.video.pool_norm_eps={pool_norm_eps!r}')
-  with pytest.raises(ValueError, match='.*'.join(map(re.escape, named))):
-    convert_weights.load(directory, encoder_config=config)
-  config = convert_weights.apply_numerics(directory, config)
-  assert config.pool_norm_eps == pool_norm_eps
-  return config
-
-
 @pytest.fixture(scope='module')
 def paper_clip():
   return _clip((1, 3, 16, 224, 224))
@@ -142,8 +128,9 @@ def test_torchvision_checkpoint_converted_by_the_cli_gives_torchvisions_features
   assert (provenance['source_keys'], provenance['ignored_keys']) == (num_keys, 2)  # head.1.*
   assert provenance['converted_keys'] == num_keys - 2
   assert '--config.model.video.pool_norm_eps=1e-06' in run.stdout
-  config = _numerics_config(str(output), _pool_norm_eps(model, r'.*\.pool_[qkv]\.norm_act\.0'),
-                            other=1e-5)
+  eps = _pool_norm_eps(model, r'.*\.pool_[qkv]\.norm_act\.0')
+  config = numerics.checked_config(str(output), common.video_config('paper'), 'video',
+                                   'pool_norm_eps', eps, other=1e-5)
   _assert_close(ours(convert_weights.load(str(output), encoder_config=config), paper_clip,
                      config.pool_norm_eps),
                 _features_after(model.norm, model, paper_clip))
@@ -157,8 +144,10 @@ def test_pytorchvideo_checkpoint_gives_pytorchvideos_features_with_its_recorded_
   model, path = pytorchvideo_mvit
   convert_weights.save(tmp_path, *convert_weights.convert('pytorchvideo_mvit_b_16x4', str(path)))
   assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5, 1e-6}
-  config = _numerics_config(str(tmp_path), _pool_norm_eps(model, r'.*\.attn\.norm_[qkv]'),
-                            other=common.video_config('paper').pool_norm_eps)
+  eps = _pool_norm_eps(model, r'.*\.attn\.norm_[qkv]')
+  config = numerics.checked_config(str(tmp_path), common.video_config('paper'), 'video',
+                                   'pool_norm_eps', eps,
+                                   other=common.video_config('paper').pool_norm_eps)
   want = _features_after(model.norm_embed, model, paper_clip)
   _assert_close(ours(convert_weights.load(str(tmp_path), encoder_config=config), paper_clip,
                      config.pool_norm_eps), want)

@@ -1,0 +1,22 @@
+"""The numerics check of a converted checkpoint, shared by the reference parity tests."""
+import re
+
+import pytest
+
+from mmg_jax.tools import convert_weights
+
+
+def checked_config(directory, config, modality, field, value, *, other):
+  """`config` with the numerics `directory` records, which must be {field: value}, the
+  reference's; load refuses `config` with `field` = `other`, naming the field, both values and
+  the flag."""
+  assert convert_weights.read_provenance(directory)['numerics'] == {field: value}
+  config = config.copy_and_resolve_references()
+  config[field] = other
+  named = (f'{field}={value!r}', f'{field}={other!r}',
+           f'--config.model.{modality}.{field}={value!r}')
+  with pytest.raises(ValueError, match='.*'.join(map(re.escape, named))):
+    convert_weights.load(directory, encoder_config=config)
+  config = convert_weights.apply_numerics(directory, config)
+  assert config[field] == value
+  return config

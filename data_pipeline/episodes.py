@@ -14,12 +14,13 @@ import numpy as np
 def sample_episodes(rng, labels, *, num_episodes, n_way, k_shot, q_query):
   """Draws `num_episodes` N-way K-shot Q-query episodes of indices into `labels`.
 
-  Each episode takes `n_way` distinct classes uniformly at random; row n of an episode holds
-  `k_shot` support and `q_query` query indices of its class, all distinct (support and query
-  disjoint), drawn uniformly without replacement from that class's examples. Negative labels
-  (-1, the unlabeled split) are not a class and are never drawn. Every class must have at least
-  `k_shot + q_query` examples: a class that is too small is an error, never silently dropped,
-  so that the episodes cover the classes the caller expects.
+  Each episode takes `n_way` distinct classes uniformly at random among the classes that can
+  fill a row (`episode_classes`: at least `k_shot + q_query` examples); row n of an episode
+  holds `k_shot` support and `q_query` query indices of its class, all distinct (support and
+  query disjoint), drawn uniformly without replacement from that class's examples. Negative
+  labels (-1, the unlabeled split) are not a class and are never drawn. Fewer than `n_way`
+  classes that can fill a row is an error. The start-up check (`check_fillable`) applies the
+  same rule and names the classes left out, so labels it accepts never fail here.
 
   labels: [num_examples] integer class ids (any ids, e.g. the novel classes 65..78); a concrete
     host array (numpy or jax), because counting examples per class fixes the table shapes. The
@@ -33,15 +34,34 @@ def sample_episodes(rng, labels, *, num_episodes, n_way, k_shot, q_query):
   return episode_idx[..., :k_shot], episode_idx[..., k_shot:]
 
 
+def episode_classes(labels, per_class):
+  """The one episode rule: (classes with at least `per_class` examples, which episodes draw
+  from; classes with fewer, left out). Negative labels are no class. Sorted numpy arrays."""
+  classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+  return classes[counts >= per_class], classes[counts < per_class]
+
+
 def check_fillable(labels, n_way, per_class, where):
-  """Raises unless `labels` hold `n_way` classes of at least `per_class` examples each: the
-  start-up check before any episode is drawn; `where` names the episodes in the message."""
-  counts = np.bincount(labels)
-  enough = int(np.sum(counts >= per_class))
-  if enough < n_way:
+  """The start-up check before any episode is drawn, by `episode_classes`' rule: raises unless
+  `n_way` classes of `labels` have `per_class` examples each; returns the classes left out
+  (the caller says which). `where` names the episodes in the message."""
+  labels = np.asarray(labels)
+  classes, left_out = episode_classes(labels, per_class)
+  if classes.size < n_way:
+    most = np.unique(labels[labels >= 0], return_counts=True)[1].max(initial=0)
     raise ValueError(f'{where}: an episode needs {n_way} classes with k_shot + q_query = '
-                     f'{per_class} clips each, and only {enough} classes have that many (most '
-                     f'clips in a class: {counts.max()}); lower n_way, k_shot or q_query.')
+                     f'{per_class} clips each, and only {classes.size} classes have that many '
+                     f'(most clips in a class: {most}); lower n_way, k_shot or q_query.')
+  return left_out
+
+
+def left_out_message(left_out, per_class, where):
+  """A console line naming the classes episodes leave out, or None when there are none."""
+  if not len(left_out):
+    return None
+  shown = ', '.join(str(c) for c in left_out[:20]) + (', ...' if len(left_out) > 20 else '')
+  return (f'{where}: {len(left_out)} classes have fewer than {per_class} clips and are left out '
+          f'of its episodes: {shown}.')
 
 
 def _class_table(labels, *, n_way, k_shot, q_query):
@@ -55,20 +75,14 @@ def _class_table(labels, *, n_way, k_shot, q_query):
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f'labels must be a 1-D integer array of class ids, got dtype {labels.dtype} '
                      f'and shape {labels.shape}.')
-  (labeled,) = np.nonzero(labels >= 0)
-  classes, counts = np.unique(labels[labeled], return_counts=True)
-  per_class = k_shot + q_query
-  too_small = classes[counts < per_class]
-  if too_small.size:
-    smallest = too_small[np.argmin(counts[counts < per_class])]
-    others = f' (all too small: {too_small.tolist()})' if too_small.size > 1 else ''
-    raise ValueError(f'class {smallest} has {counts[classes == smallest][0]} examples but '
-                     f'{k_shot}-shot {q_query}-query episodes need {per_class}{others}; lower '
-                     'k_shot/q_query or use a split with more examples.')
+  classes, _ = episode_classes(labels, k_shot + q_query)
   if classes.size < n_way:
-    raise ValueError(f'{n_way}-way episodes need {n_way} classes but the labels hold '
-                     f'{classes.size} ({classes.tolist()}); lower n_way or use a split with more '
-                     'classes.')
+    raise ValueError(f'{n_way}-way episodes need {n_way} classes with k_shot + q_query = '
+                     f'{k_shot + q_query} examples, but the labels hold {classes.size} '
+                     f'({classes.tolist()}); lower n_way, k_shot or q_query, or use a split with '
+                     'more examples.')
+  (labeled,) = np.nonzero(np.isin(labels, classes))
+  counts = np.bincount(np.searchsorted(classes, labels[labeled]), minlength=classes.size)
   # Group example indices by class: a stable sort by label, then each class's slice in a row.
   by_class = labeled[np.argsort(labels[labeled], kind='stable')]
   starts = np.cumsum(counts) - counts

@@ -30,9 +30,10 @@ class Batches:
     its modalities only, reading `source` (the frozen-feature cache) instead of the split's clips
     unless it is None.
   check: (where, stage) -> None, or ValueError: what else `validate` requires of the stage.
-  check_split: (stage, num_clips, labels) -> None, or ValueError: what `check_feasible` requires
-    of the stage's split, which holds num_clips clips; labels(split) reads a split's labels (it
-    reads every clip: call it only when the check needs them).
+  check_split: (stage, num_clips, labels) -> a note for the console or None, or ValueError:
+    what `check_feasible` requires of the stage's split, which holds num_clips clips;
+    labels(split) reads a split's labels (it reads every clip: call it only when the check
+    needs them).
   """
   counts: tuple[str, ...]
   size: Callable
@@ -172,6 +173,7 @@ def _check_clip_split(stage, num_clips, labels):
   if num_clips // jax.process_count() < batch_size // jax.process_count():
     raise ValueError(f'batch_size={batch_size} is larger than its split {stage.split!r} '
                      f'({num_clips} clips); lower batch_size.')
+  return None
 
 
 def _episode_size(stage):
@@ -196,8 +198,10 @@ def _check_whole_episodes(where, stage):
 
 def _check_episode_split(stage, num_clips, labels):
   del num_clips  # the class counts decide
-  episode_sampling.check_fillable(labels(stage.split), stage.n_way, stage.k_shot + stage.q_query,
-                                  f'split {stage.split!r}')
+  per_class = stage.k_shot + stage.q_query
+  where = f'split {stage.split!r}'
+  left_out = episode_sampling.check_fillable(labels(stage.split), stage.n_way, per_class, where)
+  return episode_sampling.left_out_message(left_out, per_class, where)
 
 
 CLIPS = Batches(counts=('batch_size',), size=lambda stage: stage.batch_size,

@@ -111,16 +111,57 @@ def test_accepts_jax_labels_and_legacy_uint32_keys():
   assert (ADVERSARIAL[np.asarray(support)][..., :1] == ADVERSARIAL[np.asarray(query)]).all()
 
 
-def test_too_small_class_is_named():
+def test_too_small_classes_are_left_out_not_drawn():
+  labels = shuffled_labels({65: 20, 70: 3, 71: 19, 72: 25})
+  support, query = sample(labels, n_way=2, k_shot=5, q_query=15)
+  drawn = np.unique(labels[np.concatenate([support.ravel(), query.ravel()])])
+  np.testing.assert_array_equal(drawn, [65, 72])
+
+
+# Long-tailed, as real Ego4D classes are: a few large classes, many with a handful of clips.
+LONG_TAILED = shuffled_labels({c: max(1, int(200 / (c + 1) ** 1.2)) for c in range(65)}, seed=3,
+                              num_unlabeled=20)
+
+
+@pytest.mark.parametrize('n_way, k_shot, q_query', [(5, 5, 15), (5, 5, 3), (2, 1, 1), (8, 3, 4),
+                                                   (10, 5, 15)])
+def test_labels_the_check_accepts_never_fail_to_sample(n_way, k_shot, q_query):
+  """The start-up check and the sampler share one rule: what passes the check samples, from
+  exactly the classes the check keeps, and what the check refuses does not sample."""
+  per_class = k_shot + q_query
+  counts = {c: int(np.sum(LONG_TAILED == c)) for c in range(65)}
+  fillable = sorted(c for c, n in counts.items() if n >= per_class)
+  try:
+    left_out = episodes.check_fillable(LONG_TAILED, n_way, per_class, 'test')
+  except ValueError:
+    assert len(fillable) < n_way
+    with pytest.raises(ValueError, match=f'{n_way}-way episodes need {n_way} classes'):
+      sample(LONG_TAILED, n_way=n_way, k_shot=k_shot, q_query=q_query)
+    return
+  assert len(fillable) >= n_way
+  np.testing.assert_array_equal(left_out, sorted(set(counts) - set(fillable)))
+  support, query = sample(LONG_TAILED, num_episodes=2000, n_way=n_way, k_shot=k_shot,
+                          q_query=q_query)
+  drawn = np.unique(LONG_TAILED[np.concatenate([support.ravel(), query.ravel()])])
+  np.testing.assert_array_equal(drawn, fillable)  # every kept class appears in 2000 episodes
+
+
+def test_left_out_classes_are_named():
   labels = shuffled_labels({65: 20, 70: 3, 71: 19})
-  with pytest.raises(ValueError, match=r'class 70 has 3 examples but 5-shot 15-query episodes '
-                     r'need 20 \(all too small: \[70, 71\]\); lower k_shot/q_query'):
-    episodes.sample_episodes(jax.random.key(0), labels, num_episodes=1, n_way=2, k_shot=5,
-                             q_query=15)
+  left_out = episodes.check_fillable(labels, 1, 20, 'the few-shot evaluation')
+  np.testing.assert_array_equal(left_out, [70, 71])
+  assert episodes.left_out_message(left_out, 20, 'the few-shot evaluation') == (
+      'the few-shot evaluation: 2 classes have fewer than 20 clips and are left out of its '
+      'episodes: 70, 71.')
+  assert episodes.left_out_message(episodes.check_fillable(labels, 1, 3, 'x'), 3, 'x') is None
+  with pytest.raises(ValueError, match=r'only 1 classes have that many \(most clips in a class: '
+                     r'20\)'):
+    episodes.check_fillable(labels, 2, 20, 'x')
 
 
 def test_too_few_classes_is_an_error():
-  with pytest.raises(ValueError, match=r'6-way episodes need 6 classes but the labels hold 5'):
+  with pytest.raises(ValueError, match=r'6-way episodes need 6 classes with k_shot \+ q_query = '
+                     r'5 examples, but the labels hold 5'):
     sample(ADVERSARIAL, n_way=6)
 
 

@@ -49,14 +49,14 @@ def check_batch(batch, size):
 
 
 def test_eval_batches_cover_the_split_once_in_order_with_a_padded_last_batch(dataset):
-  expected = read_all(dataset, 'val')  # 65 examples: batches of 64 and 1 + 63 padding.
+  expected = read_all(dataset, 'val')  # 130 examples: batches of 64, 64 and 2 + 62 padding.
   batches = list(loaders.eval_batches(dataset, 'val', global_batch_size=64, process_count=1,
                                       process_index=0))
-  assert len(batches) == 2
+  assert len(batches) == 3
   for batch in batches:
     check_batch(batch, 64)
   mask = np.concatenate([b['mask'] for b in batches])
-  np.testing.assert_array_equal(mask, np.arange(128) < 65)
+  np.testing.assert_array_equal(mask, np.arange(192) < 130)
   video = np.concatenate([b['video'] for b in batches])[mask]
   label = np.concatenate([b['label'] for b in batches])[mask]
   np.testing.assert_array_equal(video, expected['video'])
@@ -187,8 +187,8 @@ def test_processes_read_their_rows_of_the_one_process_train_batches(dataset, pro
 
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_processes_read_their_rows_of_the_one_process_eval_batches(dataset, process_count):
-  """65 examples in batches of 16: the last holds example 64 and 15 padding rows, so some
-  processes read only padding there."""
+  """130 examples in batches of 16: the last holds examples 128, 129 and 14 padding rows, so
+  some processes read only padding there."""
   def make_loader(**processes):
     return loaders.eval_batches(dataset, 'val', global_batch_size=16, **processes)
   assert_same_global_batches(make_loader, process_count)

@@ -89,7 +89,7 @@ SMALL = MmgSyntheticConfig(
 TINY = MmgSyntheticConfig(
     name='tiny', description='For tests: video [4,16,16,3], audio [48,16], imu [100,6].',
     video_shape=(4, 16, 16, 3), audio_shape=(48, 16), imu_shape=(100, 6),
-    sizes=SplitSizes(train=4, val=1, test=2, novel=10, unlabeled=200, pretrain=2))
+    sizes=SplitSizes(train=4, val=2, test=2, novel=10, unlabeled=200, pretrain=2))
 
 
 def split_labels(config, split):
@@ -133,10 +133,12 @@ def generate_split(config, split, *, chunk_size=CHUNK_SIZE):
 class MmgSynthetic(tfds.core.GeneratorBasedBuilder):
   """Synthetic MMG clips whose classes show in video, audio and IMU at once."""
 
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': 'Media tensors stored as raw bytes (faster to build and read).',
-                   '1.2.0': 'A pretrain split of other classes (external pre-training).'}
+                   '1.2.0': 'A pretrain split of other classes (external pre-training).',
+                   '1.3.0': "tiny: 2 val clips a class, the fewest few-shot validation "
+                            'episodes (1-shot 1-query) need.'}
   BUILDER_CONFIGS = [SMALL, TINY]
   DEFAULT_CONFIG_NAME = 'small'
   # TFDS finds a builder's file through the `importlib_resources` backport, which is not

@@ -27,6 +27,7 @@ def base(arg=None):
   size = parse_size(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.num_seeds = 1  # >1: seeds config.seed + i run one by one, aggregated (mmg_jax/seeds.py)
   config.size = size
   config.dataset = dataset_config(size)
   config.model = model_config(size)
@@ -281,8 +282,22 @@ def _stage(size, name, kind, *, split, modalities, learning_rate, num_steps=None
       'log_every': max(1, num_steps // 10),
       # A few saves per stage; 'tiny' stages are too short to need more than the final one.
       'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // 4),
+      'validation': validation_config(),
       **fields,
   })
+
+
+def validation_config(evaluator=None, every=1, select_best=False):
+  """Validation during a stage (mmg_jax.train.Validation) on config.eval.validation's data.
+
+  evaluator: None (no validation), 'top1' (top-1 of the fused logits) or 'fewshot' (episodes
+  of config.eval.validation.fewshot), under the stage's own modalities: a stage never picks its
+  checkpoint by a modality it does not train on. Every `every` steps and at the last;
+  select_best: the stage's result is its best validation step, not its last.
+  """
+  return ml_collections.ConfigDict({
+      'evaluator': ml_collections.config_dict.placeholder(str, evaluator),
+      'every': every, 'select_best': select_best})
 
 
 def unimodal_stage(size, modalities=('video', 'audio', 'imu')):
@@ -364,14 +379,28 @@ def eval_config(size, kind, rows):
   Few-shot: N-way K-shot Q-query episodes on the novel split, the same `num_episodes` episodes
   (drawn with `seed`) for every row; 'tiny' has 10 novel clips per class, so 5 queries. Many-shot:
   top-1 over every clip of the test split.
+
+  `target` 'val' evaluates the same rows on validation data instead (`validation`): top-1 on the
+  `val` split, few-shot episodes on its base-class clips (held out from training; never the
+  novel classes), into workdir/val/. Recipes are chosen there (mmg_jax/tools/sweep.py), and
+  stages with a `validation` field select their checkpoint there (`validation_config`).
   """
   return ml_collections.ConfigDict({
       'kind': kind,  # 'few-shot' | 'many-shot' | 'ablation': the results table's layout
       'batch_size': {'tiny': 16, 'small': 64, 'paper': 256}[size],  # global
+      'target': 'test',  # 'test': the paper's splits below; 'val': `validation`
       'manyshot_split': 'test',
       'fewshot_split': 'novel',
       'fewshot': {'n_way': 5, 'k_shot': 5, 'q_query': {'tiny': 5, 'small': 15, 'paper': 15}[size],
                   'num_episodes': {'tiny': 20, 'small': 600, 'paper': 600}[size], 'seed': 0},
+      # Validation data: 'val' holds base-class clips ('small': 8 a class, 'tiny' 2), so its
+      # episodes are smaller than the novel split's; another episode seed than the test's.
+      'validation': {
+          'split': 'val',
+          'fewshot': {'n_way': 5, 'k_shot': {'tiny': 1, 'small': 5, 'paper': 5}[size],
+                      'q_query': {'tiny': 1, 'small': 3, 'paper': 3}[size],
+                      'num_episodes': {'tiny': 20, 'small': 300, 'paper': 600}[size],
+                      'seed': 1}},
       'rows': tuple(rows),
       # Only the rows these comma-separated selectors match, and only the pipelines they need:
       # settings ('zero-shot'), pipeline names, TRAIN:TEST short names ('AI:V'). None: all
@@ -421,6 +450,7 @@ def smoke_schedule(config):
         stage.update(_SMOKE_META)
   config.eval.batch_size = _SMOKE_BATCH_SIZE
   config.eval.fewshot.update(_SMOKE_FEWSHOT_EVAL)
+  config.eval.validation.fewshot.update(_SMOKE_FEWSHOT_EVAL)
   return config
 
 

@@ -9,7 +9,8 @@ and score the rows from those outputs on the host:
   subset (`test`); one fixed episode list (seeded) serves every row.
 Clips without any of a row's test (query, support) modalities are not scored (real Ego4D clips
 may lack IMU); `n` counts what was scored.
-Numbers are percentages with a 95% confidence interval, as the paper reports them.
+Numbers are percentages with a 95% confidence interval [low, high] (`ci95`): Wilson's for top-1,
+the normal interval of the mean over episodes for few-shot.
 """
 import functools
 
@@ -39,20 +40,35 @@ def restrict(batch, allowed):
 
 
 def mean_ci95(values):
-  """(mean, half width of the 95% normal confidence interval of the mean) of a 1-D sample.
+  """(mean, [low, high]) of a 1-D sample: the 95% normal confidence interval of the mean.
 
-  ci95 = 1.96 * s / sqrt(n), with s the sample standard deviation (ddof=1); 0 for one value.
+  mean -+ 1.96 * s / sqrt(n), with s the sample standard deviation (ddof=1); [mean, mean] for
+  one value. Few-shot rows: the mean over hundreds of episodes, where the normal form holds.
   """
   values = np.asarray(values, np.float64)
-  if values.size < 2:
-    return float(values.mean()), 0.0
-  return float(values.mean()), float(Z95 * values.std(ddof=1) / np.sqrt(values.size))
+  mean = float(values.mean())
+  half = 0.0 if values.size < 2 else float(Z95 * values.std(ddof=1) / np.sqrt(values.size))
+  return mean, [mean - half, mean + half]
 
 
-def proportion_ci95(correct):
-  """(accuracy, 95% normal-approximation interval half width) of a boolean [n] array."""
+def wilson_ci95(correct):
+  """(accuracy, [low, high]) of a boolean [n] array: the 95% Wilson score interval.
+
+  Top-1 rows near chance (1.5% on 65 classes) are where the normal approximation fails: its
+  interval leaves [0, 1] and has too little coverage. Wilson's stays inside and is asymmetric:
+  center (p + z^2 / 2n) / (1 + z^2 / n), half width z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 +
+  z^2 / n).
+  """
+  n = np.size(correct)
   p = float(np.mean(correct))
-  return p, float(Z95 * np.sqrt(p * (1 - p) / np.size(correct)))
+  scale = 1 + Z95 ** 2 / n
+  center = (p + Z95 ** 2 / (2 * n)) / scale
+  half = Z95 * np.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n ** 2)) / scale
+  return p, [float(max(0.0, center - half)), float(min(1.0, center + half))]
+
+
+def _percent(interval):
+  return [100 * x for x in interval]
 
 
 def prototype_embedding(fused, temperature=1.0):
@@ -227,8 +243,8 @@ def top1_row(row, outputs, labels):
   scored = np.any(out['present'], axis=-1)
   _check_scored(scored, f'row {row["setting"]} {row["train"]} -> {row["test"]}')
   correct = (np.argmax(out['logits'], axis=-1) == labels)[scored]
-  accuracy, ci95 = proportion_ci95(correct)
-  return {**row, 'mean': 100 * accuracy, 'ci95': 100 * ci95, 'n': int(correct.size)}
+  accuracy, ci95 = wilson_ci95(correct)
+  return {**row, 'mean': 100 * accuracy, 'ci95': _percent(ci95), 'n': int(correct.size)}
 
 
 def unimodal_rows(outputs, labels, paper):
@@ -243,8 +259,8 @@ def unimodal_rows(outputs, labels, paper):
     scored = out['present'][:, i]
     _check_scored(scored, f'the {m} baseline')
     correct = (np.argmax(out['unimodal_logits'][m], -1) == labels)[scored]
-    accuracy, ci95 = proportion_ci95(correct)
-    rows.append({'modality': m, 'metric': 'top1', 'mean': 100 * accuracy, 'ci95': 100 * ci95,
+    accuracy, ci95 = wilson_ci95(correct)
+    rows.append({'modality': m, 'metric': 'top1', 'mean': 100 * accuracy, 'ci95': _percent(ci95),
                  'n': int(correct.size), 'paper': paper[m]})
   return rows
 
@@ -272,7 +288,7 @@ def fewshot_row(row, outputs, support_idx, query_idx):
                      'and a query clip with the query modalities, so there is nothing to score; '
                      'check the dataset build report.')
   mean, ci95 = mean_ci95(np.asarray(accuracies)[scored])
-  return {**row, 'mean': 100 * mean, 'ci95': 100 * ci95, 'n': int(np.sum(scored))}
+  return {**row, 'mean': 100 * mean, 'ci95': _percent(ci95), 'n': int(np.sum(scored))}
 
 
 def sample_eval_episodes(labels, fewshot):
@@ -284,7 +300,7 @@ def sample_eval_episodes(labels, fewshot):
 
 def evaluate_rows(rows, predict, evaluation, episode_cache):
   """Result rows of one trained pipeline: top-1 rows on the many-shot split, few-shot rows on
-  the few-shot split.
+  the few-shot split; each row says its `split`.
 
   predict(split, subsets) -> (outputs, labels) as `predict_split` (the pipeline's model).
   evaluation: config.eval. episode_cache: a dict shared by every pipeline of a run; the first
@@ -299,7 +315,8 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
   if top1:
     subsets = sorted({modalities.check(rows[i]['test']) for i in top1})
     outputs, labels = predict(evaluation.manyshot_split, subsets)
-    results |= {i: top1_row(rows[i], outputs, labels) for i in top1}
+    results |= {i: top1_row(rows[i], outputs, labels) | {'split': evaluation.manyshot_split}
+                for i in top1}
   fewshot = [i for i, row in enumerate(rows) if row['metric'] == '5w5s_acc']
   if fewshot:
     subsets = sorted({modalities.check(rows[i][k]) for i in fewshot for k in ('train', 'test')})
@@ -311,8 +328,44 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
       raise RuntimeError(f'the {evaluation.fewshot_split!r} split came back in another order; '
                          'the fixed episodes index it, so eval_batches must be deterministic.')
     support_idx, query_idx = episode_cache['episodes']
-    results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx) for i in fewshot}
+    results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx)
+                | {'split': evaluation.fewshot_split} for i in fewshot}
   return [results[i] for i in range(len(rows))]
+
+
+def top1_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fewshot=None):
+  """params -> {'top1_accuracy': %}: top-1 of the fused logits under `subset` on `split`."""
+  del fewshot  # the few-shot evaluator's
+  row = {'setting': split, 'train': subset, 'test': subset}
+
+  def evaluate(params):
+    outputs, labels = predict_split(forward, params, dataset, split, [subset],
+                                    batch_size=batch_size, mesh=mesh)
+    return {'top1_accuracy': top1_row(row, outputs, labels)['mean']}
+
+  return evaluate
+
+
+def fewshot_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fewshot):
+  """params -> {'5w5s_accuracy': %}: `fewshot` episodes (a config.eval.fewshot, drawn once)
+  on `split`, support and query under `subset`."""
+  labels = loaders.split_labels(loaders.data_source(dataset, split))
+  support_idx, query_idx = sample_eval_episodes(labels, fewshot)
+  row = {'setting': split, 'train': subset, 'test': subset}
+
+  def evaluate(params):
+    outputs, split_labels = predict_split(forward, params, dataset, split, [subset],
+                                          batch_size=batch_size, mesh=mesh)
+    if not np.array_equal(split_labels, labels):
+      raise RuntimeError(f'the {split!r} split came back in another order than its labels.')
+    return {'5w5s_accuracy': fewshot_row(row, outputs, support_idx, query_idx)['mean']}
+
+  return evaluate
+
+
+# Evaluators by name, each (forward, dataset, split, *, subset, batch_size, mesh, fewshot) ->
+# evaluate(params) -> {metric: percent}, on any split: a stage's `validation` names one.
+EVALUATORS = {'top1': top1_evaluator, 'fewshot': fewshot_evaluator}
 
 
 @jax.jit

@@ -40,6 +40,8 @@ from mmg_jax.tools import convert_weights
 from mmg_jax.workdir import atomic_write_text
 
 LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
+# config.eval.target: the paper's test splits, or validation data (`for_target`).
+TARGETS = ('test', 'val')
 UNLABELED_SPLIT = 'unlabeled'
 STAGE_FILE = 'stage.json'  # a stage directory's record of the config it trains under
 # Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
@@ -56,7 +58,10 @@ def _kind(stage):
 
 def validate(config):
   """Checks the pipelines and rows of a config before anything trains; raises ValueError."""
-  evaluation_splits = {config.eval.manyshot_split, config.eval.fewshot_split}
+  if config.eval.target not in TARGETS:
+    raise ValueError(f'eval.target={config.eval.target!r} must be one of {TARGETS}.')
+  evaluation_splits = {config.eval.manyshot_split, config.eval.fewshot_split,
+                       config.eval.validation.split}
   for name, pipeline in config.pipelines.items():
     if not pipeline.stages:
       raise ValueError(f'pipeline {name!r} has no stages; give it at least one.')
@@ -117,12 +122,28 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
   if 'temperature' in stage:
     _check_numbers(where, stage, ['temperature'], lambda x: math.isfinite(x) and x > 0,
                    'finite and positive')
+  _validate_stage_validation(where, stage.validation)
   subset = _subset(stage)
   kind.batches.check(where, stage)
   if kind.uses_align(stage) and ('video' not in subset or len(subset) < 2):
     raise ValueError(f'{where} uses L_align, which pairs video with audio and IMU, but may see '
                      f'only {list(subset)}; allow video and another modality or set align_weight '
                      'to 0.')
+
+
+def _validate_stage_validation(where, validation):
+  evaluator = validation.evaluator
+  if evaluator is not None and evaluator not in evaluate.EVALUATORS:
+    raise ValueError(f'{where}: validation.evaluator={evaluator!r} must be one of '
+                     f'{tuple(evaluate.EVALUATORS)} or None.')
+  _check_numbers(where, {'validation': validation}, ['validation.every'],
+                 lambda x: isinstance(x, int) and x >= 1, 'a whole number of at least 1')
+  if not isinstance(validation.select_best, bool):
+    raise ValueError(f'{where}: validation.select_best={validation.select_best!r} must be True '
+                     'or False.')
+  if validation.select_best and evaluator is None:
+    raise ValueError(f'{where}: validation.select_best needs a validation.evaluator to select '
+                     f'by; set one of {tuple(evaluate.EVALUATORS)}.')
 
 
 def _check_numbers(where, stage, fields, good, what):
@@ -173,30 +194,47 @@ def check_feasible(config, names, mesh):
     for stage in pipeline.stages:
       where = f'stage {stage.name!r} of pipeline {name!r}'
       try:
-        _check_stage_feasible(stage, params, len(source(stage.split)), mesh,
-                              labels=split_labels)
+        note = _check_stage_feasible(stage, params, len(source(stage.split)), mesh,
+                                     labels=split_labels)
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
+      if note:
+        _say(name, f'stage {stage.name!r}: {note}')
   evaluation = config.eval
   try:
     sharding.check_batch_size(evaluation.batch_size, mesh)
   except ValueError as e:
     raise ValueError(f'config.eval.batch_size: {e}') from None
+  validation = config.eval.validation
+  if any(config.pipelines[name].stages[i].validation.evaluator == 'fewshot'
+         for name in names for i in range(len(config.pipelines[name].stages))):
+    _check_episodes(split_labels(validation.split), validation.fewshot,
+                    f'the few-shot validation of stages (config.eval.validation.fewshot, split '
+                    f'{validation.split!r})')
   if any(config.eval.rows[i].metric == '5w5s_acc' for i in select_rows(config)):
-    fewshot = evaluation.fewshot
-    episodes.check_fillable(split_labels(evaluation.fewshot_split), fewshot.n_way,
-                            fewshot.k_shot + fewshot.q_query,
-                            f'the few-shot evaluation (config.eval.fewshot, split '
-                            f'{evaluation.fewshot_split!r})')
+    _check_episodes(split_labels(evaluation.fewshot_split), evaluation.fewshot,
+                    f'the few-shot evaluation (config.eval.fewshot, split '
+                    f'{evaluation.fewshot_split!r})')
+
+
+def _check_episodes(labels, fewshot, where):
+  """episodes.check_fillable for a config.eval.fewshot; says which classes are left out."""
+  per_class = fewshot.k_shot + fewshot.q_query
+  note = episodes.left_out_message(episodes.check_fillable(labels, fewshot.n_way, per_class,
+                                                           where), per_class, where)
+  if note:
+    _say('check', note)
 
 
 def _check_stage_feasible(stage, params, num_clips, mesh, *, labels):
-  """labels(split) -> the split's labels, read only by checks that need them (episodes)."""
+  """labels(split) -> the split's labels, read only by checks that need them (episodes).
+  Returns the split check's note (classes episodes leave out) or None."""
   batches = _kind(stage).batches
-  batches.check_split(stage, num_clips, labels)
+  note = batches.check_split(stage, num_clips, labels)
   sharding.check_batch_size(batches.size(stage), mesh,
                             accumulate_steps=stage.optimizer.accumulate_steps)
   train.frozen_names(params, stage.optimizer.trainable)
+  return note
 
 
 def _validate_pretrained(config):
@@ -278,6 +316,27 @@ def make_loader(dataset, stage, seed, source=None):
   return _kind(stage).batches.loader(dataset, stage, seed, source)
 
 
+# The consumers of a stage's randomness, each with a stream of its own: the params' fresh init,
+# the train step's key (dropout, drop-path, modality dropout, episode modalities) and the loader
+# (shuffle order, episode draws).
+STREAMS = ('init', 'train', 'loader')
+
+
+def stream_seed(seed, stage_index, stream):
+  """The integer seed of one random stream: key(seed) folded with the stage's index in its
+  pipeline, then with the consumer (`STREAMS`).
+
+  Streams are independent across seeds, stages and consumers: with `seed + i`, stage 1 of seed
+  0 drew what stage 0 of seed 1 drew, and the train step and the episode loader, both keyed by
+  fold_in(key(seed), step), drew from one stream. A stage shared by pipelines has the same index
+  in each (they begin with the same stages).
+  """
+  with jax.ensure_compile_time_eval():  # a Python int, also where callers trace (eval_shape)
+    key = jax.random.fold_in(jax.random.key(seed), stage_index)
+    key = jax.random.fold_in(key, STREAMS.index(stream))
+    return int(jax.random.bits(key, dtype=np.uint32))
+
+
 def model_config(config, pipeline):
   """The pipeline's model: config.model with the pipeline's `model_updates` (e.g. MLP fusion)."""
   model = config.model.copy_and_resolve_references()
@@ -293,7 +352,8 @@ def example_batch(dataset):
 
 
 def init_params(model, batch, seed):
-  """Fresh params for `model`, initialized on `batch`."""
+  """Fresh params for `model`, initialized on `batch`; seed: the run's `config.seed`."""
+  seed = stream_seed(seed, 0, 'init')
   keys = jax.random.split(jax.random.key(seed), 3)
   rngs = dict(zip(('params', 'dropout', 'modality'), keys, strict=True))
   return jax.jit(lambda rngs, batch: model.init(rngs, batch, train=False))(rngs, batch)['params']
@@ -466,7 +526,7 @@ def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=Tr
                 init_params(model, example_batch(config.dataset), config.seed)
                 | pretrained_encoders(name, model_cfg))
     params = jax.device_get(params)  # while the stage trains, its state is the only device copy
-    params = _run_stage(config, model, stage, seed=config.seed + i, workdir=workdir,
+    params = _run_stage(config, model, stage, index=i, workdir=workdir,
                         stage_dir=stage_dir, identity=identity, init=params, mesh=mesh)
     finished = None
   if params is None:  # every stage had finished
@@ -494,22 +554,45 @@ def _unfinished_message(unfinished):
           + '\n'.join(lines) + '\nrun the same command without --mode=evaluate to train them.')
 
 
-def _run_stage(config, model, stage, *, seed, workdir, stage_dir, identity, init, mesh):
-  """train.run_stage in `stage_dir`, claimed for `identity`; a claim this call made is dropped
-  again if the stage fails before its first checkpoint (nothing trained there)."""
+def _run_stage(config, model, stage, *, index, workdir, stage_dir, identity, init, mesh):
+  """train.run_stage of the stage at `index` of its pipeline in `stage_dir`, claimed for
+  `identity`; a claim this call made is dropped again if the stage fails before its first
+  checkpoint (nothing trained there)."""
+  seeds = {stream: stream_seed(config.seed, index, stream) for stream in ('train', 'loader')}
   claimed = _claim_stage_dir(stage_dir, identity)
   try:
     source = _feature_cache(config, model, stage, init, workdir, mesh)
     return train.run_stage(
         os.path.basename(stage_dir), workdir=os.path.dirname(stage_dir), model=model,
         loss_fn=make_loss_fn(model, stage, encoded=source is not None), init_params=init,
-        loader=make_loader(config.dataset, stage, seed, source), optimizer=stage.optimizer,
-        num_steps=stage.num_steps, mesh=mesh, seed=seed, log_every=stage.log_every,
-        checkpoint_every=stage.checkpoint_every)
+        loader=make_loader(config.dataset, stage, seeds['loader'], source),
+        optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh, seed=seeds['train'],
+        log_every=stage.log_every, checkpoint_every=stage.checkpoint_every,
+        validation=_stage_validation(config, model, stage, mesh))
   except BaseException:
     if claimed and _checkpoint_steps(stage_dir) is None:
       (epath.Path(stage_dir) / STAGE_FILE).unlink()
     raise
+
+
+def _stage_validation(config, model, stage, mesh):
+  """The stage's train.Validation on config.eval.validation's split, or None."""
+  spec = stage.validation
+  if spec.evaluator is None:
+    return None
+  make = evaluate.EVALUATORS[spec.evaluator]
+  validation = config.eval.validation
+  evaluator = make(evaluate.make_forward(model), config.dataset, validation.split,
+                   subset=_subset(stage), batch_size=config.eval.batch_size, mesh=mesh,
+                   fewshot=validation.fewshot)
+
+  def named(params):
+    return {f'{validation.split}_{k}': v for k, v in evaluator(params).items()}
+
+  metric = f'{validation.split}_' + ('top1_accuracy' if spec.evaluator == 'top1' else
+                                     '5w5s_accuracy')
+  return train.Validation(named, every=spec.every,
+                          select_best=metric if spec.select_best else None)
 
 
 def _feature_cache(config, model, stage, params, workdir, mesh):
@@ -529,7 +612,40 @@ def _restore(config, model, stage, directory, workdir, mesh):
   params_shape = jax.eval_shape(
       functools.partial(init_params, model, example_batch(config.dataset), config.seed))
   return train.final_params(name, workdir=os.path.join(workdir, owner), params_shape=params_shape,
-                            optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh)
+                            optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh,
+                            select_best=_selects_best(stage))
+
+
+def _selects_best(stage):
+  return stage.validation.evaluator is not None and stage.validation.select_best
+
+
+def evaluated_checkpoint(config, name, workdir, directories):
+  """Which params the rows of pipeline `name` evaluate: {'stage': its last stage's directory,
+  'step'}, and with a checkpoint selected by validation its 'metric' and 'value'."""
+  stages = config.pipelines[name].stages
+  directory = directories[name, len(stages) - 1]
+  if not _selects_best(stages[-1]):
+    return {'stage': directory, 'step': stages[-1].num_steps}
+  return {'stage': directory, **train.read_best(os.path.join(workdir, directory))}
+
+
+def for_target(config):
+  """The config as its evaluation runs: with eval.target 'val', the rows' splits and few-shot
+  episodes are eval.validation's (base-class clips held out from training)."""
+  if config.eval.target == 'test':
+    return config
+  config = config.copy_and_resolve_references()
+  validation = config.eval.validation
+  config.eval.update({'manyshot_split': validation.split, 'fewshot_split': validation.split,
+                      'fewshot': validation.fewshot})
+  return config
+
+
+def results_dir(config, workdir):
+  """Where a run writes its results: the workdir for the test splits, workdir/val for
+  validation data, so that neither overwrites the other."""
+  return workdir if config.eval.target == 'test' else os.path.join(workdir, 'val')
 
 
 def select_rows(config):
@@ -557,9 +673,11 @@ def run(config, workdir, *, train_missing=True):
   """Trains the pipelines of the rows `config` selects (`select_rows`), evaluates the rows
   pipeline after pipeline and writes the results after each one; returns the result rows.
 
-  train_missing=False evaluates finished checkpoints only (main's --mode=evaluate).
+  train_missing=False evaluates finished checkpoints only (main's --mode=evaluate). Results go
+  to `results_dir`: the workdir, or workdir/val for eval.target 'val'.
   """
   validate(config)
+  config = for_target(config)
   selected = select_rows(config)
   config_rows = [config.eval.rows[i] for i in selected]
   names = sorted({row.pipeline for row in config_rows})
@@ -580,6 +698,7 @@ def run(config, workdir, *, train_missing=True):
           forward, _unimodal_params(config, name, model, workdir, mesh, directories),
           config.dataset, config.eval.manyshot_split, [modalities.MODALITIES],
           batch_size=config.eval.batch_size, mesh=mesh), report.UNIMODAL_PAPER)
+      unimodal = [row | {'split': config.eval.manyshot_split} for row in unimodal]
     indices = [i for i, row in enumerate(config_rows) if row.pipeline == name]
     _say(name, f'evaluating {len(indices)} rows.')
     predictions = {}
@@ -589,13 +708,14 @@ def run(config, workdir, *, train_missing=True):
                                                   batch_size=config.eval.batch_size, mesh=mesh)
       return predictions[split]
 
-    rows = [_result_row(config_rows[i]) for i in indices]
+    checkpoint_used = evaluated_checkpoint(config, name, workdir, directories)
+    rows = [_result_row(config_rows[i]) | {'checkpoint': checkpoint_used} for i in indices]
     results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache),
                        strict=True))
     if name == config_rows[0].pipeline:
-      _save_embeddings(config, name, workdir, predictions)
+      _save_embeddings(config, name, results_dir(config, workdir), predictions)
     del params, predict, predictions  # the next pipeline trains with only its own params
-    _write_results(config, config_rows, results, workdir, unimodal)
+    _write_results(config, config_rows, results, results_dir(config, workdir), unimodal)
   return [results[i] for i in range(len(config_rows))]
 
 

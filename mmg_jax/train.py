@@ -12,6 +12,7 @@ in the backward pass; `optimizer.accumulate_steps = k` cuts each global batch in
 micro-batches inside the step (see `gradients`).
 """
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -22,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +299,17 @@ class StageLog:
                  f'{steps_per_sec:.2f} steps/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:'
                  f'{eta % 60:02d}')
 
+  def write_validation(self, step, values):
+    """Logs validation values (percent) of `step`: a record of their own, with the step."""
+    if not self.active:
+      return
+    mmg_jax.workdir.append_text(self.jsonl_path, json.dumps({'step': step, **values}) + '\n')
+    for key, value in values.items():
+      self.tensorboard.add_scalar(key, value, step)
+    self.tensorboard.flush()
+    self.message(f'step {step}/{self.num_steps} | ' +
+                 ' '.join(f'{k} {v:.2f}' for k, v in values.items()))
+
   def close(self):
     if self.active:
       self.tensorboard.close()
@@ -431,8 +444,68 @@ def _checkpoint_errors(name):
     raise UnreadableCheckpoints(f'stage {name!r}: {e}') from e
 
 
+BEST_DIR, BEST_FILE = 'best', 'best.json'  # a stage's selected checkpoint and its record
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+  """Validation during a stage.
+
+  evaluate: params -> {name: value}, e.g. {'val_top1_accuracy': 41.2} (mmg_jax.evaluate's
+    evaluators on validation data); run every `every` steps and at the last step, logged to
+    metrics.jsonl, TensorBoard and the console.
+  select_best: one of evaluate's names, or None. The stage's result (what `run_stage` and
+    `final_params` return, so what later stages and the evaluation get) is then the params of
+    the step where that value was highest, the earliest on a tie; they are kept in
+    <stage>/best and the step in <stage>/best.json.
+  """
+  evaluate: Callable
+  every: int
+  select_best: str | None = None
+
+
+def read_best(stage_dir):
+  """<stage>/best.json: {'step', 'metric', 'value'} of the selected checkpoint, or None."""
+  path = epath.Path(stage_dir) / BEST_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+class _BestCheckpoint:
+  """The state of the best validation step so far, in <stage>/best (one orbax checkpoint), and
+  its record in <stage>/best.json, written once the checkpoint is on disk: a record always names
+  a checkpoint that was fully written."""
+
+  def __init__(self, stage_dir, metric):
+    self.stage_dir, self.metric = stage_dir, metric
+    self.record = read_best(stage_dir)
+
+  def offer(self, step, values, state, data_iterator):
+    value = values[self.metric]
+    if self.record is not None and value <= self.record['value']:
+      return
+    with checkpoint.Checkpointer(os.path.join(self.stage_dir, BEST_DIR), keep=1) as ckpt:
+      ckpt.save(step, state, data_iterator)
+      ckpt.wait()
+    self.record = {'step': step, 'metric': self.metric, 'value': value}
+    if jax.process_index() == 0:
+      mmg_jax.workdir.atomic_write_text(epath.Path(self.stage_dir) / BEST_FILE,
+                                        json.dumps(self.record) + '\n')
+
+
+def _restore_best(name, stage_dir, abstract_state):
+  """The params of the stage's selected checkpoint (`Validation.select_best`)."""
+  record = read_best(stage_dir)
+  if record is None:
+    raise ValueError(f'stage {name!r} selects its checkpoint by validation, but {stage_dir} has '
+                     f'no {BEST_FILE}: delete the stage directory to retrain it.')
+  with checkpoint.Checkpointer(os.path.join(stage_dir, BEST_DIR), keep=None) as ckpt:
+    _message(name, f'restoring the params of step {record["step"]}, its best '
+                   f'{record["metric"]} ({record["value"]:.2f}).')
+    return ckpt.restore(record['step'], abstract_state).params
+
+
 def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, num_steps,
-              mesh, seed, log_every=50, checkpoint_every=1000, keep=2):
+              mesh, seed, log_every=50, checkpoint_every=1000, keep=2, validation=None):
   """Trains one stage to num_steps; resumable; returns the final params (replicated).
 
   loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics): pure, applies `model`
@@ -448,6 +521,9 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   checkpoint that cannot be read is set aside, with a warning, for the one before it. Logs:
   workdir/<name>/metrics.jsonl, TensorBoard events in workdir/<name>, a console line every
   `log_every` steps.
+
+  validation: a `Validation`, or None. With its `select_best`, the stage returns the params of
+  its best validation step instead of the last.
 
   Stops with NonFinite at the first step whose loss, loss parts, learning rate or gradient
   norm is not finite, before it is logged or saved: every checkpoint holds finite params.
@@ -469,7 +545,10 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
     if latest is not None and latest > num_steps:
       raise ValueError(f'stage {name!r} has a checkpoint at step {latest}, past num_steps='
                        f'{num_steps}: use a fresh --workdir for a shorter run.')
+    select_best = validation is not None and validation.select_best is not None
     if latest == num_steps:
+      if select_best:
+        return _restore_best(name, stage_dir, abstract_state)
       step, state = ckpt.restore_latest(abstract_state)
       if step == num_steps:
         _message(name, f'finished earlier ({num_steps} steps); restoring its params.')
@@ -494,6 +573,7 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
                                        learning_rate=optimizer.learning_rate)
       history, unchecked = [], []  # metrics since the last log; steps not yet checked
       sync_every_step = _syncs_every_step()
+      best = _BestCheckpoint(stage_dir, validation.select_best) if select_best else None
       for step in range(start_step + 1, num_steps + 1):
         batch = sharding.shard_batch(next(data_iterator), mesh)
         if step == start_step + 1:
@@ -521,10 +601,18 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
         if logging:
           log.write(step, _mean_metrics(history), global_batch_size=global_batch_size)
           history = []
+        if validation and not preempted and (step % validation.every == 0 or step == num_steps):
+          values = validation.evaluate(state.params)
+          log.write_validation(step, values)
+          if best:
+            best.offer(step, values, state, data_iterator)
         if preempted:
           ckpt.wait()
           raise Preempted(f'stage {name!r} stopped by a preemption notice at step {step}; the '
                           f'checkpoint is saved: rerun the same command to resume.')
+    if select_best:
+      ckpt.wait()
+      return _restore_best(name, stage_dir, abstract_state)
   return state.params
 
 
@@ -534,9 +622,10 @@ def _abstract_state(state_init, params, state_sharding):
                       jax.eval_shape(state_init, params))
 
 
-def final_params(name, *, workdir, params_shape, optimizer, num_steps, mesh):
+def final_params(name, *, workdir, params_shape, optimizer, num_steps, mesh, select_best=False):
   """The params of stage `name` of `run_stage`, restored from its final checkpoint
-  (replicated); the stage must have finished.
+  (replicated), or with `select_best` from its selected one (`Validation`); the stage must have
+  finished.
 
   params_shape: a tree of jax.ShapeDtypeStruct (or arrays) of the params, e.g. an eval_shape of
   the model's init. Lets a caller drop a finished stage's params from the devices and get them
@@ -553,6 +642,8 @@ def final_params(name, *, workdir, params_shape, optimizer, num_steps, mesh):
       raise ValueError(f'stage {name!r} has no final checkpoint (step {num_steps}) in '
                        f'{directory} (latest: {ckpt.latest_step()}); rerun the command to '
                        'finish the stage.')
+    if select_best:
+      return _restore_best(name, os.path.join(workdir, name), abstract_state)
     _message(name, f'restoring its final params (step {num_steps}).')
     step, state = ckpt.restore_latest(abstract_state)
     if step != num_steps:

@@ -40,17 +40,34 @@ def _numpy_episode_accuracy(support_embeddings, query_embeddings, support_idx, q
 
 def test_mean_ci95_matches_numpy():
   values = RNG.uniform(size=600)
-  mean, ci95 = evaluate.mean_ci95(values)
+  mean, (low, high) = evaluate.mean_ci95(values)
   np.testing.assert_allclose(mean, values.mean())
-  np.testing.assert_allclose(ci95, 1.96 * values.std(ddof=1) / np.sqrt(600))
-  assert evaluate.mean_ci95([0.25]) == (0.25, 0.0)
+  np.testing.assert_allclose([mean - low, high - mean],
+                             [1.96 * values.std(ddof=1) / np.sqrt(600)] * 2)
+  assert evaluate.mean_ci95([0.25]) == (0.25, [0.25, 0.25])
 
 
-def test_proportion_ci95_is_the_normal_approximation():
-  correct = np.arange(50) < 20
-  p, ci95 = evaluate.proportion_ci95(correct)
-  assert p == 0.4
-  np.testing.assert_allclose(ci95, 1.96 * np.sqrt(0.4 * 0.6 / 50))
+def _wilson_by_roots(k, n, z=1.96):
+  """The Wilson interval as the two proportions pi where |k/n - pi| = z sqrt(pi (1 - pi) / n):
+  the roots of (1 + z^2/n) pi^2 - (2 p + z^2/n) pi + p^2, found by numpy."""
+  p = k / n
+  roots = np.roots([1 + z * z / n, -(2 * p + z * z / n), p * p])
+  return sorted(float(r.real) for r in roots)
+
+
+@pytest.mark.parametrize('k, n', [(20, 50), (0, 10), (10, 10), (3, 1040), (600, 1040)])
+def test_wilson_ci95_solves_the_score_equation(k, n):
+  correct = np.arange(n) < k
+  p, interval = evaluate.wilson_ci95(correct)
+  assert p == k / n
+  np.testing.assert_allclose(interval, _wilson_by_roots(k, n), atol=1e-12)
+  assert 0 <= interval[0] <= p <= interval[1] <= 1
+
+
+def test_wilson_ci95_by_hand():
+  # No success in 10: [0, z^2 / (n + z^2)].
+  np.testing.assert_allclose(evaluate.wilson_ci95(np.zeros(10, bool))[1],
+                             [0.0, 1.96 ** 2 / (10 + 1.96 ** 2)], atol=1e-12)
 
 
 def test_unimodal_rows_are_the_top1_of_each_encoder_head():
@@ -65,8 +82,8 @@ def test_unimodal_rows_are_the_top1_of_each_encoder_head():
   for row in rows:
     correct = np.argmax(heads[row['modality']], axis=1) == labels
     assert row['mean'] == pytest.approx(100 * correct.mean())
-    assert row['ci95'] == pytest.approx(100 * 1.96 * np.sqrt(correct.mean() * (1 - correct.mean())
-                                                             / 200))
+    np.testing.assert_allclose(row['ci95'], 100 * np.array(
+        _wilson_by_roots(int(correct.sum()), 200)), rtol=1e-9)
     assert row['n'] == 200 and row['metric'] == 'top1'
   assert rows[0]['mean'] > rows[1]['mean'] > rows[2]['mean']
   assert [row['paper'] for row in rows] == [1.0, 2.0, 3.0]
@@ -199,7 +216,8 @@ def test_rows_share_one_episode_list_and_subset_embeddings():
                                          _unit(outputs[query]['fused']), support_idx, query_idx)
     assert result['n'] == 40 and result['metric'] == '5w5s_acc'
     np.testing.assert_allclose(result['mean'], 100 * accuracies.mean(), rtol=1e-6)
-    np.testing.assert_allclose(result['ci95'], 100 * 1.96 * accuracies.std(ddof=1) / np.sqrt(40),
+    half = 100 * 1.96 * accuracies.std(ddof=1) / np.sqrt(40)
+    np.testing.assert_allclose(result['ci95'], [result['mean'] - half, result['mean'] + half],
                                rtol=1e-6)
   logits = predict('test', [('audio', 'imu')])[0][('audio', 'imu')]['logits']
   np.testing.assert_allclose(results[1]['mean'],

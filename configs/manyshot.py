@@ -15,7 +15,8 @@ paper's stage table):
   modalities only; evaluated on the disjoint test modalities. MMG data of a test modality
   enters only through the unlabeled alignment stage: pipeline.validate refuses any stage that
   reads MMG labels with it. The first two stages are the same in the four pipelines, so they run
-  once (in zeroshot_train_A/).
+  once (in zeroshot_train_A/). The ablation's 'no alignment' control (`control_stage`) trains
+  the same params as the alignment stage, for as long, with L_CE instead.
 """
 from configs import common
 from data_pipeline import modalities
@@ -58,17 +59,39 @@ def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None)
   stages = []
   if pretrained:
     stages.append(common.pretrain_stage(size, num_steps=_ZEROSHOT_PRETRAIN_STEPS[size]))
-  if align:
-    stage = common.align_stage(size, num_steps=_ZEROSHOT_ALIGN_STEPS.get(size))
-    if pretrained:
-      stage.optimizer.update({'learning_rate': 1e-3, 'trainable': ('fusion',)})
-    stages.append(stage)
+  stages.append(alignment_stage(size) if align else control_stage(size, train_modalities))
   stage = common.supervised_stage(size, modalities=train_modalities, align_weight=0.0,
                                   num_steps=_ZEROSHOT_CE_STEPS[size])
   if pretrained:
     stage.optimizer.update({'learning_rate': 5e-3, 'trainable': ('head',)})
   stages.append(stage)
   return common.pipeline(*stages, model_updates=model_updates)
+
+
+def alignment_stage(size):
+  """L_align on the unlabeled clips with every modality; from pre-trained encoders ('small'),
+  it trains the fusion alone."""
+  stage = common.align_stage(size, num_steps=_ZEROSHOT_ALIGN_STEPS.get(size))
+  if size in _ZEROSHOT_PRETRAIN_STEPS:
+    stage.optimizer.update({'learning_rate': 1e-3, 'trainable': ('fusion',)})
+  return stage
+
+
+def control_stage(size, train_modalities):
+  """The 'no alignment' control in the alignment stage's place: what that stage trains (the
+  fusion; and the head, which L_CE needs), for its steps, at its learning rate, with L_CE on the
+  labeled clips of the train modalities. The control differs from the method by the loss
+  alone: without it, the fusion stayed at its random init and the comparison was a trained
+  fusion against a random one, not alignment on and off."""
+  align = alignment_stage(size)
+  stage = common.supervised_stage(size, modalities=train_modalities, align_weight=0.0,
+                                  num_steps=align.num_steps)
+  stage.name = 'control'
+  stage.optimizer.learning_rate = align.optimizer.learning_rate
+  if align.optimizer.trainable is not None:
+    stage.optimizer.trainable = (*align.optimizer.trainable, 'head')
+  stage.validation = common.validation_config()  # as the alignment stage: its last step
+  return stage
 
 
 def _pipeline_of(row):

@@ -115,12 +115,34 @@ def test_ablation_variants_change_what_they_name():
   assert _stage_dicts(pipelines.full_meta) == _stage_dicts(few.train_VAI)
   assert _stage_dicts(pipelines.zeroshot_AI) == _stage_dicts(many.zeroshot_train_AI)
   assert [s.kind for s in pipelines.zeroshot_AI.stages] == ['unimodal_ce', 'align', 'supervised']
-  assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['unimodal_ce', 'supervised']
+  assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['unimodal_ce', 'supervised',
+                                                                     'supervised']
   no_proto = [r for r in config.eval.rows if not r.proto_loss]
   assert {r.metric for r in no_proto} == {'5w5s_acc'}
   assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages] for r in no_proto)
   with_proto = [r for r in config.eval.rows if r.proto_loss and r.metric == '5w5s_acc']
   assert all(pipelines[r.pipeline].stages[-1].kind == 'meta' for r in with_proto)
+
+
+@pytest.mark.parametrize('size', common.SIZES)
+def test_the_no_alignment_control_trains_what_alignment_trains_with_l_ce(size):
+  """The zero-shot 'no alignment' cell: the alignment stage's params (plus the head L_CE
+  needs), steps and learning rate, L_CE on the train modalities' labeled clips; the rest of
+  the pipeline as the method's."""
+  pipelines = ablation.get_config(size).pipelines
+  method, control = pipelines.zeroshot_AI.stages, pipelines.zeroshot_AI_noalign.stages
+  align = next(s for s in method if s.kind == 'align')
+  stand_in = control[method.index(align)]
+  assert stand_in.kind == 'supervised' and stand_in.align_weight == 0
+  assert stand_in.split == 'train' and stand_in.modalities == ('audio', 'imu')
+  assert stand_in.num_steps == align.num_steps
+  assert stand_in.optimizer.learning_rate == align.optimizer.learning_rate
+  expected = None if align.optimizer.trainable is None else (*align.optimizer.trainable, 'head')
+  assert stand_in.optimizer.trainable == expected
+  if size == 'small':
+    assert expected == ('fusion', 'head')
+  others = [i for i in range(len(method)) if method[i] is not align]
+  assert [method[i].to_dict() for i in others] == [control[i].to_dict() for i in others]
 
 
 _PRINT_CONFIG = """

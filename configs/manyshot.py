@@ -51,9 +51,11 @@ def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None)
         --config.model.video.init_from=checkpoints/mvit_b_k400 \
         --config.model.video.pool_norm_eps=1e-05 \
         --config.model.audio.init_from=checkpoints/ast_audioset
-  The 'paper' pipelines keep their stage structure (L_align, then L_CE, each training every
-  param); with init_from their encoders simply start pretrained, without it from a fresh init.
-  The IMU encoder has no public checkpoint and starts from a fresh init.
+  The 'paper' pipelines follow the recipe validated on 'small' (above): L_align trains the
+  fusion on the checkpoints' features (and the IMU encoder, which has no public checkpoint: it
+  learns its features only there, from the alignment with video), L_CE the head alone. Without
+  init_from the frozen video and audio encoders keep their random init: the run says so before
+  it trains (pipeline.untrained_encoders).
   """
   pretrained = size in _ZEROSHOT_PRETRAIN_STEPS
   stages = []
@@ -64,16 +66,21 @@ def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None)
                                   num_steps=_ZEROSHOT_CE_STEPS[size])
   if pretrained:
     stage.optimizer.update({'learning_rate': 5e-3, 'trainable': ('head',)})
+  elif size == 'paper':
+    stage.optimizer.trainable = ('head',)
   stages.append(stage)
   return common.pipeline(*stages, model_updates=model_updates)
 
 
 def alignment_stage(size):
-  """L_align on the unlabeled clips with every modality; from pre-trained encoders ('small'),
-  it trains the fusion alone."""
+  """L_align on the unlabeled clips with every modality, training the fusion alone on top of
+  pre-trained encoders ('small': the `pretrain` stage's; 'paper': the init_from checkpoints, and
+  the IMU encoder, which has none, trains here with the fusion)."""
   stage = common.align_stage(size, num_steps=_ZEROSHOT_ALIGN_STEPS.get(size))
   if size in _ZEROSHOT_PRETRAIN_STEPS:
     stage.optimizer.update({'learning_rate': 1e-3, 'trainable': ('fusion',)})
+  elif size == 'paper':
+    stage.optimizer.trainable = ('fusion', 'imu_encoder')
   return stage
 
 

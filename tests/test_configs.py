@@ -7,6 +7,7 @@ import pytest
 
 from configs import ablation, common, fewshot, manyshot
 from data_pipeline import modalities
+from mmg_jax import pipeline as pipeline_lib
 
 CONFIGS = {'fewshot': fewshot, 'manyshot': manyshot, 'ablation': ablation}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +144,19 @@ def test_the_no_alignment_control_trains_what_alignment_trains_with_l_ce(size):
     assert expected == ('fusion', 'head')
   others = [i for i in range(len(method)) if method[i] is not align]
   assert [method[i].to_dict() for i in others] == [control[i].to_dict() for i in others]
+
+
+def test_frozen_encoders_that_nothing_trained_are_found():
+  """'paper' zero-shot pipelines freeze the video and audio encoders for their init_from
+  checkpoints: without them the run warns; 'small' pre-trains them first."""
+  config = manyshot.get_config('paper')
+  assert pipeline_lib.untrained_encoders(config, 'zeroshot_train_A') == [('align', 'video'),
+                                                                      ('align', 'audio')]
+  assert pipeline_lib.untrained_encoders(config, 'train_VAI') == []
+  config.model.video.init_from = config.model.audio.init_from = 'checkpoints/converted'
+  assert pipeline_lib.untrained_encoders(config, 'zeroshot_train_A') == []
+  small = manyshot.get_config('small')
+  assert all(pipeline_lib.untrained_encoders(small, name) == [] for name in small.pipelines)
 
 
 _PRINT_CONFIG = """

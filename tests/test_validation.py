@@ -1,7 +1,6 @@
 """Validation during training and on validation data: the evaluators against NumPy, the best
 checkpoint's selection and reuse, and the rows that say which checkpoint they evaluate."""
 import json
-import os
 
 import jax
 import numpy as np

@@ -4,6 +4,7 @@
   python -m mmg_jax.main --config=configs/fewshot.py --config.seed=1   # any field overrides
   python -m mmg_jax.main --config=configs/manyshot.py --config.eval.only=zero-shot  # some rows
   python -m mmg_jax.main --config=configs/fewshot.py --workdir=W --mode=evaluate  # no training
+  python -m mmg_jax.main --config=configs/fewshot.py --config.num_seeds=3  # seeds 0, 1, 2
 
 Re-running the same command resumes an interrupted stage and skips finished ones. On several
 processes (one per host), every process runs this same command:
@@ -17,8 +18,10 @@ Each process reads its own shard of the data; only process 0 writes logs and rep
 
 One run at a time per workdir (mmg_jax/workdir.py's lock). --workdir may be gs://bucket/run
 (any etils.epath path; needs gcsfs): such a workdir is not locked, and mmg_jax/workdir.py says
-what still holds. Results (results.json/md, plots) are written after each pipeline's rows. Bad
-input and stopped stages print one paragraph and exit 1; --verbosity=1 shows the traceback.
+what still holds. Results (results.json/md, plots) are written after each pipeline's rows; with
+--config.num_seeds=N, each seed runs in W/seed_<s>/ and W/results.json/md aggregate them
+(mmg_jax/seeds.py). Bad input and stopped stages print one paragraph and exit 1; --verbosity=1
+shows the traceback.
 """
 import os
 import sys
@@ -150,13 +153,13 @@ def main(argv):
       config_flags.get_config_filename(flags.FLAGS['config']))
   # Imported once the flags are known good: the pipeline pulls in every model and loader.
   import mmg_jax.workdir
-  from mmg_jax import pipeline, train
+  from mmg_jax import seeds, train
   if jax.process_index() == 0:
     print(f'{jax.process_count()} process(es), {jax.device_count()} devices; workdir '
           f'{workdir}', flush=True)
   try:
     with mmg_jax.workdir.lock(workdir, process_index=jax.process_index()):
-      pipeline.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
+      seeds.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
   except (*USER_ERRORS, train.StageStopped, mmg_jax.workdir.WorkdirBusy) as e:
     if flags.FLAGS.verbosity >= 1:
       _exit_if_distributed(traceback.format_exc())

@@ -7,7 +7,8 @@
   (W/<pipeline>/<stage>/metrics.jsonl), one line of panels per stage.
 - `cost.png`: each row's accuracy against the GFLOPs of the model on its test modalities
   (`model_stats.fusion_stats` of the pipeline's model, read from its stage.json) and against
-  the memory per second of those modalities (the paper's MEMORY_KB_PER_SEC, summed).
+  the memory per second of those modalities (the paper's MEMORY_KB_PER_SEC, summed); error bars
+  are the 95% interval (asymmetric for top-1), or ± the std over seeds of an aggregate.
 - `embeddings.png`: a 2-D PCA of the fused embeddings in W/embeddings.npz (`save_embeddings`),
   colored by class (the MAX_CLASSES lowest labels), one marker per modality subset: the closer
   the markers of one color, the better the modalities are aligned.
@@ -18,6 +19,10 @@ W/embeddings.npz holds, for one pipeline's trained model on one split:
   `subset`     str [N]       the modality subset each was embedded with, as 'V A I' short names;
   `pipeline`, `split`        str scalars, for the title.
 Clip i appears once per subset.
+
+The workdir of a run of several seeds (mmg_jax/seeds.py) holds an aggregate results.json and a
+complete run per seed in W/seed_<s>/: its plots are the matrix and the cost plot of the
+aggregate rows (mean ± std); the curves and the embedding map are each seed's, in its own plots/.
 
 Two figures show data rather than a run (notebooks/quickstart.ipynb draws them): `draw_clip`, one
 clip's video frames, audio fbank and IMU channels; `draw_episode`, one few-shot episode, support
@@ -281,10 +286,21 @@ def _subset_gflops(model_json):
   return tuple((name, row['gflops']) for name, row in stats.items())
 
 
+def error_bar(row):
+  """(below, above) the mean: to the ends of a row's 95% interval [low, high], ± the std over
+  seeds of an aggregate row (mmg_jax/report.py `aggregate`), or (0, 0) with neither."""
+  if row.get('std') is not None:
+    return row['std'], row['std']
+  if row.get('ci95') is None:
+    return 0.0, 0.0
+  low, high = row['ci95']
+  return max(0.0, row['mean'] - low), max(0.0, high - row['mean'])
+
+
 def cost_points(rows, models):
   """[{'label', 'setting', 'metric', 'metric_name', 'gflops', 'memory_kb_s', 'mean', 'ci95',
-  'paper'}], one per row whose pipeline has a model in `models` ({pipeline: model config}); cost
-  of its test subset."""
+  'yerr', 'paper'}], one per row whose pipeline has a model in `models` ({pipeline: model
+  config}); cost of its test subset; `yerr` the `error_bar`."""
   points = []
   for row in rows:
     model = models.get(row.get('pipeline'))
@@ -295,7 +311,8 @@ def cost_points(rows, models):
                    'setting': row['setting'], 'metric': row['metric'],
                    'gflops': subset_gflops(model)[test], 'memory_kb_s': subset_memory(row['test']),
                    'metric_name': report.metric_name(row['metric'], [row]),
-                   'mean': row['mean'], 'ci95': row.get('ci95'), 'paper': row.get('paper')})
+                   'mean': row['mean'], 'ci95': row.get('ci95'), 'yerr': error_bar(row),
+                   'paper': row.get('paper')})
   return points
 
 
@@ -305,7 +322,7 @@ def _cost_panel(ax, points, x, xlabel, *, with_paper):
     if not mine:
       continue
     ax.errorbar([p[x] for p in mine], [p['mean'] for p in mine],
-                yerr=[p['ci95'] or 0.0 for p in mine], fmt=marker, capsize=3,
+                yerr=np.transpose([p['yerr'] for p in mine]), fmt=marker, capsize=3,
                 label=f'{setting} (ours)')
     paper = [p for p in mine if p['paper'] is not None]
     if with_paper and paper:
@@ -323,9 +340,10 @@ def _cost_panel(ax, points, x, xlabel, *, with_paper):
   ax.legend(fontsize='x-small')
 
 
-def draw_cost(points, path):
+def draw_cost(points, path, bars='95% interval'):
   """Accuracy against GFLOPs (ours) and against memory per second (ours and the paper's
-  accuracy), one line of panels per metric. Returns the points drawn."""
+  accuracy), one line of panels per metric; `bars` says what the error bars are. Returns the
+  points drawn."""
   metrics = [m for m in METRICS if any(p['metric'] == m for p in points)]
   fig = Figure(figsize=(12, 4.5 * len(metrics)), layout='constrained')
   axes = fig.subplots(len(metrics), 2, squeeze=False)
@@ -338,7 +356,7 @@ def draw_cost(points, path):
     left.set_ylabel(f'{mine[0]["metric_name"]} accuracy (%)')
     right.set_ylabel(f'{mine[0]["metric_name"]} accuracy (%; the paper\'s: '
                      f'{report.PAPER_METRIC_NAMES[metric]})')
-  fig.suptitle('accuracy against cost, per modality subset')
+  fig.suptitle(f'accuracy against cost, per modality subset (error bars: {bars})')
   _save(fig, path)
   return points
 
@@ -427,7 +445,8 @@ def draw_embeddings(arrays, path, max_classes=MAX_CLASSES):
 
 
 def read_results(workdir):
-  """The results.json document of a finished run ({'kind', 'rows'[, 'unimodal']})."""
+  """The results.json document of a finished run ({'kind', 'rows'[, 'unimodal']}; an
+  aggregate over seeds also has 'seeds' and 'num_seeds')."""
   path = os.path.join(workdir, 'results.json')
   if not epath.Path(path).exists():
     raise ValueError(f'{path} does not exist: no pipeline of {workdir} has been evaluated yet '
@@ -440,10 +459,13 @@ def draw_run(workdir, models=None):
   """Redraws every plot the workdir has the data for, in workdir/plots/.
 
   models: {pipeline: model config} for pipelines whose stage.json is missing (the cost plot).
-  Returns ([paths written], [notes on what was not drawn and why]).
+  Returns ([paths written], [notes on what was not drawn and why]). An aggregate over seeds
+  gets the matrix and the cost plot, with models from its first seed's stages (every seed
+  trains the same models).
   """
   results = read_results(workdir)
   rows = [row for row in results['rows'] if row['mean'] is not None]  # not the pending ones
+  seeds = results.get('seeds')
   out = os.path.join(workdir, PLOTS_DIR)
   epath.Path(out).mkdir(parents=True, exist_ok=True)
   paths, notes = [], []
@@ -454,16 +476,24 @@ def draw_run(workdir, models=None):
 
   if rows:
     draw_matrix(results['kind'], rows, target('matrix.png'))
-  for pipeline, stages in pipeline_stages(workdir).items():
-    draw_curves(pipeline, stages, target(f'curves_{pipeline}.png'))
-  models = {**(models or {}), **read_model_configs(workdir)}
+  run_dir = workdir if seeds is None else report.seed_workdir(workdir, seeds[0])
+  if seeds is None:
+    for pipeline, stages in pipeline_stages(workdir).items():
+      draw_curves(pipeline, stages, target(f'curves_{pipeline}.png'))
+  models = {**(models or {}), **read_model_configs(run_dir)}
   unknown = sorted({row.get('pipeline') for row in rows} - models.keys(), key=str)
   if unknown:
     notes.append(f'cost plot: no model config for pipelines {unknown} (no stage.json in '
-                 f'{workdir}/<pipeline>/); their rows are left out.')
+                 f'{run_dir}/<pipeline>/); their rows are left out.')
   points = cost_points(rows, models)
   if points:
-    draw_cost(points, target('cost.png'))
+    draw_cost(points, target('cost.png'),
+              '95% interval' if seeds is None else
+              f'± std over seeds {", ".join(map(str, seeds))}')
+  if seeds is not None:
+    notes.append(f'training curves and embedding map: an aggregate over seeds {seeds} has none '
+                 f"of its own; each seed's are in {report.seed_workdir(workdir, '<s>')}/plots/.")
+    return paths, notes
   embeddings = os.path.join(workdir, EMBEDDINGS_FILE)
   if epath.Path(embeddings).exists():
     draw_embeddings(load_embeddings(embeddings), target('embeddings.png'))

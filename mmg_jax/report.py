@@ -2,12 +2,14 @@
 
 A result row is a dict with the keys of `results.json` (see `write`): `setting`, `train`, `test`
 (modality names; in few-shot rows `train` holds the support and `test` the query modalities),
-`metric` ('5w5s_acc' | 'top1'), `mean`, `ci95` (or None), `n`, plus extra keys (`pipeline`,
-`paper`, few-shot rows' `n_way` and `k_shot` (the run's episodes: '5w5s_acc' names the paper's
-metric, not the shape), and the ablation's `fusion`, `alignment`, `proto_loss`). Means and
-intervals are in percent, as the paper prints them. This module also holds the paper's numbers
-(MISSION.md), which the experiment configs turn into evaluation rows and the tables print beside
-ours.
+`metric` ('5w5s_acc' | 'top1'), `mean`, `ci95` (the 95% interval [low, high], or None), `n`,
+plus extra keys (`pipeline`, `paper`, `split`, few-shot rows' `n_way` and `k_shot` (the run's
+episodes: '5w5s_acc' names the paper's metric, not the shape), and the ablation's `fusion`,
+`alignment`, `proto_loss`). Means and intervals are in percent, as the paper prints them. A run
+of several seeds (mmg_jax/seeds.py) writes an aggregate document (`aggregate`) whose rows hold
+the mean and std over seeds and each seed's own numbers. This module also holds the paper's
+numbers (MISSION.md), which the experiment configs turn into evaluation rows and the tables print
+beside ours.
 
   python -m mmg_jax.report --workdir=runs/fewshot    # redraws the plots of a finished run
 
@@ -16,6 +18,7 @@ results.md links the plots (mmg_jax/plots.py) that `write` draws in workdir/plot
 import json
 import os
 
+import numpy as np
 from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
@@ -88,8 +91,18 @@ ABLATION_PAPER = (
 )
 # Unimodal baselines (the paper's models table): top-1 of MViT-B, AST and the IMU transformer.
 UNIMODAL_PAPER = {'video': 52.40, 'audio': 39.48, 'imu': 29.78}
+# Few-shot unimodal baselines (the paper's few-shot table): 5-way 5-shot on the novel classes.
+UNIMODAL_FEWSHOT_PAPER = {'video': 58.89, 'audio': 31.06, 'imu': 40.07}
 METRICS = ('top1', '5w5s_acc')
 KINDS = ('few-shot', 'many-shot', 'ablation')
+# The keys that name a result row: the seeds of one config agree on them row by row.
+ROW_NAME = ('setting', 'train', 'test', 'metric', 'pipeline', 'modality', 'fusion', 'alignment',
+            'proto_loss')
+
+
+def seed_workdir(workdir, seed):
+  """Where seed `seed` of a run of several seeds (mmg_jax/seeds.py) runs: W/seed_<seed>."""
+  return os.path.join(workdir, f'seed_{seed}')
 
 
 def _value(x):
@@ -97,12 +110,24 @@ def _value(x):
 
 
 def _ours(row):
+  """'45.20 [43.10, 47.30]' (mean and 95% interval), '45.20 ± 1.30' (an aggregate row: mean
+  and std over seeds), '45.20' (neither), 'pending' or '-' (no row)."""
   if row is None:
     return '-'
   if row['mean'] is None:
     return 'pending'
-  ci = '' if row['ci95'] is None else f' ± {row["ci95"]:.2f}'
-  return f'{row["mean"]:.2f}{ci}'
+  mean = f'{row["mean"]:.2f}'
+  if 'std' in row:
+    return mean if row['std'] is None else f'{mean} ± {row["std"]:.2f}'
+  if row['ci95'] is None:
+    return mean
+  low, high = row['ci95']
+  return f'{mean} [{low:.2f}, {high:.2f}]'
+
+
+def _spread(seeds):
+  """What the tables print beside our mean: a single run's interval or the std over seeds."""
+  return '95% CI' if seeds is None else 'mean ± std'
 
 
 def _markdown_table(header, lines):
@@ -122,12 +147,14 @@ def metric_name(metric, rows):
 PAPER_METRIC_NAMES = {'top1': 'top-1', '5w5s_acc': '5-way 5-shot'}  # what the paper reports
 
 
-def matrix_table(kind, rows):
-  """The few-shot or many-shot table in the paper's layout, ours beside the paper's number."""
+def matrix_table(kind, rows, seeds=None):
+  """The few-shot or many-shot table in the paper's layout, ours beside the paper's number;
+  `seeds`: the seeds of an aggregate's rows (mean ± std), None for a single run's."""
   train, test, metric = (('support', 'query', '5w5s_acc') if kind == 'few-shot' else
                          ('train', 'test', 'top1'))
   ours, paper = metric_name(metric, rows), PAPER_METRIC_NAMES[metric]
-  header = ['setting', train, test, f'{ours} acc (ours, 95% CI)', f'{paper} acc (paper)', 'n']
+  header = ['setting', train, test, f'{ours} acc (ours, {_spread(seeds)})',
+            f'{paper} acc (paper)', 'n']
   lines = [[row['setting'], modalities.short_name(row['train']),
             modalities.short_name(row['test']), _ours(row), _value(row.get('paper')),
             str(row['n'] or '-')] for row in rows]
@@ -159,26 +186,61 @@ def ablation_table(rows):
   return _markdown_table(header, lines)
 
 
-def unimodal_table(unimodal):
-  """The unimodal baselines: each encoder's top-1 after unimodal pre-training."""
-  header = ['modality', 'top-1 (ours, 95% CI)', 'top-1 (paper)', 'n']
-  lines = [[row['modality'], _ours(row), _value(row.get('paper')), str(row['n'])]
+def unimodal_table(unimodal, seeds=None):
+  """The unimodal baselines: each encoder after unimodal pre-training, by top-1 (its own head)
+  or few-shot episodes (its pooled features)."""
+  metric = unimodal[0]['metric']
+  ours, paper = metric_name(metric, unimodal), PAPER_METRIC_NAMES[metric]
+  header = ['modality', f'{ours} (ours, {_spread(seeds)})', f'{paper} (paper)', 'n']
+  lines = [[row['modality'], _ours(row), _value(row.get('paper')), str(row['n'] or '-')]
            for row in unimodal]
   return _markdown_table(header, lines)
 
 
-def markdown(kind, rows, unimodal=None):
-  """results.md: a title, the table (and the unimodal baselines, if any), how to read them."""
+def _seeds_note(seeds, num_seeds):
+  """How to read an aggregate's numbers: over which seeds, and where each seed's are."""
+  count = f'{len(seeds)} seed{"s" if len(seeds) > 1 else ""}'
+  still = (f' ({num_seeds - len(seeds)} of {num_seeds} seeds still to run)'
+           if num_seeds and len(seeds) < num_seeds else '')
+  single = ' (no std from one seed)' if len(seeds) < 2 else ''
+  return (f'mean ± std over {count} ({", ".join(map(str, seeds))}){still}{single}: the mean and '
+          'sample std (ddof=1) of the seeds\' means over the evaluation (few-shot: episodes; '
+          "many-shot: test clips) in %; each seed's 95% interval in results.json and "
+          'seed_<s>/results.md')
+
+
+def markdown(kind, rows, unimodal=None, *, seeds=None, num_seeds=None):
+  """results.md: a title, the table (and the unimodal baselines, if any), how to read them.
+
+  seeds, num_seeds: of an aggregate over seeds (`aggregate`); None for a single run.
+  """
   if kind not in KINDS:
     raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
-  table = ablation_table(rows) if kind == 'ablation' else matrix_table(kind, rows)
+  table = ablation_table(rows) if kind == 'ablation' else matrix_table(kind, rows, seeds)
   if unimodal:
-    table += ('\n\nUnimodal baselines (each encoder with its own head after unimodal '
-              f'pre-training, on the test split):\n\n{unimodal_table(unimodal)}')
-  note = ('Ours: mean over the evaluation (few-shot: episodes; many-shot: test clips) in %, '
-          '± the 95% confidence interval; paper: MMG-Ego4D (CVPR 2023) on MMG-Ego4D. Modalities: '
-          'V video, A audio, I IMU.')
-  return f'# MMG {kind} results\n\n{table}\n\n{note}\n'
+    how = ('its own head' if unimodal[0]['metric'] == 'top1' else
+           'its pooled features as the embedding')
+    table += (f'\n\nUnimodal baselines (each encoder with {how} after unimodal pre-training, '
+              f'on the {_split_name(unimodal)} split):\n\n{unimodal_table(unimodal, seeds)}')
+  ours = ('mean over the evaluation (few-shot: episodes; many-shot: test clips) in % and its 95% '
+          'confidence interval [low, high] (few-shot: normal; top-1: Wilson score)'
+          if seeds is None else _seeds_note(seeds, num_seeds))
+  note = (f'Ours: {ours}; paper: MMG-Ego4D (CVPR 2023) on MMG-Ego4D. Modalities: V video, '
+          'A audio, I IMU.')
+  splits = {row.get('split') for row in rows} - {None}
+  title = f'MMG {kind} results' + (' on validation data (val)' if splits == {'val'} else '')
+  return f'# {title}\n\n{table}\n\n{note}\n'
+
+
+def _split_name(rows):
+  """The split rows were evaluated on ('test' for rows from before rows said it)."""
+  return rows[0].get('split') or ('test' if rows[0]['metric'] == 'top1' else 'novel')
+
+
+def doc_markdown(doc):
+  """results.md of a results.json document: a single run's (`to_json`) or an aggregate's."""
+  return markdown(doc['kind'], doc['rows'], doc.get('unimodal'), seeds=doc.get('seeds'),
+                  num_seeds=doc.get('num_seeds'))
 
 
 def to_json(kind, rows, unimodal=None):
@@ -193,6 +255,72 @@ def to_json(kind, rows, unimodal=None):
   if unimodal:
     doc['unimodal'] = list(unimodal)
   return doc
+
+
+def aggregate(docs, num_seeds=None):
+  """The results.json document of a run of several seeds, from each seed's: {'kind',
+  'complete', 'num_seeds', 'seeds', 'rows'[, 'unimodal']}.
+
+  docs: {seed: that seed's results.json document (`to_json`)}, every one of the same config.
+  num_seeds: how many seeds the run has (default: len(docs)); `complete` is True once that many
+  docs are in and none has a pending row. Each row (and each unimodal row, by its 'modality')
+  keeps the keys on which the seeds that evaluated it agree (its name, `paper`, `split`, ...),
+  with `mean` the mean over those seeds, `std` their sample std (ddof=1; None below two seeds,
+  where it is undefined: 0.0 would claim seeds that agree), `ci95` None (an interval is a single
+  run's), `n` the seeds' common count (None if they differ), `seeds` those seeds and `per_seed`
+  [{'seed', 'mean', 'ci95', 'n'}] their own numbers, with any other key whose value differs
+  between them. A row no seed has evaluated yet has `mean` None.
+  """
+  if not docs:
+    raise ValueError('no seed has results to aggregate yet.')
+  seeds = sorted(docs)
+  first = docs[seeds[0]]
+  for seed in seeds:
+    doc = docs[seed]
+    if doc['kind'] != first['kind'] or len(doc['rows']) != len(first['rows']):
+      raise ValueError(f"seed {seed}'s results ({doc['kind']}, {len(doc['rows'])} rows) are not "
+                       f"those of seed {seeds[0]} ({first['kind']}, {len(first['rows'])} rows): "
+                       'aggregate the seeds of one config.')
+  rows = [_aggregate_row([(seed, docs[seed]['rows'][i]) for seed in seeds])
+          for i in range(len(first['rows']))]
+  modalities_run = list(dict.fromkeys(row['modality'] for seed in seeds
+                                      for row in docs[seed].get('unimodal') or ()))
+  unimodal = [_aggregate_row([(seed, row) for seed in seeds for row in docs[seed].get('unimodal')
+                              or () if row['modality'] == m]) for m in modalities_run]
+  num_seeds = len(seeds) if num_seeds is None else num_seeds
+  complete = len(seeds) >= num_seeds and all(
+      row['mean'] is not None for doc in docs.values() for row in doc['rows'])
+  result = {'kind': first['kind'], 'complete': complete, 'num_seeds': num_seeds, 'seeds': seeds,
+            'rows': rows}
+  if unimodal:
+    result['unimodal'] = unimodal
+  return result
+
+
+def _row_name(row):
+  return {k: row[k] for k in ROW_NAME if k in row}
+
+
+def _aggregate_row(measured):
+  """One aggregate row from [(seed, that seed's row)] (see `aggregate`)."""
+  seed, template = measured[0]
+  for other, row in measured[1:]:
+    if _row_name(row) != _row_name(template):
+      raise ValueError(f'seed {other} has row {_row_name(row)} where seed {seed} has '
+                       f'{_row_name(template)}: aggregate the seeds of one config.')
+  evaluated = [(s, row) for s, row in measured if row['mean'] is not None]
+  rows = [row for _, row in evaluated] or [template]
+  keys = dict.fromkeys(k for row in rows for k in row if k not in ('mean', 'ci95', 'n'))
+  shared = {k: rows[0][k] for k in keys if all(k in row and row[k] == rows[0][k] for row in rows)}
+  differ = [k for k in keys if k not in shared]
+  means = np.array([row['mean'] for row in rows if row['mean'] is not None], np.float64)
+  counts = {row['n'] for _, row in evaluated}
+  return {**shared, 'mean': float(means.mean()) if evaluated else None,
+          'std': float(means.std(ddof=1)) if len(evaluated) > 1 else None,
+          'ci95': None, 'n': counts.pop() if len(counts) == 1 else None,
+          'seeds': [s for s, _ in evaluated],
+          'per_seed': [{'seed': s, 'mean': row['mean'], 'ci95': row['ci95'], 'n': row['n'],
+                        **{k: row.get(k) for k in differ}} for s, row in evaluated]}
 
 
 def plot_links(paths, workdir):
@@ -213,9 +341,7 @@ def redraw(workdir, models=None):
   them; prints what it wrote and what it could not draw. Returns the plot paths."""
   from mmg_jax import plots  # matplotlib and the models: configs import this module too
   paths, notes = plots.draw_run(workdir, models)
-  doc = plots.read_results(workdir)
-  _write_markdown(workdir, markdown(doc['kind'], doc['rows'], doc.get('unimodal')) +
-                  plot_links(paths, workdir))
+  _write_markdown(workdir, doc_markdown(plots.read_results(workdir)) + plot_links(paths, workdir))
   for path in paths:
     print(f'wrote {path}', flush=True)
   for note in notes:
@@ -227,21 +353,32 @@ def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
   """Writes workdir/results.md and workdir/results.json (process 0 only), then, with `plots`,
   the plots in workdir/plots/ and their links in results.md. Rows with `mean` None are pending
   (a later pipeline evaluates them): the table is printed once no row is pending."""
-  text = markdown(kind, rows, unimodal)
+  return write_doc(to_json(kind, rows, unimodal), workdir, process_index=process_index,
+                   plots=plots)
+
+
+def write_doc(doc, workdir, *, process_index, plots=True, models=None):
+  """`write` of a results.json document: a single run's (`to_json`) or an aggregate's
+  (`aggregate`), whose table is printed once every seed is in. models: as `redraw`'s."""
+  text = doc_markdown(doc)
   if process_index != 0:
     return text
-  pending = sum(row['mean'] is None for row in rows)
-  if pending:
-    print(f'[results] {len(rows) - pending} of {len(rows)} rows evaluated, written to '
-          f'{os.path.join(workdir, "results.md")}.', flush=True)
-  else:
+  results_md = os.path.join(workdir, 'results.md')
+  if doc['complete']:
     print(text, flush=True)
+  elif 'seeds' in doc:
+    print(f'[results] {len(doc["seeds"])} of {doc["num_seeds"]} seeds aggregated, written to '
+          f'{results_md}.', flush=True)
+  else:
+    evaluated = sum(row['mean'] is not None for row in doc['rows'])
+    print(f'[results] {evaluated} of {len(doc["rows"])} rows evaluated, written to '
+          f'{results_md}.', flush=True)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   _write_markdown(workdir, text)
   mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.json'),
-                                    json.dumps(to_json(kind, rows, unimodal), indent=2) + '\n')
+                                    json.dumps(doc, indent=2) + '\n')
   if plots:
-    redraw(workdir)
+    redraw(workdir, models)
   return text
 
 

@@ -338,7 +338,8 @@ def _check_results(workdir, kind, table, metric):
   for got, want in zip(doc['rows'], table, strict=True):
     assert got['setting'] == want['setting'] and got['metric'] == metric
     assert got['train'] == list(want['train']) and got['test'] == list(want['test'])
-    assert 0 <= got['mean'] <= 100 and got['ci95'] >= 0 and got['n'] > 0
+    assert 0 <= got['mean'] <= 100 and got['n'] > 0
+    assert got['ci95'][0] <= got['mean'] <= got['ci95'][1]  # the 95% interval [low, high]
   assert os.path.exists(os.path.join(workdir, 'results.md'))
   return doc
 

@@ -23,7 +23,8 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 def _row(setting, train, test, mean, paper, pipeline_name='train_VAI'):
   return {'setting': setting, 'train': list(train), 'test': list(test), 'metric': '5w5s_acc',
-          'mean': mean, 'ci95': 1.25, 'n': 20, 'pipeline': pipeline_name, 'paper': paper}
+          'mean': mean, 'ci95': [mean - 1.5, mean + 1.25], 'n': 20, 'pipeline': pipeline_name,
+          'paper': paper}
 
 
 # Few-shot rows as results.json holds them, in config order (not the matrix's order); no row
@@ -183,6 +184,14 @@ def test_cost_points_are_the_model_flops_and_the_paper_memory_of_the_test_subset
     assert point['memory_kb_s'] == pytest.approx(memory[test])
     assert (point['mean'], point['paper'], point['setting']) == (row['mean'], row['paper'],
                                                                  row['setting'])
+    np.testing.assert_allclose(point['yerr'], [1.5, 1.25])  # below, above: asymmetric
+
+
+def test_error_bars_reach_the_interval_or_the_std_over_seeds():
+  assert plots.error_bar({'mean': 10.0, 'ci95': [7.0, 14.0]}) == (3.0, 4.0)
+  assert plots.error_bar({'mean': 10.0, 'ci95': None}) == (0.0, 0.0)
+  assert plots.error_bar({'mean': 10.0, 'ci95': None, 'std': 2.5}) == (2.5, 2.5)
+  assert plots.error_bar({'mean': 10.0, 'ci95': None, 'std': None}) == (0.0, 0.0)
 
 
 def test_a_model_with_a_pretrained_encoder_is_costed_as_its_architecture(workdir):
@@ -203,6 +212,29 @@ def test_cost_plot_leaves_out_rows_of_pipelines_without_a_model(workdir):
   _, notes = plots.draw_run(str(workdir))
   assert any("['elsewhere']" in note for note in notes)
   assert len(plots.cost_points(doc['rows'], plots.read_model_configs(str(workdir)))) == 5
+
+
+def test_an_aggregate_over_seeds_draws_its_matrix_and_cost_from_the_first_seed(workdir):
+  """A run of several seeds (mmg_jax/seeds.py): the aggregate's rows in W, each seed's run in
+  W/seed_<s>/; `python -m mmg_jax.report` redraws what the aggregate has the data for."""
+  seed_dir = workdir / 'seed_3'
+  seed_dir.mkdir()
+  for name in ('train_VAI', 'results.json', plots.EMBEDDINGS_FILE):
+    (workdir / name).rename(seed_dir / name)
+  other = [{**row, 'mean': row['mean'] + 2.0} for row in ROWS]
+  doc = report.aggregate({3: {'kind': 'few-shot', 'rows': ROWS},
+                          4: {'kind': 'few-shot', 'rows': other}})
+  (workdir / 'results.json').write_text(json.dumps(doc))
+  paths = report.redraw(str(workdir))
+  assert sorted(os.path.basename(p) for p in paths) == ['cost.png', 'matrix.png']
+  _, notes = plots.draw_run(str(workdir))
+  assert notes == [f"training curves and embedding map: an aggregate over seeds [3, 4] has none "
+                   f"of its own; each seed's are in {workdir}/seed_<s>/plots/."]
+  assert (workdir / 'results.md').read_text().startswith(report.doc_markdown(doc))
+  points = plots.cost_points(doc['rows'], plots.read_model_configs(str(seed_dir)))
+  for point, row in zip(points, ROWS, strict=True):
+    assert point['mean'] == row['mean'] + 1.0
+    np.testing.assert_allclose(point['yerr'], [np.sqrt(2.0)] * 2)  # the std of x, x + 2
 
 
 def test_pca_matches_the_eigenvectors_of_the_covariance():

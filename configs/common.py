@@ -421,7 +421,8 @@ def eval_config(size, kind, rows):
       # (mmg_jax/pipeline.py select_rows).
       'only': ml_collections.config_dict.placeholder(str),
       # A pipeline whose unimodal pre-training is also reported as the paper's unimodal
-      # baselines (each encoder's top-1 on the many-shot split), or None.
+      # baselines, or None: each encoder's top-1 on the many-shot split, or in a few-shot
+      # table the fixed episodes with its pooled features as the embedding.
       'unimodal_baselines': None,
   })
 

@@ -8,7 +8,9 @@ unimodal L_CE pre-training of each encoder, multimodal L_CE + L_align, then meta
 L_proto on base-class episodes whose support and query modality subsets differ and are drawn per
 episode. Base-class training may see every modality. The rows differ only at evaluation, on the
 novel split: the support is embedded with the row's support modalities, the query with its query
-modalities, on the same fixed episodes (config.eval.fewshot.seed) for every row. Results in
+modalities, on the same fixed episodes (config.eval.fewshot.seed) for every row. The unimodal
+baselines (the paper's few-shot video, audio and IMU rows) are those episodes on each encoder's
+pooled features after unimodal pre-training. Results in
 workdir/results.md and workdir/results.json.
 """
 from configs import common
@@ -24,4 +26,5 @@ def get_config(arg=None):
       common.meta_stage(size, modalities.ALL_SUBSETS))}
   config.eval = common.eval_config(
       size, 'few-shot', common.table_rows(report.FEWSHOT, '5w5s_acc', lambda row: 'train_VAI'))
+  config.eval.unimodal_baselines = 'train_VAI'
   return common.finish(config, arg)

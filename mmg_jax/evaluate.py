@@ -196,8 +196,9 @@ def make_forward(model):
       present = jnp.asarray(batch['present'], bool) & modalities.mask(subset)
       fused, logits = model.apply(variables, features, present, train=False, method='fuse')
       outputs[subset] = {'fused': fused, 'logits': logits, 'present': present}
-    return {'subsets': outputs, 'unimodal_logits': unimodal_logits, 'label': batch['label'],
-            'mask': batch['mask']}
+    pooled = {m: pooled.astype(jnp.float32) for m, (pooled, _) in features.items()}
+    return {'subsets': outputs, 'unimodal_logits': unimodal_logits, 'unimodal_pooled': pooled,
+            'label': batch['label'], 'mask': batch['mask']}
 
   return forward
 
@@ -206,16 +207,16 @@ def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh)
   """Model outputs on every example of `split` under each modality subset; padding dropped.
 
   Reads the split once and encodes each batch once (`make_forward`). Returns ({subset:
-  {'fused': [n, D], 'logits': [n, C], 'present': [n, 3], 'unimodal_logits': {m: [n, C]}}},
-  labels [n]); the encoders' own logits, of the modalities the subsets use, are the same
-  arrays under every subset.
+  {'fused': [n, D], 'logits': [n, C], 'present': [n, 3], 'unimodal_logits': {m: [n, C]},
+  'unimodal_pooled': {m: [n, D_m]}}}, labels [n]); the encoders' own logits and pooled features,
+  of the modalities the subsets use, are the same arrays under every subset.
   """
   subsets = tuple(dict.fromkeys(modalities.check(s) for s in subsets))
   used = modalities.check({m for subset in subsets for m in subset})
   out = over_split(lambda batch: forward(params, batch, subsets), dataset, split,
                    batch_size=batch_size, mesh=mesh, modalities=used)
-  outputs = {subset: out['subsets'][subset] | {'unimodal_logits': out['unimodal_logits']}
-             for subset in subsets}
+  unimodal = {k: out[k] for k in ('unimodal_logits', 'unimodal_pooled')}
+  outputs = {subset: out['subsets'][subset] | unimodal for subset in subsets}
   return outputs, out['label']
 
 
@@ -265,6 +266,23 @@ def unimodal_rows(outputs, labels, paper):
   return rows
 
 
+def unimodal_fewshot_rows(outputs, support_idx, query_idx, paper):
+  """Unimodal few-shot baselines: the fixed episodes with each encoder's pooled feature as the
+  embedding (`prototype_embedding` space), one row per modality, over the clips where it is
+  present; `outputs` and `paper` as `unimodal_rows`'."""
+  rows, out = [], outputs[modalities.MODALITIES]
+  for i, m in enumerate(modalities.MODALITIES):
+    valid = out['present'][:, i]
+    embedding = prototype_embedding(out['unimodal_pooled'][m])
+    accuracies = episode_accuracy(embedding, embedding, support_idx, query_idx, valid, valid)
+    scored = scorable_episodes(support_idx, query_idx, valid, valid)
+    _check_scored(scored, f'the {m} few-shot baseline')
+    mean, ci95 = mean_ci95(np.asarray(accuracies)[scored])
+    rows.append({'modality': m, 'metric': '5w5s_acc', 'mean': 100 * mean,
+                 'ci95': _percent(ci95), 'n': int(np.sum(scored)), 'paper': paper[m]})
+  return rows
+
+
 def _check_scored(scored, what):
   if not np.any(scored):
     raise ValueError(f'{what}: no evaluation clip has any of its test modalities present, so '
@@ -298,14 +316,26 @@ def sample_eval_episodes(labels, fewshot):
       n_way=fewshot.n_way, k_shot=fewshot.k_shot, q_query=fewshot.q_query)
 
 
+def fixed_episodes(episode_cache, labels, evaluation):
+  """(support_idx, query_idx) of the run's fixed few-shot episodes: drawn on the first call
+  and kept in `episode_cache` (a dict shared by every pipeline of a run), with the labels they
+  index, which every later call must reproduce."""
+  if 'labels' not in episode_cache:
+    episode_cache['labels'] = labels
+    episode_cache['episodes'] = sample_eval_episodes(labels, evaluation.fewshot)
+  if not np.array_equal(episode_cache['labels'], labels):
+    raise RuntimeError(f'the {evaluation.fewshot_split!r} split came back in another order; '
+                       'the fixed episodes index it, so eval_batches must be deterministic.')
+  return episode_cache['episodes']
+
+
 def evaluate_rows(rows, predict, evaluation, episode_cache):
   """Result rows of one trained pipeline: top-1 rows on the many-shot split, few-shot rows on
   the few-shot split; each row says its `split`.
 
   predict(split, subsets) -> (outputs, labels) as `predict_split` (the pipeline's model).
-  evaluation: config.eval. episode_cache: a dict shared by every pipeline of a run; the first
-  few-shot evaluation stores the fixed episodes in it, with the labels they index, which every
-  later pipeline must reproduce.
+  evaluation: config.eval. episode_cache: a dict shared by every pipeline of a run, for
+  `fixed_episodes`.
   """
   metrics = {row['metric'] for row in rows} - {'top1', '5w5s_acc'}
   if metrics:
@@ -321,13 +351,7 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
   if fewshot:
     subsets = sorted({modalities.check(rows[i][k]) for i in fewshot for k in ('train', 'test')})
     outputs, labels = predict(evaluation.fewshot_split, subsets)
-    if 'labels' not in episode_cache:
-      episode_cache['labels'] = labels
-      episode_cache['episodes'] = sample_eval_episodes(labels, evaluation.fewshot)
-    if not np.array_equal(episode_cache['labels'], labels):
-      raise RuntimeError(f'the {evaluation.fewshot_split!r} split came back in another order; '
-                         'the fixed episodes index it, so eval_batches must be deterministic.')
-    support_idx, query_idx = episode_cache['episodes']
+    support_idx, query_idx = fixed_episodes(episode_cache, labels, evaluation)
     results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx)
                 | {'split': evaluation.fewshot_split} for i in fewshot}
   return [results[i] for i in range(len(rows))]

@@ -170,6 +170,7 @@ def check_feasible(config, names, mesh):
   Every batch splits over the processes, devices and micro-batches; every stage's split exists
   and holds a batch; every episode (meta stages and the few-shot evaluation) finds n_way
   classes with k_shot + q_query clips; every optimizer.trainable name is a param of its model.
+  Prints a warning for each frozen encoder that nothing trained (`untrained_encoders`).
   """
   sources, labels = {}, {}
 
@@ -185,6 +186,10 @@ def check_feasible(config, names, mesh):
 
   batch, params_of = example_batch(config.dataset), {}
   for name in names:
+    for stage_name, m in untrained_encoders(config, name):
+      _say(name, f'warning: stage {stage_name!r} runs the {m} encoder frozen, and neither an '
+                 f'earlier stage nor model.{m}.init_from trained it: its features come from '
+                 'a random init.')
     pipeline = config.pipelines[name]
     model_cfg = model_config(config, pipeline)
     if model_cfg.to_json() not in params_of:  # one trace per model, not per pipeline
@@ -224,6 +229,25 @@ def _check_episodes(labels, fewshot, where):
                                                            where), per_class, where)
   if note:
     _say('check', note)
+
+
+def untrained_encoders(config, name):
+  """[(stage name, modality)]: the first stage of pipeline `name` that runs an encoder frozen
+  (`optimizer.trainable`) which no earlier stage trained and no `init_from` loaded, so that it
+  computes features at its random init (the 'paper' zero-shot recipe without its Kinetics and
+  AudioSet checkpoints, for one)."""
+  pipeline = config.pipelines[name]
+  model_cfg = model_config(config, pipeline)
+  trained = {m for m in modalities.MODALITIES if model_cfg[m].init_from is not None}
+  found = []
+  for stage in pipeline.stages:
+    trainable = stage.optimizer.trainable
+    for m in _subset(stage):
+      if trainable is None or f'{m}_encoder' in trainable:
+        trained.add(m)
+      elif m not in trained and all(m != seen for _, seen in found):
+        found.append((stage.name, m))  # the first such stage
+  return found
 
 
 def _check_stage_feasible(stage, params, num_clips, mesh, *, labels):
@@ -694,11 +718,9 @@ def run(config, workdir, *, train_missing=True):
                                   evaluate.make_forward(model))
     if name == config.eval.unimodal_baselines:
       _say(name, 'evaluating the unimodal baselines.')
-      unimodal = evaluate.unimodal_rows(*evaluate.predict_split(
-          forward, _unimodal_params(config, name, model, workdir, mesh, directories),
-          config.dataset, config.eval.manyshot_split, [modalities.MODALITIES],
-          batch_size=config.eval.batch_size, mesh=mesh), report.UNIMODAL_PAPER)
-      unimodal = [row | {'split': config.eval.manyshot_split} for row in unimodal]
+      unimodal = _unimodal_baselines(
+          config, forward, _unimodal_params(config, name, model, workdir, mesh, directories),
+          mesh, episode_cache)
     indices = [i for i, row in enumerate(config_rows) if row.pipeline == name]
     _say(name, f'evaluating {len(indices)} rows.')
     predictions = {}
@@ -737,8 +759,28 @@ def _write_results(config, config_rows, results, workdir, unimodal):
   rows = [(results.get(i) or _result_row(row) | {'mean': None, 'ci95': None, 'n': None})
           | (episodes if row['metric'] == '5w5s_acc' else {})  # what the table header reads
           for i, row in enumerate(config_rows)]
+  unimodal = unimodal and [row | (episodes if row['metric'] == '5w5s_acc' else {})
+                           for row in unimodal]
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
                unimodal=unimodal)
+
+
+def _unimodal_baselines(config, forward, params, mesh, episode_cache):
+  """Each encoder with what unimodal pre-training gave it: top-1 of its own head on the
+  many-shot split, or for a few-shot table the fixed episodes on its pooled features."""
+  evaluation = config.eval
+  fewshot = evaluation.kind == 'few-shot'
+  split = evaluation.fewshot_split if fewshot else evaluation.manyshot_split
+  outputs, labels = evaluate.predict_split(forward, params, config.dataset, split,
+                                           [modalities.MODALITIES],
+                                           batch_size=evaluation.batch_size, mesh=mesh)
+  if fewshot:
+    rows = evaluate.unimodal_fewshot_rows(
+        outputs, *evaluate.fixed_episodes(episode_cache, labels, evaluation),
+        report.UNIMODAL_FEWSHOT_PAPER)
+  else:
+    rows = evaluate.unimodal_rows(outputs, labels, report.UNIMODAL_PAPER)
+  return [row | {'split': split} for row in rows]
 
 
 def _is_mmg_unimodal(stage):

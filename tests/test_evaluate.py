@@ -89,6 +89,28 @@ def test_unimodal_rows_are_the_top1_of_each_encoder_head():
   assert [row['paper'] for row in rows] == [1.0, 2.0, 3.0]
 
 
+def test_unimodal_fewshot_rows_are_the_episodes_on_each_encoders_features():
+  labels = np.repeat(np.arange(65, 72), 12)
+  rng = np.random.default_rng(4)
+  pooled = {m: rng.normal(size=(labels.size, 8)) + (i + 1) * np.eye(8)[labels % 8]
+            for i, m in enumerate(modalities.MODALITIES)}
+  present = rng.random((labels.size, 3)) > 0.2
+  outputs = {modalities.MODALITIES: {'unimodal_pooled': pooled, 'present': present}}
+  support_idx, query_idx = (np.asarray(x) for x in evaluate.sample_eval_episodes(
+      labels, _evaluation().fewshot))
+  rows = evaluate.unimodal_fewshot_rows(outputs, support_idx, query_idx,
+                                        {'video': 1.0, 'audio': 2.0, 'imu': 3.0})
+  for i, (m, row) in enumerate(zip(modalities.MODALITIES, rows, strict=True)):
+    valid = present[:, i]
+    accuracies = _numpy_episode_accuracy(_unit(pooled[m]), _unit(pooled[m]), support_idx,
+                                         query_idx, valid, valid)
+    kept = accuracies[~np.isnan(accuracies)]
+    assert row['modality'] == m and row['metric'] == '5w5s_acc' and row['n'] == kept.size
+    np.testing.assert_allclose(row['mean'], 100 * kept.mean(), rtol=1e-5)
+    assert row['ci95'][0] < row['mean'] < row['ci95'][1] and row['paper'] == i + 1.0
+  assert rows[0]['mean'] < rows[2]['mean']  # the features separate the classes by (i + 1)
+
+
 def test_clips_without_a_test_modality_are_not_scored():
   """Real clips can lack IMU: an IMU row and the IMU baseline score only clips that have it."""
   labels = RNG.integers(0, 65, 100)

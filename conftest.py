@@ -54,7 +54,7 @@ _SLOWEST_FIRST = (
     'test_model_stats.py',  # 218 s, the memory plan's 16 compilations
     'test_mvit_checkpoints.py', 'test_ast_checkpoints.py',  # 100-200 s each
     'test_bench.py', 'test_planner.py',  # 100-130 s each (2026-12-06, a loaded machine)
-    'test_notebook.py', 'test_bad_inputs.py',  # 70-80 s each
+    'test_sweep.py', 'test_notebook.py', 'test_bad_inputs.py', 'test_seeds.py',  # 70-95 s each
     'test_kernels.py', 'test_remote_workdir.py',  # 45-50 s each
     'test_feature_cache.py', 'test_plots.py', 'test_resume.py', 'test_checkpoint.py')
 _SPLIT_FILES = ('test_pipeline.py', 'test_multiprocess.py', 'test_bad_inputs.py',

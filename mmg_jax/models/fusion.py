@@ -128,8 +128,11 @@ class TransformerFusion(nn.Module):
 class MlpFusion(nn.Module):
   """Ablation baseline: pooled features projected, concatenated (absent = zeros), into an MLP.
 
-  The MLP has `config.depth` hidden layers of `config.width` (GELU, dropout), then a linear
-  layer to `embed_dim`. Slots follow MODALITIES order; a modality that did not run is zeros.
+  The MLP has `config.depth` hidden layers of `config.width` (GELU, dropout), then the
+  attention fusion's output LayerNorm and a linear layer to `embed_dim`. Slots follow MODALITIES
+  order; a modality that did not run is zeros. The norm makes it a fair baseline: without it
+  the small-std init shrank the signal through every layer, and the MLP learned almost nothing
+  in the demo's budget (4.2% top-1 regular, attention 28.6%).
   """
   config: ml_collections.ConfigDict
   embed_dim: int
@@ -149,6 +152,7 @@ class MlpFusion(nn.Module):
       x = nn.Dense(config.width, dtype=self.dtype, kernel_init=layers.dense_init,
                    name=f'fc{i}')(x)
       x = nn.Dropout(config.dropout, deterministic=not train)(nn.gelu(x, approximate=False))
+    x = layers.layer_norm(1e-6, self.dtype, 'norm')(x)
     return nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=layers.dense_init,
                     name='head')(x)
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
+from configs import common, fewshot
 from data_pipeline import loaders, modalities
 from mmg_jax import evaluate, pipeline, sharding, train
 from mmg_jax.models import mmg
@@ -111,3 +111,43 @@ def test_fewshot_evaluator_on_a_split_against_numpy(tiny_model):
   expected = _numpy_episode_accuracy(unit, unit, support_idx, query_idx)
   np.testing.assert_allclose(evaluator(params)['5w5s_accuracy'], 100 * expected.mean(),
                              rtol=1e-5)
+
+
+def test_rows_name_the_checkpoint_they_evaluate(tmp_path):
+  """The last stage's best step when it selects by validation, else its final step."""
+  config = fewshot.get_config('tiny')
+  directories = pipeline.stage_directories(config)
+  meta_dir = directories['train_VAI', 2]
+  assert pipeline.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
+      'stage': meta_dir, 'step': config.pipelines.train_VAI.stages[2].num_steps}
+  config.pipelines.train_VAI.stages[2].validation.update(
+      {'evaluator': 'fewshot', 'select_best': True})
+  (tmp_path / meta_dir).mkdir(parents=True)
+  (tmp_path / meta_dir / train.BEST_FILE).write_text(
+      json.dumps({'step': 1, 'metric': 'val_5w5s_accuracy', 'value': 40.0}))
+  assert pipeline.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
+      'stage': meta_dir, 'step': 1, 'metric': 'val_5w5s_accuracy', 'value': 40.0}
+
+
+@pytest.mark.parametrize('validation, match', [
+    ({'evaluator': 'top5'}, r"validation.evaluator='top5' must be one of \('top1', 'fewshot'\)"),
+    ({'every': 0}, 'validation.every=0 must be a whole number'),
+    ({'select_best': True}, 'validation.select_best needs a validation.evaluator'),
+])
+def test_a_bad_stage_validation_is_refused_before_training(validation, match):
+  config = fewshot.get_config('tiny')
+  config.pipelines.train_VAI.stages[2].validation.update(validation)
+  with pytest.raises(ValueError, match=match):
+    pipeline.validate(config)
+
+
+def test_eval_target_must_be_test_or_val():
+  config = fewshot.get_config('tiny')
+  config.eval.target = 'novel'
+  with pytest.raises(ValueError, match=r"eval.target='novel' must be one of \('test', 'val'\)"):
+    pipeline.validate(config)
+  config.eval.target = 'val'
+  resolved = pipeline.for_target(config)
+  assert (resolved.eval.manyshot_split, resolved.eval.fewshot_split) == ('val', 'val')
+  assert resolved.eval.fewshot.to_dict() == config.eval.validation.fewshot.to_dict()
+  assert pipeline.results_dir(config, 'W') == 'W/val'

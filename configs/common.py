@@ -451,6 +451,27 @@ def finish(config, arg):
   return config
 
 
+def stages_of(config):
+  """Every distinct stage of the config's pipelines, once: pipelines that share a stage hold
+  the same ConfigDict."""
+  unique = {}
+  for pipeline in config.pipelines.values():
+    for stage in pipeline.stages:
+      unique.setdefault(id(stage), stage)
+  return list(unique.values())
+
+
+def scale_schedule(config, factor):
+  """Every stage's num_steps times `factor` (warmups follow), with its log, checkpoint and
+  validation intervals as `_stage` and `selected_on_validation` set them."""
+  for stage in stages_of(config):
+    steps = max(1, round(stage.num_steps * factor))
+    stage.update({'num_steps': steps, 'log_every': max(1, steps // 10),
+                  'checkpoint_every': max(1, steps // 4)})
+    stage.validation.every = max(1, steps // 5)
+  return config
+
+
 def smoke_schedule(config):
   """Shrinks steps, batches and episodes in place; keeps every pipeline, stage, row and shape.
 

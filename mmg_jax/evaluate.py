@@ -357,6 +357,10 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
   return [results[i] for i in range(len(rows))]
 
 
+# What each evaluator (`EVALUATORS`) measures, in percent.
+METRICS = {'top1': 'top1_accuracy', 'fewshot': '5w5s_accuracy'}
+
+
 def top1_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fewshot=None):
   """params -> {'top1_accuracy': %}: top-1 of the fused logits under `subset` on `split`."""
   del fewshot  # the few-shot evaluator's
@@ -365,7 +369,7 @@ def top1_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fewshot
   def evaluate(params):
     outputs, labels = predict_split(forward, params, dataset, split, [subset],
                                     batch_size=batch_size, mesh=mesh)
-    return {'top1_accuracy': top1_row(row, outputs, labels)['mean']}
+    return {METRICS['top1']: top1_row(row, outputs, labels)['mean']}
 
   return evaluate
 
@@ -382,7 +386,7 @@ def fewshot_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fews
                                           batch_size=batch_size, mesh=mesh)
     if not np.array_equal(split_labels, labels):
       raise RuntimeError(f'the {split!r} split came back in another order than its labels.')
-    return {'5w5s_accuracy': fewshot_row(row, outputs, support_idx, query_idx)['mean']}
+    return {METRICS['fewshot']: fewshot_row(row, outputs, support_idx, query_idx)['mean']}
 
   return evaluate
 

@@ -613,8 +613,7 @@ def _stage_validation(config, model, stage, mesh):
   def named(params):
     return {f'{validation.split}_{k}': v for k, v in evaluator(params).items()}
 
-  metric = f'{validation.split}_' + ('top1_accuracy' if spec.evaluator == 'top1' else
-                                     '5w5s_accuracy')
+  metric = f'{validation.split}_{evaluate.METRICS[spec.evaluator]}'
   return train.Validation(named, every=spec.every,
                           select_best=metric if spec.select_best else None)
 

@@ -760,8 +760,9 @@ def _write_results(config, config_rows, results, workdir, unimodal):
           for i, row in enumerate(config_rows)]
   unimodal = unimodal and [row | (episodes if row['metric'] == '5w5s_acc' else {})
                            for row in unimodal]
+  models = {name: model_config(config, p) for name, p in config.pipelines.items()}
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
-               unimodal=unimodal)
+               unimodal=unimodal, models=models)  # the cost plot's, also in workdir/val
 
 
 def _unimodal_baselines(config, forward, params, mesh, episode_cache):

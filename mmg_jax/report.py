@@ -205,7 +205,7 @@ def _seeds_note(seeds, num_seeds):
   single = ' (no std from one seed)' if len(seeds) < 2 else ''
   return (f'mean ± std over {count} ({", ".join(map(str, seeds))}){still}{single}: the mean and '
           'sample std (ddof=1) of the seeds\' means over the evaluation (few-shot: episodes; '
-          "many-shot: test clips) in %; each seed's 95% interval in results.json and "
+          "many-shot: clips) in %; each seed's 95% interval in results.json and "
           'seed_<s>/results.md')
 
 
@@ -222,7 +222,7 @@ def markdown(kind, rows, unimodal=None, *, seeds=None, num_seeds=None):
            'its pooled features as the embedding')
     table += (f'\n\nUnimodal baselines (each encoder with {how} after unimodal pre-training, '
               f'on the {_split_name(unimodal)} split):\n\n{unimodal_table(unimodal, seeds)}')
-  ours = ('mean over the evaluation (few-shot: episodes; many-shot: test clips) in % and its 95% '
+  ours = ('mean over the evaluation (few-shot: episodes; many-shot: clips) in % and its 95% '
           'confidence interval [low, high] (few-shot: normal; top-1: Wilson score)'
           if seeds is None else _seeds_note(seeds, num_seeds))
   note = (f'Ours: {ours}; paper: MMG-Ego4D (CVPR 2023) on MMG-Ego4D. Modalities: V video, '
@@ -349,12 +349,13 @@ def redraw(workdir, models=None):
   return paths
 
 
-def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
+def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True, models=None):
   """Writes workdir/results.md and workdir/results.json (process 0 only), then, with `plots`,
   the plots in workdir/plots/ and their links in results.md. Rows with `mean` None are pending
-  (a later pipeline evaluates them): the table is printed once no row is pending."""
+  (a later pipeline evaluates them): the table is printed once no row is pending. models: as
+  `redraw`'s."""
   return write_doc(to_json(kind, rows, unimodal), workdir, process_index=process_index,
-                   plots=plots)
+                   plots=plots, models=models)
 
 
 def write_doc(doc, workdir, *, process_index, plots=True, models=None):

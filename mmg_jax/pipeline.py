@@ -8,12 +8,14 @@ The only module that knows stage order. A config (configs/fewshot.py, ...) holds
 
 Stage i of a pipeline starts from the params of stage i - 1 (the first from a fresh init) and
 checkpoints in `workdir/<pipeline>/<stage>/` (train.run_stage), so re-running a command resumes
-an interrupted stage and skips finished ones. Pipelines that begin with the same stages (same
-model, same stage configs) share them: a shared stage runs once, in the directory of the first
-pipeline (in name order) that lists it, and later pipelines restore its params from its final
-checkpoint. The devices hold the params of one pipeline at a time (at paper size a param set is
-~0.6 GB and the ablation has ~15 stages). The workdir may be local or gs:// (any etils.epath
-path); mmg_jax/workdir.py says what holds on an object store.
+an interrupted stage and skips finished ones. A stage whose `validation` selects its best step
+(evaluate.EVALUATORS on config.eval.validation's split) hands that step's params on instead of
+its last. Each stage draws its randomness from streams of its own (`stream_seed`).
+Pipelines that begin with the same stages (same model, same stage configs) share them: a shared
+stage runs once, in the directory of the first pipeline (in name order) that lists it, and later
+pipelines restore its params from its final checkpoint. The devices hold the params of one pipeline
+at a time (at paper size a param set is ~0.6 GB and the ablation has ~15 stages). The workdir may be
+local or gs:// (any etils.epath path); mmg_jax/workdir.py says what holds on an object store.
 
 Modality discipline is enforced, not assumed:
 - every stage sees its batches through `evaluate.restrict` with its own `modalities`: the others

@@ -110,14 +110,13 @@ def test_ablation_variants_change_what_they_name():
   assert pipelines.mlp.model_updates.fusion.kind == 'mlp'
   assert not pipelines.full.model_updates
   assert pipelines.noalign.stages[1].align_weight == 0 < pipelines.full.stages[1].align_weight
-  # Full-model cells are the many-shot runs' pipelines at SMALL_BUDGET of their steps; the
-  # few-shot cells add the meta stage to the same two stages.
+  # Full-model cells are the main runs' pipelines at SMALL_BUDGET of their steps: top-1 as
+  # many-shot, 5w5s as few-shot.
   many = common.scale_schedule(manyshot.get_config(), ablation.SMALL_BUDGET).pipelines
+  few = common.scale_schedule(fewshot.get_config(), ablation.SMALL_BUDGET).pipelines
   assert _stage_dicts(pipelines.full) == _stage_dicts(many.train_VAI)
-  assert _stage_dicts(pipelines.full_meta)[:2] == _stage_dicts(pipelines.full)
+  assert _stage_dicts(pipelines.full_meta) == _stage_dicts(few.train_VAI)
   assert _stage_dicts(pipelines.zeroshot_AI) == _stage_dicts(many.zeroshot_train_AI)
-  assert pipelines.full_meta.stages[2].num_steps == (
-      fewshot.get_config().pipelines.train_VAI.stages[2].num_steps * ablation.SMALL_BUDGET)
   assert [s.kind for s in pipelines.zeroshot_AI.stages] == ['unimodal_ce', 'align', 'supervised']
   assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['unimodal_ce', 'supervised',
                                                                      'supervised']

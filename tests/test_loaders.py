@@ -214,7 +214,7 @@ def test_clear_errors(dataset):
   with pytest.raises(ValueError, match='unknown dataset'):
     loaders.data_source(ml_collections.ConfigDict({'name': 'mnist', 'data_dir': None,
                                                    'num_workers': 0}), 'train')
-  with pytest.raises(ValueError, match='need 20'):
+  with pytest.raises(ValueError, match='5-way episodes need 5 classes with k_shot'):
     loaders.episode_batches(dataset, 'novel', n_way=5, k_shot=5, q_query=15,
                             episodes_per_batch=1, seed=0, process_index=0, process_count=1)
   with pytest.raises(ValueError, match='process_index 2'):

@@ -21,7 +21,7 @@ from mmg_jax.tools import paper_smoke
 CONFIGS = (fewshot, manyshot, ablation)
 # What the smoke schedule may change in a stage; everything else must be the paper's.
 SCHEDULE_FIELDS = {'num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'optimizer',
-                   'n_way', 'k_shot', 'q_query', 'episodes_per_batch'}
+                   'n_way', 'k_shot', 'q_query', 'episodes_per_batch', 'validation'}
 
 
 def _stages(config):
@@ -50,6 +50,7 @@ def test_paper_smoke_is_paper_with_a_shorter_schedule(module):
       assert optimizer == {k: v for k, v in want['optimizer'].items() if k != 'warmup_steps'}
       assert got['num_steps'] == 2 and got['optimizer']['warmup_steps'] == 0
       assert got['batch_size'] == 2
+      assert got['validation']['evaluator'] is None  # the smoke run validates nothing
 
 
 def test_default_layout_feeds_every_stage_and_evaluation_of_the_smoke_configs():

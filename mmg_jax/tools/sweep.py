@@ -64,18 +64,6 @@ _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 _OVERRIDE = re.compile(r'-{1,2}(no)?config\.')
 _SEGMENT = re.compile(r'^(\w+)((?:\[\d+\])*)$')
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'experiment config file and size, e.g. configs/manyshot.py:small; its '
-    '--config.FIELD=VALUE overrides go to every trial')
-_WORKDIR = flags.DEFINE_string('workdir', None, "the sweep's root: a directory per trial")
-_GRID = flags.DEFINE_multi_string(
-    'grid', None, 'an axis FIELD=V1,V2,...; repeat for more axes (their cartesian product)')
-_RANK_BY = flags.DEFINE_string(
-    'rank_by', None, 'rows whose mean val score ranks the trials: selectors of '
-    '--config.eval.only, e.g. regular, zero-shot, AI:V (optionally val:regular)')
-_PARALLEL = flags.DEFINE_integer(
-    'parallel', 1, 'trials run at once, each its own process on every device')
-flags.mark_flags_as_required(['config', 'workdir', 'grid', 'rank_by'])
 
 
 def split_values(text):
@@ -424,25 +412,42 @@ def parse_flags(argv):
                      f'{text}') from None
 
 
+def define_flags():
+  """The command's flags, defined when it runs (as the other tools do): importing the module,
+  as the tests do beside other tools, defines none."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'experiment config file and size, e.g. configs/manyshot.py:small; its '
+      '--config.FIELD=VALUE overrides go to every trial')
+  flags.DEFINE_string('workdir', None, "the sweep's root: a directory per trial")
+  flags.DEFINE_multi_string(
+      'grid', None, 'an axis FIELD=V1,V2,...; repeat for more axes (their cartesian product)')
+  flags.DEFINE_string(
+      'rank_by', None, 'rows whose mean val score ranks the trials: selectors of '
+      '--config.eval.only, e.g. regular, zero-shot, AI:V (optionally val:regular)')
+  flags.DEFINE_integer('parallel', 1, 'trials run at once, each its own process on every device')
+  flags.mark_flags_as_required(['config', 'workdir', 'grid', 'rank_by'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _PARALLEL.value < 1:
-    raise app.UsageError(f'--parallel={_PARALLEL.value}: run at least one trial at a time.')
+  parallel = flags.FLAGS.parallel
+  if parallel < 1:
+    raise app.UsageError(f'--parallel={parallel}: run at least one trial at a time.')
   config_arg = config_flags.get_config_filename(flags.FLAGS['config'])
   fixed = [arg for arg in sys.argv[1:] if _OVERRIDE.match(arg)]
-  root = os.path.abspath(_WORKDIR.value)
+  root = os.path.abspath(flags.FLAGS.workdir)
   try:
-    selectors = rank_selectors(_RANK_BY.value)
-    trials = plan(config_arg, fixed, parse_grid(_GRID.value), selectors, root)
+    selectors = rank_selectors(flags.FLAGS.rank_by)
+    trials = plan(config_arg, fixed, parse_grid(flags.FLAGS.grid), selectors, root)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from e
   os.makedirs(root, exist_ok=True)
   _write_json(os.path.join(root, 'trials.json'), {
       'config': config_arg, 'split': SPLIT, 'rank_by': selectors, 'trials': trials})
-  print(f'[sweep] {len(trials)} trials of {config_arg} in {root}, {_PARALLEL.value} at a time; '
+  print(f'[sweep] {len(trials)} trials of {config_arg} in {root}, {parallel} at a time; '
         f'ranked on {SPLIT} by {selectors!r}.', flush=True)
-  ranked = rank(run_all(trials, root, selectors, _PARALLEL.value))
+  ranked = rank(run_all(trials, root, selectors, parallel))
   text = markdown(config_arg, selectors, ranked)
   with open(os.path.join(root, 'sweep.md'), 'w') as f:
     f.write(text)
@@ -455,4 +460,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -316,16 +316,17 @@ def sample_eval_episodes(labels, fewshot):
       n_way=fewshot.n_way, k_shot=fewshot.k_shot, q_query=fewshot.q_query)
 
 
-def fixed_episodes(episode_cache, labels, evaluation):
-  """(support_idx, query_idx) of the run's fixed few-shot episodes: drawn on the first call
-  and kept in `episode_cache` (a dict shared by every pipeline of a run), with the labels they
-  index, which every later call must reproduce."""
+def fixed_episodes(episode_cache, labels, fewshot, split):
+  """(support_idx, query_idx) of fixed few-shot episodes (a config.eval.fewshot) on `split`:
+  drawn on the first call and kept in `episode_cache` (a dict shared by the calls that must
+  score the same episodes: every pipeline of a run, every validation of a stage), with the
+  labels they index, which every later call must reproduce."""
   if 'labels' not in episode_cache:
     episode_cache['labels'] = labels
-    episode_cache['episodes'] = sample_eval_episodes(labels, evaluation.fewshot)
+    episode_cache['episodes'] = sample_eval_episodes(labels, fewshot)
   if not np.array_equal(episode_cache['labels'], labels):
-    raise RuntimeError(f'the {evaluation.fewshot_split!r} split came back in another order; '
-                       'the fixed episodes index it, so eval_batches must be deterministic.')
+    raise RuntimeError(f'the {split!r} split came back in another order; the fixed episodes '
+                       'index it, so eval_batches must be deterministic.')
   return episode_cache['episodes']
 
 
@@ -351,7 +352,8 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
   if fewshot:
     subsets = sorted({modalities.check(rows[i][k]) for i in fewshot for k in ('train', 'test')})
     outputs, labels = predict(evaluation.fewshot_split, subsets)
-    support_idx, query_idx = fixed_episodes(episode_cache, labels, evaluation)
+    support_idx, query_idx = fixed_episodes(episode_cache, labels, evaluation.fewshot,
+                                            evaluation.fewshot_split)
     results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx)
                 | {'split': evaluation.fewshot_split} for i in fewshot}
   return [results[i] for i in range(len(rows))]
@@ -375,17 +377,15 @@ def top1_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fewshot
 
 
 def fewshot_evaluator(forward, dataset, split, *, subset, batch_size, mesh, fewshot):
-  """params -> {'5w5s_accuracy': %}: `fewshot` episodes (a config.eval.fewshot, drawn once)
-  on `split`, support and query under `subset`."""
-  labels = loaders.split_labels(loaders.data_source(dataset, split))
-  support_idx, query_idx = sample_eval_episodes(labels, fewshot)
+  """params -> {'5w5s_accuracy': %}: `fewshot` episodes (a config.eval.fewshot, drawn at the
+  first call and kept) on `split`, support and query under `subset`."""
   row = {'setting': split, 'train': subset, 'test': subset}
+  episode_cache = {}
 
   def evaluate(params):
-    outputs, split_labels = predict_split(forward, params, dataset, split, [subset],
-                                          batch_size=batch_size, mesh=mesh)
-    if not np.array_equal(split_labels, labels):
-      raise RuntimeError(f'the {split!r} split came back in another order than its labels.')
+    outputs, labels = predict_split(forward, params, dataset, split, [subset],
+                                    batch_size=batch_size, mesh=mesh)
+    support_idx, query_idx = fixed_episodes(episode_cache, labels, fewshot, split)
     return {METRICS['fewshot']: fewshot_row(row, outputs, support_idx, query_idx)['mean']}
 
   return evaluate

@@ -778,7 +778,7 @@ def _unimodal_baselines(config, forward, params, mesh, episode_cache):
                                            batch_size=evaluation.batch_size, mesh=mesh)
   if fewshot:
     rows = evaluate.unimodal_fewshot_rows(
-        outputs, *evaluate.fixed_episodes(episode_cache, labels, evaluation),
+        outputs, *evaluate.fixed_episodes(episode_cache, labels, evaluation.fewshot, split),
         report.UNIMODAL_FEWSHOT_PAPER)
   else:
     rows = evaluate.unimodal_rows(outputs, labels, report.UNIMODAL_PAPER)

@@ -370,6 +370,11 @@ def model_config(config, pipeline):
   return model
 
 
+def model_configs(config):
+  """{pipeline: its model config} of every pipeline (`model_config`): what the cost plot reads."""
+  return {name: model_config(config, p) for name, p in config.pipelines.items()}
+
+
 def example_batch(dataset):
   """A batch of one clip of the train split, to initialize params with the data's shapes."""
   example = loaders.data_source(dataset, 'train')[0]
@@ -762,7 +767,7 @@ def _write_results(config, config_rows, results, workdir, unimodal):
           for i, row in enumerate(config_rows)]
   unimodal = unimodal and [row | (episodes if row['metric'] == '5w5s_acc' else {})
                            for row in unimodal]
-  models = {name: model_config(config, p) for name, p in config.pipelines.items()}
+  models = model_configs(config)
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
                unimodal=unimodal, models=models)  # the cost plot's, also in workdir/val
 

@@ -390,7 +390,7 @@ def main(argv):
   models = None
   if config is not None:
     from mmg_jax import pipeline
-    models = {name: pipeline.model_config(config, p) for name, p in config.pipelines.items()}
+    models = pipeline.model_configs(config)
   try:
     redraw(flags.FLAGS.workdir, models)
   except ValueError as e:

@@ -45,7 +45,7 @@ def run(config, workdir, *, train_missing=True):
     return pipeline.run(config, workdir, train_missing=train_missing)
   seeds = [config.seed + i for i in range(count)]
   # The aggregate's cost plot: every seed trains these models (its seed dirs hold them too).
-  models = {name: pipeline.model_config(config, p) for name, p in config.pipelines.items()}
+  models = pipeline.model_configs(config)
   docs = {}
   for i, seed in enumerate(seeds):
     seed_dir = report.seed_workdir(workdir, seed)

@@ -267,10 +267,19 @@ def optimizer_config(learning_rate, num_steps):
   })
 
 
+def _intervals(size, num_steps):
+  """A stage's log and checkpoint intervals for its steps, and the one between validations."""
+  return {'log_every': max(1, num_steps // 10),
+          # A few saves per stage; 'tiny' stages are too short to need more than the final one.
+          'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // 4),
+          'validation_every': max(1, num_steps // 5)}  # 5 validations a stage
+
+
 def _stage(size, name, kind, *, split, modalities, learning_rate, num_steps=None, **fields):
   """A stage; num_steps defaults to the kind's budget for the size (_STAGE_STEPS)."""
   num_steps = _STAGE_STEPS[kind][size] if num_steps is None else num_steps
   steps = ml_collections.FieldReference(num_steps)
+  intervals = _intervals(size, num_steps)
   return ml_collections.ConfigDict({
       'name': name,  # the checkpoint directory, workdir/<pipeline>/<name>/
       'kind': kind,
@@ -279,9 +288,8 @@ def _stage(size, name, kind, *, split, modalities, learning_rate, num_steps=None
       'num_steps': steps,
       'batch_size': _BATCH_SIZE[size],  # global
       'optimizer': optimizer_config(learning_rate, steps),
-      'log_every': max(1, num_steps // 10),
-      # A few saves per stage; 'tiny' stages are too short to need more than the final one.
-      'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // 4),
+      'log_every': intervals['log_every'],
+      'checkpoint_every': intervals['checkpoint_every'],
       'validation': validation_config(),
       **fields,
   })
@@ -347,8 +355,8 @@ def selected_on_validation(size, stage, evaluator):
   that select checkpoints: 'small' and 'paper'; 'tiny' tests turn it on where they test it, and
   the smoke schedule turns it off."""
   if size != 'tiny':
-    stage.validation = validation_config(evaluator, every=max(1, stage.num_steps // 5),
-                                         select_best=True)
+    every = _intervals(size, stage.num_steps)['validation_every']
+    stage.validation = validation_config(evaluator, every=every, select_best=True)
   return stage
 
 
@@ -466,9 +474,10 @@ def scale_schedule(config, factor):
   validation intervals as `_stage` and `selected_on_validation` set them."""
   for stage in stages_of(config):
     steps = max(1, round(stage.num_steps * factor))
-    stage.update({'num_steps': steps, 'log_every': max(1, steps // 10),
-                  'checkpoint_every': max(1, steps // 4)})
-    stage.validation.every = max(1, steps // 5)
+    intervals = _intervals(config.size, steps)
+    stage.update({'num_steps': steps, 'log_every': intervals['log_every'],
+                  'checkpoint_every': intervals['checkpoint_every']})
+    stage.validation.every = intervals['validation_every']
   return config
 
 

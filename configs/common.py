@@ -310,8 +310,7 @@ def validation_config(evaluator=None, every=1, select_best=False):
 
 def unimodal_stage(size, modalities=('video', 'audio', 'imu')):
   """Unimodal supervised pre-training: sum over modalities of L_CE of each encoder's own head."""
-  return _stage(size, 'unimodal', 'unimodal_ce', split='train', modalities=modalities,
-                learning_rate=1e-3)
+  return _encoder_stage(size, 'unimodal', split='train', modalities=modalities)
 
 
 def pretrain_stage(size, modalities=('video', 'audio', 'imu'), num_steps=None):
@@ -321,8 +320,19 @@ def pretrain_stage(size, modalities=('video', 'audio', 'imu'), num_steps=None):
   the IMU encoder is pre-trained too by default (the paper does not say where it starts).
   mmg_synthetic has this split, mmg_ego4d does not (load external checkpoints there instead).
   """
-  return _stage(size, 'pretrain', 'unimodal_ce', split='pretrain', modalities=modalities,
-                learning_rate=1e-3, num_steps=num_steps)
+  return _encoder_stage(size, 'pretrain', split='pretrain', modalities=modalities,
+                        num_steps=num_steps)
+
+
+def _encoder_stage(size, name, *, split, modalities, num_steps=None):
+  """A unimodal L_CE stage that trains its modalities' encoders and heads alone: the fusion and
+  the fused head keep their init (no weight decay either), so the stage's result is the same
+  under any fusion, and pipelines that differ only in the fusion share it (mmg_jax.pipeline)."""
+  stage = _stage(size, name, 'unimodal_ce', split=split, modalities=modalities,
+                 learning_rate=1e-3, num_steps=num_steps)
+  stage.optimizer.trainable = tuple(f'{m}_{part}' for m in modalities
+                                    for part in ('encoder', 'head'))
+  return stage
 
 
 def align_stage(size, num_steps=None):

@@ -423,6 +423,8 @@ def _stage_identity(config, model_cfg, stages):
   step, except for batch-level losses (L_align's negatives), which then see one micro-batch.
   """
   model = model_cfg.to_dict()
+  if fusion_free(stages):
+    del model['fusion']
   for m in modalities.MODALITIES:
     directory = model[m].pop('init_from', None)
     if directory is not None:
@@ -432,6 +434,14 @@ def _stage_identity(config, model_cfg, stages):
                      'model': model, 'seed': config.seed,
                      'stages': [_stage_result_fields(s) for s in stages]},
                     sort_keys=True, default=str)
+
+
+def fusion_free(stages):
+  """Whether `stages` train no param the fusion's config shapes (neither the fusion nor the fused
+  head): their result is then the same under any fusion, and pipelines that differ only in the
+  fusion (the ablation's MLP pipelines) share them."""
+  return all(s.optimizer.trainable is not None and not {'fusion', 'head'} & set(
+      s.optimizer.trainable) for s in stages)
 
 
 def _stage_result_fields(stage):
@@ -637,13 +647,21 @@ def _feature_cache(config, model, stage, params, workdir, mesh):
 
 
 def _restore(config, model, stage, directory, workdir, mesh):
-  """The final params of `stage`, trained in `workdir/directory`, from its checkpoint."""
+  """The final params of `stage`, trained in `workdir/directory`, from its checkpoint, for
+  `model`. A stage shared with a pipeline of another fusion (`fusion_free`) is restored as its
+  owner's model and gives `model` everything but the fusion, which keeps `model`'s own init."""
   owner, name = os.path.split(directory)
-  params_shape = jax.eval_shape(
-      functools.partial(init_params, model, example_batch(config.dataset), config.seed))
-  return train.final_params(name, workdir=os.path.join(workdir, owner), params_shape=params_shape,
-                            optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh,
-                            select_best=_selects_best(stage))
+  owner_model = mmg.MMGModel(config=model_config(config, config.pipelines[owner]))
+  init = functools.partial(init_params, owner_model, example_batch(config.dataset), config.seed)
+  params = train.final_params(name, workdir=os.path.join(workdir, owner),
+                              params_shape=jax.eval_shape(init), optimizer=stage.optimizer,
+                              num_steps=stage.num_steps, mesh=mesh,
+                              select_best=_selects_best(stage))
+  if owner_model.config == model.config:
+    return params
+  fresh = init_params(model, example_batch(config.dataset), config.seed)
+  # On the host: the two halves live on different devices (the mesh and the default device).
+  return jax.device_get(fresh | {k: v for k, v in params.items() if k != 'fusion'})
 
 
 def _selects_best(stage):

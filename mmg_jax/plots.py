@@ -263,12 +263,14 @@ def subset_memory(subset):
 
 
 def read_model_configs(workdir):
-  """{pipeline: model ConfigDict} from the stage.json each trained stage leaves in its dir."""
+  """{pipeline: model ConfigDict} from the stage.json each trained stage leaves in its dir (a stage
+  that trains no fusion param records the model without its fusion: skipped)."""
   models = {}
   for path in _glob(workdir, '*/*/stage.json'):
     pipeline = os.path.basename(os.path.dirname(os.path.dirname(path)))
-    models.setdefault(pipeline, ml_collections.ConfigDict(
-        json.loads(epath.Path(path).read_text())['model']))
+    model = json.loads(epath.Path(path).read_text())['model']
+    if 'fusion' in model:
+      models.setdefault(pipeline, ml_collections.ConfigDict(model))
   return models
 
 

@@ -253,6 +253,36 @@ def test_a_shared_stage_is_restored_from_its_checkpoint_not_retrained(tmp_path, 
   jax.tree.map(np.testing.assert_array_equal, sharding.gather(first), sharding.gather(second))
 
 
+def test_an_encoder_stage_is_shared_across_fusions_and_the_fusion_keeps_its_own_init(
+    tmp_path, capsys):
+  """The ablation's MLP pipelines reuse the attention pipelines' unimodal stage, which trains the
+  encoders and their heads alone: the MLP pipeline gets those params bit for bit, and its fusion
+  and fused head are its own fresh init. A stage that trains the fusion is not shared."""
+  config = fewshot.get_config('tiny')
+  unimodal, supervised = common.unimodal_stage('tiny'), common.supervised_stage('tiny')
+  config.pipelines = {
+      'attention': common.pipeline(unimodal, supervised),
+      'mlp': common.pipeline(unimodal, supervised, model_updates={'fusion': {'kind': 'mlp'}})}
+  mesh, directories = sharding.make_mesh(), pipeline.stage_directories(config)
+  assert directories == {('attention', 0): 'attention/unimodal',
+                         ('attention', 1): 'attention/multimodal',
+                         ('mlp', 0): 'attention/unimodal', ('mlp', 1): 'mlp/multimodal'}
+  pipeline.train_pipeline(config, 'attention', str(tmp_path), mesh, directories)
+  model, mlp_params = pipeline.train_pipeline(config, 'mlp', str(tmp_path), mesh, directories)
+  assert "[mlp] stage 'unimodal' is the same as attention/unimodal" in capsys.readouterr().out
+  assert not (tmp_path / 'mlp' / 'unimodal').exists()
+  shared = _final_params(tmp_path, 'attention/unimodal')
+  fresh = pipeline.init_params(model, pipeline.example_batch(config.dataset), config.seed)
+  # What the MLP pipeline's supervised stage started from: the shared encoders and their heads,
+  # its own fusion and head at init (the unimodal stage leaves those two untouched).
+  start = pipeline._restore(config, model, unimodal, directories['mlp', 0], str(tmp_path), mesh)
+  for name in start:
+    expected = fresh[name] if name in ('fusion', 'head') else shared[name]
+    jax.tree.map(np.testing.assert_array_equal, start[name], expected)
+  assert jax.tree.structure(start['fusion']) != jax.tree.structure(shared['fusion'])
+  assert jax.tree.structure(sharding.gather(mlp_params)) == jax.tree.structure(start)
+
+
 def _save_random_encoder(directory, modality, encoder_config, seed, numerics=None):
   """A converted-checkpoint directory of random params of the encoder whose provenance records
   `numerics` (None: none, random params fix no epsilon); returns the params."""

@@ -1,7 +1,7 @@
 """Ablation: fusion (attention | MLP), contrastive alignment (on | off), proto loss (on | off).
 
   python -m mmg_jax.main --config=configs/ablation.py --workdir=runs/ablation
-  python -m mmg_jax.main --config=configs/ablation.py:tiny --workdir=/tmp/ablation  # seconds
+  python -m mmg_jax.main --config=configs/ablation.py:tiny --workdir=/tmp/ablation  # ~2 min
 
 Reports the paper's 12 cells: settings regular (V A I -> V A I), missing (V A I -> A I) and
 zero-shot (A I -> V), each under four variants, with many-shot top-1 and few-shot 5w5s accuracy
@@ -23,7 +23,7 @@ stage has SMALL_BUDGET of the main tables' steps.
 """
 from configs import common, manyshot
 from data_pipeline import modalities
-from mmg_jax import report
+from mmg_jax import paper
 
 _MLP = {'fusion': {'kind': 'mlp'}}
 _AI = ('audio', 'imu')
@@ -71,8 +71,8 @@ def get_config(arg=None):
   size = config.size
   config.pipelines = _pipelines(size)
   rows = []
-  for setting, paper_row in zip(report.ABLATION_SETTINGS, report.ABLATION_PAPER, strict=True):
-    for variant, (paper_top1, paper_fewshot) in zip(report.ABLATION_VARIANTS, paper_row,
+  for setting, paper_row in zip(paper.ABLATION_SETTINGS, paper.ABLATION, strict=True):
+    for variant, (paper_top1, paper_fewshot) in zip(paper.ABLATION_VARIANTS, paper_row,
                                                     strict=True):
       manyshot, zeroshot, fewshot = _CELL_PIPELINES[
           variant['fusion'], variant['alignment'], variant['proto_loss']]

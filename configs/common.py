@@ -1,7 +1,7 @@
 """Pieces shared by every experiment config; an experiment file picks stages and evaluation.
 
 The `arg` of every config file picks a size:
-  'tiny'   seconds on CPU, for tests (dataset mmg_synthetic/tiny);
+  'tiny'   about 2 minutes on CPU (mostly compiling), for tests (dataset mmg_synthetic/tiny);
   'small'  the default: the CPU demo on the embedded dataset (mmg_synthetic/small);
   'paper'  the paper's model sizes, checked by shapes, parameters and FLOPs (dataset mmg_ego4d);
   'paper_smoke'  'paper' (model, input shapes, dataset, every stage and row) on a smoke
@@ -94,7 +94,7 @@ def video_config(size):
   Position embeddings are adapted to `input_shape`; every other key and shape must match this
   config (the 'paper' size does). The checkpoint's provenance records its source's
   `pool_norm_eps` (pytorchvideo/SlowFast 1e-5, torchvision 1e-6): loading into a config with
-  another is an error naming the flag (mmg_jax.tools.convert_weights.apply_numerics sets it).
+  another is an error naming the flag (mmg_jax.models.pretrained.apply_numerics sets it).
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -156,7 +156,7 @@ def audio_config(size):
   (--source=hf_ast also needs --config.model.audio.norm_eps=1e-12). The checkpoint's 1024-frame
   position embeddings are adapted to `input_shape`. Its provenance records its source's
   `norm_eps` (AST repository 1e-6, transformers 1e-12): loading into a config with another is an
-  error naming the flag (mmg_jax.tools.convert_weights.apply_numerics sets it).
+  error naming the flag (mmg_jax.models.pretrained.apply_numerics sets it).
   """
   return ml_collections.ConfigDict({
       'size': size,
@@ -187,7 +187,7 @@ def imu_config(size):
   5 pre-norm blocks of width 512 (8 heads, MLP 2048): 15.85 M params (paper 15.55 M, +1.9%) and
   1.644 G multiply-adds (paper 1.65 G, -0.4%). 'small' (0.16 M) is the CPU demo on [400, 6],
   'tiny' the tests' model on [100, 6]. The IMU encoder has no public checkpoint (the paper does
-  not say where it starts): `init_from` takes a directory that mmg_jax.tools.convert_weights.save
+  not say where it starts): `init_from` takes a directory that mmg_jax.models.pretrained.save
   wrote with modality 'imu'.
   """
   return ml_collections.ConfigDict({
@@ -232,10 +232,10 @@ def fusion_config(size):
   })
 
 
-# Stages and evaluation (mmg_jax/pipeline.py, mmg_jax/evaluate.py). Step budgets: 'tiny' runs
-# in seconds for tests; 'small' is the CPU demo, measured on 2 cores from a fresh install:
-# configs/fewshot.py 8 min, configs/manyshot.py 14 min (its zero-shot pipelines have budgets of
-# their own, configs/manyshot.py); 'paper' is a pod-scale schedule.
+# Stages and evaluation (mmg_jax/pipeline.py, mmg_jax/evaluate.py). Step budgets: 'tiny' takes 2
+# steps a stage, for tests; 'small' is the CPU demo, each config within 15 minutes on 2 cores
+# (the README's results give the measured times; the zero-shot pipelines have budgets of their
+# own, configs/manyshot.py); 'paper' is a pod-scale schedule.
 _STAGE_STEPS = {
     'unimodal_ce': {'tiny': 2, 'small': 400, 'paper': 20_000},
     'align': {'tiny': 2, 'small': 300, 'paper': 50_000},
@@ -374,10 +374,10 @@ def meta_stage(size, subsets):
   """Multimodal meta-training on base-class episodes: L_proto (+ ce_weight * L_CE).
 
   Each episode draws a support subset and a different query subset of modalities among
-  `subsets` (cross-modal prototypes, mmg_jax/episodes.py). Episodes are 5-way 5-shot like the
-  evaluation's, with fewer queries on CPU sizes to fit the budget ('tiny' has 4 train clips per
-  class: 2-shot 2-query); a batch holds episodes_per_batch * n_way * (k_shot + q_query) clips, a
-  multiple of 8 (the test suite's devices).
+  `subsets` (cross-modal prototypes, mmg_jax/episode_modalities.py). Episodes are 5-way 5-shot
+  like the evaluation's, with fewer queries on CPU sizes to fit the budget ('tiny' has 4 train
+  clips per class: 2-shot 2-query); a batch holds episodes_per_batch * n_way * (k_shot + q_query)
+  clips, a multiple of 8 (the test suite's devices).
 
   'paper' differs from the paper's 8 episodes of 5-way 5-shot 15-query (800 clips, which no
   power-of-two pod of 64 devices or more divides): 16 episodes of 5-shot 11-query, 1280 clips,
@@ -398,11 +398,19 @@ def meta_stage(size, subsets):
 def pipeline(*stages, model_updates=None):
   """A training pipeline: stages run in order, each from the previous one's params.
 
+  Stages are keyed by name (`--config.pipelines.<p>.stages.meta.optimizer.learning_rate=...`),
+  and `order` names them in the order they run (a ConfigDict's keys iterate sorted).
   model_updates: changes to config.model for this pipeline only, e.g. {'fusion': {'kind':
   'mlp'}} for the ablation's MLP fusion.
   """
-  return ml_collections.ConfigDict({'model_updates': ml_collections.ConfigDict(
-      model_updates or {}), 'stages': tuple(stages)})
+  names = [stage.name for stage in stages]
+  if len(set(names)) != len(names):
+    raise ValueError(f'repeated stage names {names}: a stage name is its checkpoint directory '
+                     'and its key, unique within a pipeline.')
+  return ml_collections.ConfigDict({
+      'model_updates': ml_collections.ConfigDict(model_updates or {}),
+      'order': tuple(names),
+      'stages': ml_collections.ConfigDict({stage.name: stage for stage in stages})})
 
 
 def eval_config(size, kind, rows):
@@ -446,7 +454,7 @@ def eval_config(size, kind, rows):
 
 
 def eval_row(row, metric, pipeline, **extra):
-  """One evaluation row: a paper table row (mmg_jax/report.py), its metric and its pipeline."""
+  """One evaluation row: a paper table row (mmg_jax/paper.py), its metric and its pipeline."""
   return ml_collections.ConfigDict({**row, 'metric': metric, 'pipeline': pipeline, **extra})
 
 
@@ -474,7 +482,7 @@ def stages_of(config):
   the same ConfigDict."""
   unique = {}
   for pipeline in config.pipelines.values():
-    for stage in pipeline.stages:
+    for stage in pipeline.stages.values():
       unique.setdefault(id(stage), stage)
   return list(unique.values())
 
@@ -496,14 +504,13 @@ def smoke_schedule(config):
 
   Fits the data of data_pipeline/mmg_ego4d/sample_media.py. Warmups follow num_steps (0).
   """
-  for pipeline in config.pipelines.values():
-    for stage in pipeline.stages:
-      stage.num_steps = _SMOKE_STEPS
-      stage.update({'batch_size': _SMOKE_BATCH_SIZE, 'log_every': 1,
-                    'checkpoint_every': _SMOKE_STEPS})
-      stage.validation.update({'evaluator': None, 'select_best': False})
-      if stage.kind == 'meta':
-        stage.update(_SMOKE_META)
+  for stage in stages_of(config):
+    stage.num_steps = _SMOKE_STEPS
+    stage.update({'batch_size': _SMOKE_BATCH_SIZE, 'log_every': 1,
+                  'checkpoint_every': _SMOKE_STEPS})
+    stage.validation.update({'evaluator': None, 'select_best': False})
+    if stage.kind == 'meta':
+      stage.update(_SMOKE_META)
   config.eval.batch_size = _SMOKE_BATCH_SIZE
   config.eval.fewshot.update(_SMOKE_FEWSHOT_EVAL)
   config.eval.validation.fewshot.update(_SMOKE_FEWSHOT_EVAL)

@@ -1,7 +1,7 @@
 """Few-shot MMG: the paper's few-shot table (13 rows), 5-way 5-shot on the novel classes.
 
   python -m mmg_jax.main --config=configs/fewshot.py --workdir=runs/fewshot
-  python -m mmg_jax.main --config=configs/fewshot.py:tiny --workdir=/tmp/fewshot  # seconds
+  python -m mmg_jax.main --config=configs/fewshot.py:tiny --workdir=/tmp/fewshot  # ~2 min
 
 One pipeline, `train_VAI`, serves every row (the few-shot lines of the paper's stage table):
 unimodal L_CE pre-training of each encoder, multimodal L_CE + L_align, then meta-training with
@@ -15,7 +15,7 @@ workdir/results.md and workdir/results.json.
 """
 from configs import common
 from data_pipeline import modalities
-from mmg_jax import report
+from mmg_jax import paper
 
 
 def get_config(arg=None):
@@ -25,6 +25,6 @@ def get_config(arg=None):
       common.unimodal_stage(size), common.supervised_stage(size),
       common.meta_stage(size, modalities.ALL_SUBSETS))}
   config.eval = common.eval_config(
-      size, 'few-shot', common.table_rows(report.FEWSHOT, '5w5s_acc', lambda row: 'train_VAI'))
+      size, 'few-shot', common.table_rows(paper.FEWSHOT, '5w5s_acc', lambda row: 'train_VAI'))
   config.eval.unimodal_baselines = 'train_VAI'
   return common.finish(config, arg)

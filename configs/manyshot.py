@@ -1,7 +1,7 @@
 """Many-shot MMG: the paper's many-shot table (10 rows), top-1 on the test split.
 
   python -m mmg_jax.main --config=configs/manyshot.py --workdir=runs/manyshot
-  python -m mmg_jax.main --config=configs/manyshot.py:tiny --workdir=/tmp/manyshot  # seconds
+  python -m mmg_jax.main --config=configs/manyshot.py:tiny --workdir=/tmp/manyshot  # ~2 min
 
 Rows with different training modalities need different pipelines (the many-shot lines of the
 paper's stage table):
@@ -20,7 +20,7 @@ paper's stage table):
 """
 from configs import common
 from data_pipeline import modalities
-from mmg_jax import report
+from mmg_jax import paper
 
 # L_align's weight in the many-shot supervised stage, chosen on val (docs/recipes.md): val top-1
 # of the train_VAI rows falls as the weight grows (0: 22.9, 0.03: 19.8, 0.1: 18.3, 1.0: 11.4).
@@ -113,10 +113,10 @@ def get_config(arg=None):
   size = config.size
   config.pipelines = {'train_VAI': common.pipeline(
       common.unimodal_stage(size), common.supervised_stage(size, align_weight=ALIGN_WEIGHT))}
-  for row in report.MANYSHOT:
+  for row in paper.MANYSHOT:
     if row['setting'] == 'zero-shot':
       config.pipelines[_pipeline_of(row)] = zeroshot_pipeline(size, row['train'])
   config.eval = common.eval_config(
-      size, 'many-shot', common.table_rows(report.MANYSHOT, 'top1', _pipeline_of))
+      size, 'many-shot', common.table_rows(paper.MANYSHOT, 'top1', _pipeline_of))
   config.eval.unimodal_baselines = 'train_VAI'
   return common.finish(config, arg)

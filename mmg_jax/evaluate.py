@@ -116,7 +116,7 @@ def _map_episodes(fn, support_idx, query_idx):
   """fn over the episodes (support_idx [E, N, K], query_idx [E, N, Q], made unsigned: no
   negative index wraps) in blocks of EPISODE_BLOCK: XLA then fuses a block's whole episode into
   one loop, where a batch of all E episodes stores [E, N Q, N] between loops (10,000 episodes,
-  bench: 64-106 ms, against 116-136 ms as one batch; README, Speed)."""
+  bench: 64-106 ms, against 116-136 ms as one batch; docs/benchmarks.md)."""
   return jax.lax.map(fn, (support_idx.astype(jnp.uint32), query_idx.astype(jnp.uint32)),
                      batch_size=EPISODE_BLOCK)
 

@@ -5,6 +5,7 @@
   python -m mmg_jax.main --config=configs/manyshot.py --config.eval.only=zero-shot  # some rows
   python -m mmg_jax.main --config=configs/fewshot.py --workdir=W --mode=evaluate  # no training
   python -m mmg_jax.main --config=configs/fewshot.py --config.num_seeds=3  # seeds 0, 1, 2
+  python -m mmg_jax.main --config=configs/fewshot.py:tiny --print_config  # resolved, as JSON
 
 Re-running the same command resumes an interrupted stage and skips finished ones. On several
 processes (one per host), every process runs this same command:
@@ -55,6 +56,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout', 300, 'seconds a process waits for its peers at start-up before it '
     'exits 2 with a message naming the coordinator (and, with --process_id, the missing ids)')
+_PRINT_CONFIG = flags.DEFINE_bool(
+    'print_config', False, 'print the resolved config (overrides applied) as JSON and exit; every '
+    'run also writes it to <workdir>/config.json')
 flags.mark_flag_as_required('config')
 # What a user can fix (config, data, workdir): one paragraph and exit status 1, no traceback. By
 # convention the project raises ValueError for bad input, and a stage that stops (non-finite
@@ -145,6 +149,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's per-save INFO lines drown the progress
+  if _PRINT_CONFIG.value:
+    from mmg_jax import pipeline
+    print(pipeline.config_json(_CONFIG.value))
+    return
   arguments = distributed_arguments(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                                     _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
   if arguments is not None:

@@ -1,9 +1,10 @@
 """Runs an experiment config: its training pipelines stage after stage, then the evaluation.
 
 The only module that knows stage order. A config (configs/fewshot.py, ...) holds
-- `pipelines`: name -> {'model_updates', 'stages'}, each stage a ConfigDict with a `name`, a
-  `kind` (one of stage_kinds.STAGE_KINDS, the losses of the paper's stage table), the `split` it
-  reads, the `modalities` it may see, its optimizer and step budget;
+- `pipelines`: name -> {'model_updates', 'order', 'stages'}: `stages` by name, `order` the order
+  they run in (`ordered_stages`); each stage a ConfigDict with its `name` (its key), a `kind` (one
+  of stage_kinds.STAGE_KINDS, the losses of the paper's stage table), the `split` it reads, the
+  `modalities` it may see, its optimizer and step budget;
 - `eval`: the result rows, each naming the pipeline whose final params it evaluates.
 
 Stage i of a pipeline starts from the params of stage i - 1 (the first from a fresh init) and
@@ -11,10 +12,11 @@ checkpoints in `workdir/<pipeline>/<stage>/` (train.run_stage), so re-running a 
 an interrupted stage and skips finished ones. A stage whose `validation` selects its best step
 (evaluate.EVALUATORS on config.eval.validation's split) hands that step's params on instead of
 its last. Each stage draws its randomness from streams of its own (`stream_seed`).
-Pipelines that begin with the same stages (same model, same stage configs) share them: a shared
-stage runs once, in the directory of the first pipeline (in name order) that lists it, and later
-pipelines restore its params from its final checkpoint. The devices hold the params of one pipeline
-at a time (at paper size a param set is ~0.6 GB and the ablation has ~15 stages). The workdir may be
+Pipelines that begin with the same stages (same model, same stage configs; the fusion does not
+count for stages that train none of its params, `fusion_free`) share them: a shared stage runs
+once, in the directory of the first pipeline (in name order) that lists it, and later pipelines
+restore its params from its final checkpoint. The devices hold the params of one pipeline at a
+time (at paper size a param set is ~0.6 GB and the ablation has 16 stages). The workdir may be
 local or gs:// (any etils.epath path); mmg_jax/workdir.py says what holds on an object store.
 
 Modality discipline is enforced, not assumed:
@@ -36,9 +38,18 @@ import numpy as np
 from etils import epath
 
 from data_pipeline import episodes, features, loaders, modalities
-from mmg_jax import checkpoint, evaluate, feature_cache, report, sharding, stage_kinds, train
-from mmg_jax.models import mmg
-from mmg_jax.tools import convert_weights
+from mmg_jax import (
+  checkpoint,
+  costs,
+  evaluate,
+  feature_cache,
+  paper,
+  report,
+  sharding,
+  stage_kinds,
+  train,
+)
+from mmg_jax.models import mmg, pretrained
 from mmg_jax.workdir import atomic_write_text
 
 LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
@@ -46,12 +57,34 @@ LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
 TARGETS = ('test', 'val')
 UNLABELED_SPLIT = 'unlabeled'
 STAGE_FILE = 'stage.json'  # a stage directory's record of the config it trains under
+CONFIG_FILE = 'config.json'  # a run's resolved config, beside its results
 # Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
 EXTERNAL_SPLITS = (features.PRETRAIN_SPLIT,)
 
 
 def _subset(stage):
   return modalities.check(stage.modalities)
+
+
+def ordered_stages(pipeline):
+  """A pipeline config's stages in the order they run: `order` names them, `stages` holds them
+  by name (configs/common.pipeline)."""
+  return [pipeline.stages[name] for name in pipeline.order]
+
+
+def _validate_order(name, pipeline):
+  """`order` names every stage of `stages` once, and each stage's `name` is its key."""
+  order, keys = list(pipeline.order), sorted(pipeline.stages)
+  if not order:
+    raise ValueError(f'pipeline {name!r} has no stages; give it at least one.')
+  if len(set(order)) != len(order) or sorted(order) != keys:
+    raise ValueError(f'pipeline {name!r}: order {order} must name each of its stages {keys} '
+                     'once (the order they run in).')
+  for key in keys:
+    if pipeline.stages[key].name != key:
+      raise ValueError(f'pipeline {name!r}: stage {key!r} is named '
+                       f'{pipeline.stages[key].name!r}; a stage\'s name is its key (and its '
+                       'checkpoint directory).')
 
 
 def _kind(stage):
@@ -65,13 +98,8 @@ def validate(config):
   evaluation_splits = {config.eval.manyshot_split, config.eval.fewshot_split,
                        config.eval.validation.split}
   for name, pipeline in config.pipelines.items():
-    if not pipeline.stages:
-      raise ValueError(f'pipeline {name!r} has no stages; give it at least one.')
-    names = [stage.name for stage in pipeline.stages]
-    if len(set(names)) != len(names):
-      raise ValueError(f'pipeline {name!r} has repeated stage names {names}; stage names are '
-                       'checkpoint directories and must be unique within a pipeline.')
-    for stage in pipeline.stages:
+    _validate_order(name, pipeline)
+    for stage in ordered_stages(pipeline):
       _validate_stage(name, stage, evaluation_splits)
   used = set()
   for row in config.eval.rows:
@@ -87,7 +115,8 @@ def validate(config):
       _validate_labeled_stages(row, config.pipelines[row.pipeline], train_subset)
   baselines = config.eval.unimodal_baselines
   if baselines is not None:
-    stages = config.pipelines[baselines].stages if baselines in config.pipelines else ()
+    stages = (ordered_stages(config.pipelines[baselines]) if baselines in config.pipelines
+              else ())
     if not any(_is_mmg_unimodal(s) and len(_subset(s)) == 3 for s in stages):
       raise ValueError(f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
                        'with a unimodal_ce stage over video, audio and IMU on MMG labels.')
@@ -198,7 +227,7 @@ def check_feasible(config, names, mesh):
       params_of[model_cfg.to_json()] = jax.eval_shape(functools.partial(
           init_params, mmg.MMGModel(config=model_cfg), batch, config.seed))
     params = params_of[model_cfg.to_json()]
-    for stage in pipeline.stages:
+    for stage in ordered_stages(pipeline):
       where = f'stage {stage.name!r} of pipeline {name!r}'
       try:
         note = _check_stage_feasible(stage, params, len(source(stage.split)), mesh,
@@ -213,8 +242,8 @@ def check_feasible(config, names, mesh):
   except ValueError as e:
     raise ValueError(f'config.eval.batch_size: {e}') from None
   validation = config.eval.validation
-  if any(config.pipelines[name].stages[i].validation.evaluator == 'fewshot'
-         for name in names for i in range(len(config.pipelines[name].stages))):
+  if any(stage.validation.evaluator == 'fewshot'
+         for name in names for stage in config.pipelines[name].stages.values()):
     _check_episodes(split_labels(validation.split), validation.fewshot,
                     f'the few-shot validation of stages (config.eval.validation.fewshot, split '
                     f'{validation.split!r})')
@@ -242,7 +271,7 @@ def untrained_encoders(config, name):
   model_cfg = model_config(config, pipeline)
   trained = {m for m in modalities.MODALITIES if model_cfg[m].init_from is not None}
   found = []
-  for stage in pipeline.stages:
+  for stage in ordered_stages(pipeline):
     trainable = stage.optimizer.trainable
     for m in _subset(stage):
       if trainable is None or f'{m}_encoder' in trainable:
@@ -265,7 +294,7 @@ def _check_stage_feasible(stage, params, num_clips, mesh, *, labels):
 
 def _validate_pretrained(config):
   """Every `init_from` holds a converted encoder of its field's modality that fits the encoder
-  config of each pipeline (convert_weights.load checks every key and shape)."""
+  config of each pipeline (pretrained.load checks every key and shape)."""
   checked = set()
   for pipeline in config.pipelines.values():
     model_cfg = model_config(config, pipeline)
@@ -274,21 +303,21 @@ def _validate_pretrained(config):
       if directory is None or (m, model_cfg[m].to_json()) in checked:
         continue
       checked.add((m, model_cfg[m].to_json()))
-      provenance = convert_weights.read_provenance(directory)
+      provenance = pretrained.read_provenance(directory)
       if provenance['modality'] != m:
         raise ValueError(f'model.{m}.init_from={directory!r} holds a converted '
                          f'{provenance["modality"]} encoder ({provenance["source"]}), not a {m} '
                          f'one; give it to model.{provenance["modality"]}.init_from, or convert a '
                          f'{m} checkpoint for model.{m}.init_from.')
       try:
-        convert_weights.load(directory, encoder_config=model_cfg[m])
+        pretrained.load(directory, encoder_config=model_cfg[m])
       except ValueError as e:
         raise ValueError(f'model.{m}.init_from: {e}') from None
 
 
 def _validate_labeled_stages(row, pipeline, train_subset):
   """A stage that reads labeled MMG clips may only see the row's train modalities."""
-  for stage in pipeline.stages:
+  for stage in ordered_stages(pipeline):
     if stage.split == UNLABELED_SPLIT or stage.split in EXTERNAL_SPLITS:
       continue
     leaked = [m for m in _subset(stage) if m not in train_subset]
@@ -370,11 +399,6 @@ def model_config(config, pipeline):
   return model
 
 
-def model_configs(config):
-  """{pipeline: its model config} of every pipeline (`model_config`): what the cost plot reads."""
-  return {name: model_config(config, p) for name, p in config.pipelines.items()}
-
-
 def example_batch(dataset):
   """A batch of one clip of the train split, to initialize params with the data's shapes."""
   example = loaders.data_source(dataset, 'train')[0]
@@ -398,9 +422,9 @@ def pretrained_encoders(name, model_cfg):
   for m in modalities.MODALITIES:
     directory = model_cfg[m].init_from
     if directory is not None:
-      params = convert_weights.load(directory, encoder_config=model_cfg[m])['params']
+      params = pretrained.load(directory, encoder_config=model_cfg[m])['params']
       loaded[f'{m}_encoder'] = params
-      provenance = convert_weights.read_provenance(directory)
+      provenance = pretrained.read_provenance(directory)
       _say(name, f'{m} encoder loaded from {directory} ({provenance["source"]}, sha256 '
                  f'{provenance["sha256"][:12]}).')
   return loaded
@@ -428,7 +452,7 @@ def _stage_identity(config, model_cfg, stages):
   for m in modalities.MODALITIES:
     directory = model[m].pop('init_from', None)
     if directory is not None:
-      provenance = convert_weights.read_provenance(directory)
+      provenance = pretrained.read_provenance(directory)
       model[m]['init_from'] = {k: provenance[k] for k in ('source', 'sha256')}
   return json.dumps({'dataset': _without(config.dataset.to_dict(), _RUN_FIELDS['dataset']),
                      'model': model, 'seed': config.seed,
@@ -461,8 +485,9 @@ def stage_directories(config):
   for name in sorted(config.pipelines):
     pipeline = config.pipelines[name]
     model_cfg = model_config(config, pipeline)
-    for i, stage in enumerate(pipeline.stages):
-      identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
+    stages = ordered_stages(pipeline)
+    for i, stage in enumerate(stages):
+      identity = _stage_identity(config, model_cfg, stages[:i + 1])
       directories[name, i] = owners.setdefault(identity, f'{name}/{stage.name}')
   return directories
 
@@ -547,10 +572,11 @@ def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=Tr
   model_cfg = model_config(config, pipeline)
   model = mmg.MMGModel(config=model_cfg)
   params, finished = None, None
-  for i, stage in enumerate(pipeline.stages):
+  stages = ordered_stages(pipeline)
+  for i, stage in enumerate(stages):
     directory = directories[name, i]
     stage_dir = os.path.join(workdir, directory)
-    identity = _stage_identity(config, model_cfg, pipeline.stages[:i + 1])
+    identity = _stage_identity(config, model_cfg, stages[:i + 1])
     _check_stage_dir(stage_dir, identity)
     step = _checkpoint_steps(stage_dir)
     if step == stage.num_steps:
@@ -580,7 +606,7 @@ def unfinished_stages(config, names, workdir, directories):
   `names` that have no final checkpoint in `workdir`."""
   unfinished = []
   for name in names:
-    for i, stage in enumerate(config.pipelines[name].stages):
+    for i, stage in enumerate(ordered_stages(config.pipelines[name])):
       stage_dir = os.path.join(workdir, directories[name, i])
       step = _checkpoint_steps(stage_dir)
       if step != stage.num_steps and stage_dir not in [d for _, d, _ in unfinished]:
@@ -671,7 +697,7 @@ def _selects_best(stage):
 def evaluated_checkpoint(config, name, workdir, directories):
   """Which params the rows of pipeline `name` evaluate: {'stage': its last stage's directory,
   'step'}, and with a checkpoint selected by validation its 'metric' and 'value'."""
-  stages = config.pipelines[name].stages
+  stages = ordered_stages(config.pipelines[name])
   directory = directories[name, len(stages) - 1]
   if not _selects_best(stages[-1]):
     return {'stage': directory, 'step': stages[-1].num_steps}
@@ -717,6 +743,19 @@ def select_rows(config):
   return [i for i, k in enumerate(keys) if k & set(selectors)]
 
 
+def config_json(config):
+  """The resolved config (every override applied) as indented JSON, keys sorted."""
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def write_config(config, directory):
+  """directory/config.json (beside the results): the config this run resolved, written once it
+  passed every check."""
+  if jax.process_index() == 0:
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), config_json(config) + '\n')
+
+
 def run(config, workdir, *, train_missing=True):
   """Trains the pipelines of the rows `config` selects (`select_rows`), evaluates the rows
   pipeline after pipeline and writes the results after each one; returns the result rows.
@@ -734,6 +773,7 @@ def run(config, workdir, *, train_missing=True):
   check_feasible(config, names, mesh)
   if not train_missing and (unfinished := unfinished_stages(config, names, workdir, directories)):
     raise ValueError(_unfinished_message(unfinished))
+  write_config(config, results_dir(config, workdir))
   forwards, episode_cache, results, unimodal = {}, {}, {}, None
   for name in names:
     model, params = train_pipeline(config, name, workdir, mesh, directories,
@@ -785,9 +825,15 @@ def _write_results(config, config_rows, results, workdir, unimodal):
           for i, row in enumerate(config_rows)]
   unimodal = unimodal and [row | (episodes if row['metric'] == '5w5s_acc' else {})
                            for row in unimodal]
-  models = model_configs(config)
+  rows = [row | {'gflops': _gflops(config, row)} for row in rows]
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
-               unimodal=unimodal, models=models)  # the cost plot's, also in workdir/val
+               unimodal=unimodal)
+
+
+def _gflops(config, row):
+  """GFLOPs of one clip through the row's model on its test modalities (the cost plot's x)."""
+  model = model_config(config, config.pipelines[row['pipeline']])
+  return costs.subset_gflops(model)[modalities.short_name(row['test'])]
 
 
 def _unimodal_baselines(config, forward, params, mesh, episode_cache):
@@ -802,9 +848,9 @@ def _unimodal_baselines(config, forward, params, mesh, episode_cache):
   if fewshot:
     rows = evaluate.unimodal_fewshot_rows(
         outputs, *evaluate.fixed_episodes(episode_cache, labels, evaluation.fewshot, split),
-        report.UNIMODAL_FEWSHOT_PAPER)
+        paper.UNIMODAL_FEWSHOT)
   else:
-    rows = evaluate.unimodal_rows(outputs, labels, report.UNIMODAL_PAPER)
+    rows = evaluate.unimodal_rows(outputs, labels, paper.UNIMODAL_TOP1)
   return [row | {'split': split} for row in rows]
 
 
@@ -816,7 +862,7 @@ def _is_mmg_unimodal(stage):
 def _unimodal_params(config, name, model, workdir, mesh, directories):
   """The params after pipeline `name`'s unimodal pre-training on MMG labels (encoders and
   heads), restored from that stage's checkpoint."""
-  stages = config.pipelines[name].stages
+  stages = ordered_stages(config.pipelines[name])
   index = next(i for i, stage in enumerate(stages) if _is_mmg_unimodal(stage))
   return _restore(config, model, stages[index], directories[name, index], workdir, mesh)
 

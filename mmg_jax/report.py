@@ -7,9 +7,8 @@ plus extra keys (`pipeline`, `paper`, `split`, few-shot rows' `n_way` and `k_sho
 episodes: '5w5s_acc' names the paper's metric, not the shape), and the ablation's `fusion`,
 `alignment`, `proto_loss`). Means and intervals are in percent, as the paper prints them. A run
 of several seeds (mmg_jax/seeds.py) writes an aggregate document (`aggregate`) whose rows hold
-the mean and std over seeds and each seed's own numbers. This module also holds the paper's
-numbers (MISSION.md), which the experiment configs turn into evaluation rows and the tables print
-beside ours.
+the mean and std over seeds and each seed's own numbers. The paper's numbers, printed beside ours,
+come from mmg_jax/paper.py.
 
   python -m mmg_jax.report --workdir=runs/fewshot    # redraws the plots of a finished run
 
@@ -21,88 +20,16 @@ import os
 import numpy as np
 from absl import app, flags
 from etils import epath
-from ml_collections import config_flags
 
 import mmg_jax.workdir
 from data_pipeline import modalities
+from mmg_jax import paper, results
 
-_NAMES = {short: name for name, short in modalities.SHORT.items()}
-
-
-def _subset(short):
-  """'VAI' -> ('video', 'audio', 'imu')."""
-  return modalities.check(_NAMES[c] for c in short)
-
-
-def _table(rows):
-  return tuple({'setting': setting, 'train': _subset(train), 'test': _subset(test),
-                'paper': paper} for setting, train, test, paper in rows)
-
-
-# Few-shot: 5-way 5-shot accuracy on the novel classes, support -> query modalities.
-FEWSHOT = _table([
-    ('regular', 'VAI', 'VAI', 63.00),
-    ('missing', 'VAI', 'VA', 61.76),
-    ('missing', 'VAI', 'AI', 50.77),
-    ('missing', 'VAI', 'VI', 62.79),
-    ('missing', 'VAI', 'V', 62.68),
-    ('missing', 'VAI', 'A', 43.65),
-    ('missing', 'VAI', 'I', 47.48),
-    ('zero-shot', 'A', 'V', 46.90),
-    ('zero-shot', 'I', 'V', 42.07),
-    ('zero-shot', 'AI', 'V', 50.80),
-    ('zero-shot', 'V', 'A', 44.01),
-    ('zero-shot', 'V', 'I', 46.56),
-    ('zero-shot', 'V', 'AI', 49.37),
-])
-
-# Many-shot: top-1 on the test split, train -> test modalities.
-MANYSHOT = _table([
-    ('regular', 'VAI', 'VAI', 55.66),
-    ('missing', 'VAI', 'VA', 55.47),
-    ('missing', 'VAI', 'AI', 37.07),
-    ('missing', 'VAI', 'VI', 54.57),
-    ('zero-shot', 'A', 'V', 30.98),
-    ('zero-shot', 'I', 'V', 20.00),
-    ('zero-shot', 'AI', 'V', 25.03),
-    ('zero-shot', 'V', 'A', 43.43),
-    ('zero-shot', 'V', 'I', 35.67),
-    ('zero-shot', 'V', 'AI', 41.02),
-])
-
-# Ablation: one cell per (setting, variant); None where the paper prints '-'. The few-shot
-# zero-shot cell trains on A I (support) and tests on V (query), as the many-shot one.
-ABLATION_SETTINGS = (
-    {'setting': 'regular', 'train': _subset('VAI'), 'test': _subset('VAI')},
-    {'setting': 'missing', 'train': _subset('VAI'), 'test': _subset('AI')},
-    {'setting': 'zero-shot', 'train': _subset('AI'), 'test': _subset('V')},
-)
-ABLATION_VARIANTS = (
-    {'fusion': 'attention', 'alignment': True, 'proto_loss': True},
-    {'fusion': 'attention', 'alignment': False, 'proto_loss': True},
-    {'fusion': 'mlp', 'alignment': True, 'proto_loss': True},
-    {'fusion': 'attention', 'alignment': True, 'proto_loss': False},
-)
-# paper[setting][variant] = (top1, 5w5s_acc), settings and variants in the orders above.
-ABLATION_PAPER = (
-    ((55.66, 63.00), (52.18, 61.16), (52.79, 58.67), (None, 62.37)),
-    ((37.07, 50.77), (21.32, 40.87), (32.89, 49.00), (None, 50.03)),
-    ((25.03, 51.40), (2.37, 33.93), (24.54, 51.08), (None, 50.80)),
-)
-# Unimodal baselines (the paper's models table): top-1 of MViT-B, AST and the IMU transformer.
-UNIMODAL_PAPER = {'video': 52.40, 'audio': 39.48, 'imu': 29.78}
-# Few-shot unimodal baselines (the paper's few-shot table): 5-way 5-shot on the novel classes.
-UNIMODAL_FEWSHOT_PAPER = {'video': 58.89, 'audio': 31.06, 'imu': 40.07}
 METRICS = ('top1', '5w5s_acc')
 KINDS = ('few-shot', 'many-shot', 'ablation')
 # The keys that name a result row: the seeds of one config agree on them row by row.
 ROW_NAME = ('setting', 'train', 'test', 'metric', 'pipeline', 'modality', 'fusion', 'alignment',
             'proto_loss')
-
-
-def seed_workdir(workdir, seed):
-  """Where seed `seed` of a run of several seeds (mmg_jax/seeds.py) runs: W/seed_<seed>."""
-  return os.path.join(workdir, f'seed_{seed}')
 
 
 def _value(x):
@@ -135,26 +62,14 @@ def _markdown_table(header, lines):
   return '\n'.join('| ' + ' | '.join(cells) + ' |' for cells in [header, rule, *lines])
 
 
-def metric_name(metric, rows):
-  """What `metric` measured on `rows`: 'top-1', or the few-shot episodes ('5-way 1-shot') that
-  pipeline.py records on each row; 'few-shot' where no row says (results.json files before)."""
-  if metric == 'top1':
-    return 'top-1'
-  row = next((r for r in rows if r['metric'] == metric and 'n_way' in r), None)
-  return 'few-shot' if row is None else f'{row["n_way"]}-way {row["k_shot"]}-shot'
-
-
-PAPER_METRIC_NAMES = {'top1': 'top-1', '5w5s_acc': '5-way 5-shot'}  # what the paper reports
-
-
 def matrix_table(kind, rows, seeds=None):
   """The few-shot or many-shot table in the paper's layout, ours beside the paper's number;
   `seeds`: the seeds of an aggregate's rows (mean ± std), None for a single run's."""
   train, test, metric = (('support', 'query', '5w5s_acc') if kind == 'few-shot' else
                          ('train', 'test', 'top1'))
-  ours, paper = metric_name(metric, rows), PAPER_METRIC_NAMES[metric]
+  ours, theirs = results.metric_name(metric, rows), paper.METRIC_NAMES[metric]
   header = ['setting', train, test, f'{ours} acc (ours, {_spread(seeds)})',
-            f'{paper} acc (paper)', 'n']
+            f'{theirs} acc (paper)', 'n']
   lines = [[row['setting'], modalities.short_name(row['train']),
             modalities.short_name(row['test']), _ours(row), _value(row.get('paper')),
             str(row['n'] or '-')] for row in rows]
@@ -169,20 +84,21 @@ def ablation_table(rows):
   """The ablation table: one line per (setting, variant), top-1 and few-shot, ours and paper's."""
   by_key = {(*_cell_key(row), row['metric']): row for row in rows}
   header = ['setting', 'fusion', 'contrastive alignment', 'proto loss', 'top-1 (ours)',
-            'top-1 (paper)', f'{metric_name("5w5s_acc", rows)} (ours)', '5-way 5-shot (paper)']
+            'top-1 (paper)', f'{results.metric_name("5w5s_acc", rows)} (ours)',
+            '5-way 5-shot (paper)']
   lines = []
-  for setting, paper_row in zip(ABLATION_SETTINGS, ABLATION_PAPER, strict=True):
+  for setting, paper_row in zip(paper.ABLATION_SETTINGS, paper.ABLATION, strict=True):
     name = setting['setting']
     if name != 'regular':
       name += (f' (test {modalities.short_name(setting["test"])})' if name == 'missing' else
                f' ({modalities.short_name(setting["train"])} -> '
                f'{modalities.short_name(setting["test"])})')
-    for variant, paper in zip(ABLATION_VARIANTS, paper_row, strict=True):
+    for variant, published in zip(paper.ABLATION_VARIANTS, paper_row, strict=True):
       key = (setting['setting'], variant['fusion'], variant['alignment'], variant['proto_loss'])
       ours = [_ours(by_key.get((*key, metric))) for metric in METRICS]
       lines.append([name, variant['fusion'], 'yes' if variant['alignment'] else 'no',
-                    'yes' if variant['proto_loss'] else 'no', ours[0], _value(paper[0]), ours[1],
-                    _value(paper[1])])
+                    'yes' if variant['proto_loss'] else 'no', ours[0], _value(published[0]),
+                    ours[1], _value(published[1])])
   return _markdown_table(header, lines)
 
 
@@ -190,8 +106,8 @@ def unimodal_table(unimodal, seeds=None):
   """The unimodal baselines: each encoder after unimodal pre-training, by top-1 (its own head)
   or few-shot episodes (its pooled features)."""
   metric = unimodal[0]['metric']
-  ours, paper = metric_name(metric, unimodal), PAPER_METRIC_NAMES[metric]
-  header = ['modality', f'{ours} (ours, {_spread(seeds)})', f'{paper} (paper)', 'n']
+  ours, theirs = results.metric_name(metric, unimodal), paper.METRIC_NAMES[metric]
+  header = ['modality', f'{ours} (ours, {_spread(seeds)})', f'{theirs} (paper)', 'n']
   lines = [[row['modality'], _ours(row), _value(row.get('paper')), str(row['n'] or '-')]
            for row in unimodal]
   return _markdown_table(header, lines)
@@ -336,12 +252,12 @@ def _write_markdown(workdir, text):
   mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.md'), text)
 
 
-def redraw(workdir, models=None):
+def redraw(workdir):
   """Draws the plots of a finished workdir (mmg_jax.plots) and writes results.md with links to
   them; prints what it wrote and what it could not draw. Returns the plot paths."""
-  from mmg_jax import plots  # matplotlib and the models: configs import this module too
-  paths, notes = plots.draw_run(workdir, models)
-  _write_markdown(workdir, doc_markdown(plots.read_results(workdir)) + plot_links(paths, workdir))
+  from mmg_jax import plots  # matplotlib: only once there is something to plot
+  paths, notes = plots.draw_run(workdir)
+  _write_markdown(workdir, doc_markdown(results.read(workdir)) + plot_links(paths, workdir))
   for path in paths:
     print(f'wrote {path}', flush=True)
   for note in notes:
@@ -349,18 +265,17 @@ def redraw(workdir, models=None):
   return paths
 
 
-def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True, models=None):
+def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
   """Writes workdir/results.md and workdir/results.json (process 0 only), then, with `plots`,
   the plots in workdir/plots/ and their links in results.md. Rows with `mean` None are pending
-  (a later pipeline evaluates them): the table is printed once no row is pending. models: as
-  `redraw`'s."""
+  (a later pipeline evaluates them): the table is printed once no row is pending."""
   return write_doc(to_json(kind, rows, unimodal), workdir, process_index=process_index,
-                   plots=plots, models=models)
+                   plots=plots)
 
 
-def write_doc(doc, workdir, *, process_index, plots=True, models=None):
+def write_doc(doc, workdir, *, process_index, plots=True):
   """`write` of a results.json document: a single run's (`to_json`) or an aggregate's
-  (`aggregate`), whose table is printed once every seed is in. models: as `redraw`'s."""
+  (`aggregate`), whose table is printed once every seed is in."""
   text = doc_markdown(doc)
   if process_index != 0:
     return text
@@ -379,30 +294,21 @@ def write_doc(doc, workdir, *, process_index, plots=True, models=None):
   mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.json'),
                                     json.dumps(doc, indent=2) + '\n')
   if plots:
-    redraw(workdir, models)
+    redraw(workdir)
   return text
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = flags.FLAGS.config
-  models = None
-  if config is not None:
-    from mmg_jax import pipeline
-    models = pipeline.model_configs(config)
   try:
-    redraw(flags.FLAGS.workdir, models)
+    redraw(flags.FLAGS.workdir)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from e
 
 
 if __name__ == '__main__':
-  # Flags are defined here, not at import: configs import this module, and mmg_jax.main defines
-  # its own --config.
+  # Flags are defined here, not at import: mmg_jax.main imports this module.
   flags.DEFINE_string('workdir', None, 'the workdir of a finished run (holds results.json)')
-  config_flags.DEFINE_config_file(
-      'config', None, "the run's config, e.g. configs/fewshot.py:tiny; only needed for the cost "
-      'plot of pipelines whose stage.json is missing')
   flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -15,7 +15,7 @@ import json
 import jax
 from etils import epath
 
-from mmg_jax import pipeline, report
+from mmg_jax import pipeline, report, results
 
 
 def num_seeds(config):
@@ -44,11 +44,11 @@ def run(config, workdir, *, train_missing=True):
   if count == 1:
     return pipeline.run(config, workdir, train_missing=train_missing)
   seeds = [config.seed + i for i in range(count)]
-  # The aggregate's cost plot: every seed trains these models (its seed dirs hold them too).
-  models = pipeline.model_configs(config)
+  pipeline.validate(config)
+  pipeline.write_config(config, pipeline.results_dir(config, workdir))  # each seed's: its own
   docs = {}
   for i, seed in enumerate(seeds):
-    seed_dir = report.seed_workdir(workdir, seed)
+    seed_dir = results.seed_workdir(workdir, seed)
     _say(f'seed {seed} ({i + 1} of {count}): {"training and " if train_missing else ""}'
          f'evaluating in {seed_dir}')
     one_seed = seed_config(config, seed)
@@ -56,7 +56,7 @@ def run(config, workdir, *, train_missing=True):
     docs[seed] = _seed_results(one_seed, rows, pipeline.results_dir(one_seed, seed_dir))
     doc = report.aggregate(docs, num_seeds=count)
     report.write_doc(doc, pipeline.results_dir(config, workdir),
-                     process_index=jax.process_index(), models=models)
+                     process_index=jax.process_index())
   return doc['rows']
 
 

@@ -15,9 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from data_pipeline import episodes as episode_sampling
-from data_pipeline import loaders, modalities
-from mmg_jax import episodes, evaluate, losses
+from data_pipeline import episodes, loaders, modalities
+from mmg_jax import episode_modalities, evaluate, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +132,7 @@ def meta_loss(stage, apply):
     with none of its episode subset's modalities (real Ego4D clips may lack IMU) is neither a
     prototype nor a scored query."""
     episode_rng, rng = jax.random.split(rng)
-    present = batch['present'] & episodes.sample_episode_modalities(
+    present = batch['present'] & episode_modalities.sample_episode_modalities(
         episode_rng, num_episodes=_num_episodes(stage, batch['present'].shape[0]),
         n_way=stage.n_way, k_shot=stage.k_shot, q_query=stage.q_query,
         support_subsets=stage.support_subsets, query_subsets=stage.query_subsets)
@@ -200,8 +199,8 @@ def _check_episode_split(stage, num_clips, labels):
   del num_clips  # the class counts decide
   per_class = stage.k_shot + stage.q_query
   where = f'split {stage.split!r}'
-  left_out = episode_sampling.check_fillable(labels(stage.split), stage.n_way, per_class, where)
-  return episode_sampling.left_out_message(left_out, per_class, where)
+  left_out = episodes.check_fillable(labels(stage.split), stage.n_way, per_class, where)
+  return episodes.left_out_message(left_out, per_class, where)
 
 
 CLIPS = Batches(counts=('batch_size',), size=lambda stage: stage.batch_size,

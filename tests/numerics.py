@@ -3,20 +3,20 @@ import re
 
 import pytest
 
-from mmg_jax.tools import convert_weights
+from mmg_jax.models import pretrained
 
 
 def checked_config(directory, config, modality, field, value, *, other):
   """`config` with the numerics `directory` records, which must be {field: value}, the
   reference's; load refuses `config` with `field` = `other`, naming the field, both values and
   the flag."""
-  assert convert_weights.read_provenance(directory)['numerics'] == {field: value}
+  assert pretrained.read_provenance(directory)['numerics'] == {field: value}
   config = config.copy_and_resolve_references()
   config[field] = other
   named = (f'{field}={value!r}', f'{field}={other!r}',
            f'--config.model.{modality}.{field}={value!r}')
   with pytest.raises(ValueError, match='.*'.join(map(re.escape, named))):
-    convert_weights.load(directory, encoder_config=config)
-  config = convert_weights.apply_numerics(directory, config)
+    pretrained.load(directory, encoder_config=config)
+  config = pretrained.apply_numerics(directory, config)
   assert config[field] == value
   return config

@@ -2,7 +2,7 @@
 
 transformers' ASTModel at its default size (AST's ViT-B: 768 wide, 12 blocks of 12 heads, 16x16
 patches of stride 10 over 128 mel bins) with random weights writes the checkpoint files; the
-converter reads them (`hf_ast`, `ast_official`), `convert_weights.load` gives our params, and
+converter reads them (`hf_ast`, `ast_official`), `pretrained.load` gives our params, and
 AudioAST's features must equal the reference's within 1e-4, in a config whose LayerNorm epsilon
 comes from the converted checkpoint's provenance (which must hold the reference's own).
 """
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from mmg_jax.models import audio_ast
-from mmg_jax.tools import ast_checkpoints, convert_weights, torch_checkpoint
+from mmg_jax.models import audio_ast, pretrained
+from mmg_jax.tools import convert_weights, torch_checkpoint
 from tests import numerics
 from tests.test_layers import normal
 
@@ -77,8 +77,8 @@ def _our_config(hf_config):
 
 
 def _our_outputs(directory, config, x):
-  """(pooled, tokens) of AudioAST with the params `convert_weights.load` gives for `config`."""
-  variables = convert_weights.load(directory, encoder_config=config)
+  """(pooled, tokens) of AudioAST with the params `pretrained.load` gives for `config`."""
+  variables = pretrained.load(directory, encoder_config=config)
   apply = jax.jit(functools.partial(audio_ast.AudioAST(config).apply, train=False))
   return jax.tree.map(np.asarray, apply(variables, x))
 
@@ -92,7 +92,7 @@ def _assert_parity(ours, reference, what):
 
 def _convert(source, checkpoint, output):
   params, provenance = convert_weights.convert(source, checkpoint)
-  convert_weights.save(output, params, provenance)
+  pretrained.save(output, params, provenance)
   return output
 
 
@@ -198,7 +198,7 @@ def test_hf_ast_published_names_at_1024_frames_match_transformers(reference_1024
        f'--checkpoint={ref["dir"]}', f'--output={output}'],
       cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  provenance = convert_weights.read_provenance(output)
+  provenance = pretrained.read_provenance(output)
   assert provenance['ignored_keys'] == 4  # classifier.{layernorm, dense}.{weight, bias}
   assert '--config.model.audio.norm_eps=1e-12' in result.stdout
   config = numerics.checked_config(output, _our_config(ref['config']), 'audio', 'norm_eps',
@@ -233,7 +233,7 @@ def test_ast_official_checkpoint_matches_the_reference(reference_1024, tmp_path)
       module.eps = AST_NORM_EPS
   expected = _hf_outputs(reference, ref['x'])
   output = _convert('ast_official', checkpoint, str(tmp_path / 'converted'))
-  assert convert_weights.read_provenance(output)['ignored_keys'] == 8  # mlp_head, head, head_dist
+  assert pretrained.read_provenance(output)['ignored_keys'] == 8  # mlp_head, head, head_dist
   assert common.audio_config('paper').norm_eps == AST_NORM_EPS
   config = numerics.checked_config(output, _our_config(ref['config']), 'audio', 'norm_eps',
                                    AST_NORM_EPS, other=ref['config'].layer_norm_eps)
@@ -257,7 +257,7 @@ def test_the_audioset_grid_in_the_paper_config_runs_384_frames_as_ast_does(refer
   ast_384.load_state_dict(state)
   x = normal((1, 384, 128), seed=3)
   output = _convert('hf_ast', ref['dir'], str(tmp_path / 'converted'))
-  config = convert_weights.apply_numerics(output, common.audio_config('paper'))
+  config = pretrained.apply_numerics(output, common.audio_config('paper'))
   assert (config.input_shape, config.pos_embed_frames) == ((384, 128), 1024)
   _assert_parity(_our_outputs(output, config, x), _hf_outputs(ast_384, x),
                  'hf_ast 1024-frame checkpoint, paper config, 384 frames')
@@ -269,8 +269,8 @@ def test_a_384_frame_checkpoint_loads_into_the_paper_config_interpolated_as_ast_
   (12 x 37) is interpolated along time as AST's loader does (torch bilinear)."""
   import torch
   output = _convert('hf_ast', reference_384['dir'], str(tmp_path / 'converted'))
-  config = convert_weights.apply_numerics(output, common.audio_config('paper'))
-  pos_embed = convert_weights.load(output, config)['params']['pos_embed']
+  config = pretrained.apply_numerics(output, common.audio_config('paper'))
+  pos_embed = pretrained.load(output, config)['params']['pos_embed']
   stored = reference_384['model'].embeddings.position_embeddings.detach()
   grid = stored[:, 2:].reshape(1, 12, 37, -1).permute(0, 3, 1, 2)
   resized = torch.nn.functional.interpolate(grid, size=(12, 101), mode='bilinear')
@@ -283,7 +283,7 @@ def test_a_longer_stored_grid_is_center_cropped_as_ast_does():
   """AST crops a grid of t0 time patches to t starting at int(t0 / 2) - int(t / 2)."""
   config = common.audio_config('paper')
   pos_embed = normal((1, 2 + 12 * 121, 4))  # stored for 1224 frames
-  params = ast_checkpoints.adapt_to_config({'pos_embed': pos_embed}, config)
+  params = audio_ast.adapt_params({'pos_embed': pos_embed}, config)
   start = 121 // 2 - 101 // 2
   expected = pos_embed[:, 2:].reshape(12, 121, 4)[:, start:start + 101].reshape(1, -1, 4)
   np.testing.assert_array_equal(params['pos_embed'][:, :2], pos_embed[:, :2])
@@ -292,8 +292,8 @@ def test_a_longer_stored_grid_is_center_cropped_as_ast_does():
 
 def test_a_pos_embed_of_another_mel_grid_is_a_clear_error():
   with pytest.raises(ValueError, match='not a whole number of time steps of 12 frequency'):
-    ast_checkpoints.adapt_to_config({'pos_embed': normal((1, 2 + 12 * 37 + 5, 4))},
-                                    common.audio_config('paper'))
+    audio_ast.adapt_params({'pos_embed': normal((1, 2 + 12 * 37 + 5, 4))},
+                           common.audio_config('paper'))
 
 
 def test_a_checkpoint_of_the_other_layout_fails_with_the_clear_error(reference_384, tmp_path):

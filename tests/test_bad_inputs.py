@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stages(config):
-  return config.pipelines.train_VAI.stages
+  return pipeline.ordered_stages(config.pipelines.train_VAI)
 
 
 def _set(path, value):
@@ -79,7 +79,7 @@ def test_bad_config_is_refused_before_anything_trains(case, tmp_path):
 
 def test_checks_cover_every_pipeline_of_the_run_not_just_the_first():
   config = manyshot.get_config('tiny')
-  config.pipelines.zeroshot_train_V.stages[-1].optimizer.trainable = ('haed',)
+  config.pipelines.zeroshot_train_V.stages.multimodal.optimizer.trainable = ('haed',)
   with pytest.raises(ValueError, match=r"pipeline 'zeroshot_train_V'.*\['haed'\]"):
     pipeline.run(config, '/nonexistent/never/written')
 
@@ -92,7 +92,7 @@ def _main(*flags):
 def test_the_cli_prints_one_paragraph_and_the_traceback_only_when_asked(tmp_path):
   """optimizer.trainable is overridable from the command line, as the README says of every
   field, and a misspelt name is refused at start-up."""
-  flag = "--config.pipelines.train_VAI.stages[1].optimizer.trainable=('fusoin',)"
+  flag = "--config.pipelines.train_VAI.stages.multimodal.optimizer.trainable=('fusoin',)"
   result = _main(f'--workdir={tmp_path}', flag)
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert result.stderr.startswith("error: stage 'multimodal' of pipeline 'train_VAI': "
@@ -101,6 +101,16 @@ def test_the_cli_prints_one_paragraph_and_the_traceback_only_when_asked(tmp_path
   assert os.listdir(tmp_path) == [mmg_jax.workdir.LOCK_FILE]  # and no stage directory
   result = _main(f'--workdir={tmp_path}', flag, '--verbosity=1')
   assert result.returncode == 1 and 'Traceback' in result.stderr
+
+
+def test_print_config_prints_the_resolved_config_as_json_and_touches_no_workdir(tmp_path):
+  result = _main(f'--workdir={tmp_path / "w"}', '--config.seed=7',
+                 '--config.pipelines.train_VAI.stages.meta.temperature=0.5', '--print_config')
+  assert result.returncode == 0, result.stderr[-2000:]
+  config = json.loads(result.stdout)
+  assert config['seed'] == 7
+  assert config['pipelines']['train_VAI']['stages']['meta']['temperature'] == 0.5
+  assert not (tmp_path / 'w').exists()
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
@@ -135,7 +145,7 @@ def test_the_cli_exits_non_zero_at_the_first_non_finite_step_and_saves_nothing(t
   """A learning rate that sends the params to infinity, set from the command line: exit 1 with
   the stage and step, no checkpoint of non-finite params, no results, and the stage directory's
   claim dropped so that the corrected rerun is not refused."""
-  stage = '--config.pipelines.train_VAI.stages[0].optimizer'
+  stage = '--config.pipelines.train_VAI.stages.unimodal.optimizer'
   result = _main(f'--workdir={tmp_path}', f'{stage}.learning_rate=1e30',
                  f'{stage}.warmup_steps=0')
   assert result.returncode == 1, result.stderr[-3000:]

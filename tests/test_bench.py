@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from data_pipeline import episodes
-from mmg_jax import evaluate
+from mmg_jax import costs, evaluate
 from mmg_jax.tools import bench, model_stats
 from tests import cli
 
@@ -74,7 +74,7 @@ def test_tiny_bench_ratios_follow_from_its_measurements(tiny_doc):
   doc = tiny_doc
   model_config = common.model_config('tiny')
   for m, row in doc['encoders'].items():
-    macs = model_stats.encoder_stats(model_config, m, xla=False)['gflops'] * row['batch']
+    macs = costs.encoder_stats(model_config, m, xla=False)['gflops'] * row['batch']
     assert row['gflop'] == pytest.approx(6 * macs)
     assert row['gflops_per_s'] == pytest.approx(row['gflop'] / row['fwd_bwd_s'])
     assert row['fraction_of_sgemm'] == pytest.approx(
@@ -84,7 +84,7 @@ def test_tiny_bench_ratios_follow_from_its_measurements(tiny_doc):
   assert step['tflops_per_s'] == pytest.approx(step['clips_per_s'] * step['gflop_per_clip'] / 1e3)
   # The loss's forward: the deployed model's (every encoder, the fusion once) plus the fusion
   # once per modality for L_align.
-  deployed = 6 * model_stats.fusion_stats(model_config, xla=False)['V A I']['gflops']
+  deployed = 6 * costs.fusion_stats(model_config, xla=False)['V A I']['gflops']
   assert deployed < step['gflop_per_clip'] < 1.5 * deployed
   forms = doc['mvit_cpu_kernels']
   assert forms['cpu_vs_native'] == pytest.approx(
@@ -94,7 +94,7 @@ def test_tiny_bench_ratios_follow_from_its_measurements(tiny_doc):
       few['loop_s'] / few['loop_episodes'] / (few['seconds'] / few['num_episodes']))
   loader = doc['loader']
   assert loader['ratio'] == pytest.approx(loader['examples_per_s'] / loader['step_examples_per_s'])
-  fusion = model_stats.fusion_stats(model_config, xla=False)
+  fusion = costs.fusion_stats(model_config, xla=False)
   accelerator_gflops = (bench.ACCELERATOR['peak_tflops'] * 1e3
                         * bench.ACCELERATOR['utilization'])
   for feed, subset in (('all', 'V A I'), ('imu', 'I')):

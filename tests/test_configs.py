@@ -33,9 +33,9 @@ def test_config_structure(name, arg):
     assert row.metric in ('top1', '5w5s_acc')
     assert row.setting in ('regular', 'missing', 'zero-shot')
     modalities.check(row.train), modalities.check(row.test)
-  for pipeline in config.pipelines.values():
-    assert pipeline.stages
-    for stage in pipeline.stages:
+  for p in config.pipelines.values():
+    assert p.order and sorted(p.order) == sorted(p.stages)
+    for stage in p.stages.values():
       assert STAGE_KEYS <= set(stage.keys())
       assert set(stage.optimizer.keys()) == OPTIMIZER_KEYS
       assert stage.optimizer.warmup_steps < stage.num_steps
@@ -54,8 +54,8 @@ def test_paper_global_batches_divide_over_8_to_256_devices(name):
   micro-batches of whole episodes down to one episode."""
   config = CONFIGS[name].get_config('paper')
   sizes = {config.eval.batch_size}
-  for pipeline in config.pipelines.values():
-    for stage in pipeline.stages:
+  for p in config.pipelines.values():
+    for stage in p.stages.values():
       if stage.kind == 'meta':
         episode = stage.n_way * (stage.k_shot + stage.q_query)
         sizes.add(stage.episodes_per_batch * episode)
@@ -69,7 +69,7 @@ def test_paper_global_batches_divide_over_8_to_256_devices(name):
 def test_fewshot_is_one_pipeline_of_the_three_fewshot_stages():
   config = fewshot.get_config()
   assert list(config.pipelines) == ['train_VAI']
-  stages = config.pipelines.train_VAI.stages
+  stages = pipeline_lib.ordered_stages(config.pipelines.train_VAI)
   assert [s.kind for s in stages] == ['unimodal_ce', 'supervised', 'meta']
   assert stages[1].align_weight > 0 and stages[2].proto_weight > 0
   fewshot_eval = config.eval.fewshot
@@ -81,7 +81,7 @@ def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
   assert sorted(config.pipelines) == ['train_VAI', 'zeroshot_train_A', 'zeroshot_train_AI',
                                       'zeroshot_train_I', 'zeroshot_train_V']
   for row in config.eval.rows:
-    stages = config.pipelines[row.pipeline].stages
+    stages = pipeline_lib.ordered_stages(config.pipelines[row.pipeline])
     if row.setting == 'zero-shot':
       assert [(s.kind, s.split) for s in stages] == [('unimodal_ce', 'pretrain'),
                                                      ('align', 'unlabeled'),
@@ -96,12 +96,12 @@ def test_external_pretraining_only_where_the_dataset_has_its_split():
   """mmg_synthetic has a `pretrain` split, mmg_ego4d ('paper') does not."""
   for size in common.SIZES:
     config = manyshot.get_config(size)
-    splits = [s.split for s in config.pipelines.zeroshot_train_A.stages]
+    splits = [s.split for s in config.pipelines.zeroshot_train_A.stages.values()]
     assert ('pretrain' in splits) == config.dataset.name.startswith('mmg_synthetic'), size
 
 
-def _stage_dicts(pipeline):
-  return [stage.to_dict() for stage in pipeline.stages]
+def _stage_dicts(p):
+  return [stage.to_dict() for stage in pipeline_lib.ordered_stages(p)]
 
 
 def test_ablation_variants_change_what_they_name():
@@ -109,7 +109,8 @@ def test_ablation_variants_change_what_they_name():
   pipelines = config.pipelines
   assert pipelines.mlp.model_updates.fusion.kind == 'mlp'
   assert not pipelines.full.model_updates
-  assert pipelines.noalign.stages[1].align_weight == 0 < pipelines.full.stages[1].align_weight
+  assert (pipelines.noalign.stages.multimodal.align_weight == 0
+          < pipelines.full.stages.multimodal.align_weight)
   # Full-model cells are the main runs' pipelines at SMALL_BUDGET of their steps: top-1 as
   # many-shot, 5w5s as few-shot.
   many = common.scale_schedule(manyshot.get_config(), ablation.SMALL_BUDGET).pipelines
@@ -117,14 +118,17 @@ def test_ablation_variants_change_what_they_name():
   assert _stage_dicts(pipelines.full) == _stage_dicts(many.train_VAI)
   assert _stage_dicts(pipelines.full_meta) == _stage_dicts(few.train_VAI)
   assert _stage_dicts(pipelines.zeroshot_AI) == _stage_dicts(many.zeroshot_train_AI)
-  assert [s.kind for s in pipelines.zeroshot_AI.stages] == ['unimodal_ce', 'align', 'supervised']
-  assert [s.kind for s in pipelines.zeroshot_AI_noalign.stages] == ['unimodal_ce', 'supervised',
-                                                                     'supervised']
+  assert [s.kind for s in pipeline_lib.ordered_stages(pipelines.zeroshot_AI)] == [
+      'unimodal_ce', 'align', 'supervised']
+  assert [s.kind for s in pipeline_lib.ordered_stages(pipelines.zeroshot_AI_noalign)] == [
+      'unimodal_ce', 'supervised', 'supervised']
   no_proto = [r for r in config.eval.rows if not r.proto_loss]
   assert {r.metric for r in no_proto} == {'5w5s_acc'}
-  assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages] for r in no_proto)
+  assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages.values()]
+             for r in no_proto)
   with_proto = [r for r in config.eval.rows if r.proto_loss and r.metric == '5w5s_acc']
-  assert all(pipelines[r.pipeline].stages[-1].kind == 'meta' for r in with_proto)
+  assert all(pipeline_lib.ordered_stages(pipelines[r.pipeline])[-1].kind == 'meta'
+             for r in with_proto)
 
 
 @pytest.mark.parametrize('size', common.SIZES)
@@ -133,7 +137,8 @@ def test_the_no_alignment_control_trains_what_alignment_trains_with_l_ce(size):
   needs), steps and learning rate, L_CE on the train modalities' labeled clips; the rest of
   the pipeline as the method's."""
   pipelines = ablation.get_config(size).pipelines
-  method, control = pipelines.zeroshot_AI.stages, pipelines.zeroshot_AI_noalign.stages
+  method = pipeline_lib.ordered_stages(pipelines.zeroshot_AI)
+  control = pipeline_lib.ordered_stages(pipelines.zeroshot_AI_noalign)
   align = next(s for s in method if s.kind == 'align')
   stand_in = control[method.index(align)]
   assert stand_in.kind == 'supervised' and stand_in.align_weight == 0
@@ -167,7 +172,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config')
 def main(_):
   config = _CONFIG.value
-  meta = config.pipelines.train_VAI.stages[2]
+  meta = config.pipelines.train_VAI.stages.meta
   print(config.size, meta.num_steps, meta.optimizer.warmup_steps,
         config.eval.fewshot.num_episodes, config.model.fusion.kind, config.dataset.data_dir)
 app.run(main)
@@ -178,7 +183,7 @@ def test_command_line_overrides_reach_stages_and_eval():
   """The overrides of `python -m mmg_jax.main --config=...`, parsed by config_flags."""
   result = subprocess.run(
       [sys.executable, '-c', _PRINT_CONFIG, '--config=configs/fewshot.py:tiny',
-       '--config.pipelines.train_VAI.stages[2].num_steps=70',
+       '--config.pipelines.train_VAI.stages.meta.num_steps=70',
        '--config.eval.fewshot.num_episodes=33', '--config.model.fusion.kind=mlp',
        '--config.dataset.data_dir=/data/tfds'],
       cwd=ROOT, capture_output=True, text=True, check=True)

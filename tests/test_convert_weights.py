@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mmg_jax.models import mmg
+from mmg_jax.models import mmg, pretrained
 from mmg_jax.tools import convert_weights, torch_checkpoint, weight_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,33 +175,33 @@ def _random_encoder_params(modality, size='tiny'):
 def test_saved_params_load_back_bit_identical_with_their_provenance(tmp_path):
   config, params = _random_encoder_params('imu')
   provenance = {'modality': 'imu', 'source': 'test', 'sha256': '00', 'numerics': {'norm_eps': 1e-6}}
-  convert_weights.save(str(tmp_path), params, provenance)
-  loaded = convert_weights.load(str(tmp_path), encoder_config=config)['params']
+  pretrained.save(str(tmp_path), params, provenance)
+  loaded = pretrained.load(str(tmp_path), encoder_config=config)['params']
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
-  assert convert_weights.read_provenance(str(tmp_path)) == provenance
+  assert pretrained.read_provenance(str(tmp_path)) == provenance
   assert sorted(os.listdir(tmp_path)) == ['params.msgpack', 'provenance.json']
 
 
 def test_loading_into_another_encoder_config_names_the_differing_keys(tmp_path):
   _, params = _random_encoder_params('imu', 'tiny')
-  convert_weights.save(str(tmp_path), params, {'modality': 'imu', 'source': 'test',
-                                               'sha256': '00'})
+  pretrained.save(str(tmp_path), params, {'modality': 'imu', 'source': 'test',
+                                          'sha256': '00'})
   with pytest.raises(ValueError, match=r'keys differ: .*checkpoint \(\d+.*encoder \(\d+'):
-    convert_weights.load(str(tmp_path), encoder_config=common.imu_config('small'))
+    pretrained.load(str(tmp_path), encoder_config=common.imu_config('small'))
   with pytest.raises(ValueError, match='not a converted checkpoint'):
-    convert_weights.load(str(tmp_path / 'nothing'))
+    pretrained.load(str(tmp_path / 'nothing'))
 
 
 def test_provenance_must_say_what_the_params_are(tmp_path):
   with pytest.raises(ValueError, match='modality, source and sha256'):
-    convert_weights.save(str(tmp_path), {}, {'source': 'x'})
+    pretrained.save(str(tmp_path), {}, {'source': 'x'})
 
 
 def _save_tiny(directory, modality, **provenance):
   """A converted-checkpoint directory of the tiny encoder's random params; its config."""
   config, params = _random_encoder_params(modality)
-  convert_weights.save(str(directory), params, {'modality': modality, 'sha256': '00'} | provenance)
+  pretrained.save(str(directory), params, {'modality': modality, 'sha256': '00'} | provenance)
   return config
 
 
@@ -213,35 +213,38 @@ def test_load_refuses_other_numerics_naming_field_values_and_flag(tmp_path):
              'pool_norm_eps=1e-05, but the encoder config has pool_norm_eps=1e-06: its features '
              "would not be the reference's. Set --config.model.video.pool_norm_eps=1e-05")
   with pytest.raises(ValueError, match=re.escape(message)):
-    convert_weights.load(str(tmp_path), encoder_config=config)
+    pretrained.load(str(tmp_path), encoder_config=config)
 
 
 def test_apply_numerics_gives_the_config_load_accepts_and_leaves_the_given_one(tmp_path):
   config = _save_tiny(tmp_path, 'audio', source='hf_ast', numerics={'norm_eps': 1e-12})
-  applied = convert_weights.apply_numerics(str(tmp_path), config)
+  applied = pretrained.apply_numerics(str(tmp_path), config)
   assert (applied.norm_eps, config.norm_eps) == (1e-12, 1e-6)
   assert applied.to_dict() == config.to_dict() | {'norm_eps': 1e-12}
-  convert_weights.load(str(tmp_path), encoder_config=applied)  # accepted
+  pretrained.load(str(tmp_path), encoder_config=applied)  # accepted
 
 
 def test_a_conversion_older_than_recorded_numerics_is_checked_against_its_sources(tmp_path):
   """Its source fixes them: load refuses what a fresh conversion's provenance would refuse."""
   config = _save_tiny(tmp_path, 'audio', source='hf_ast')
   with pytest.raises(ValueError, match=r'norm_eps=1e-12, .*norm_eps=1e-06'):
-    convert_weights.load(str(tmp_path), encoder_config=config)
-  assert convert_weights.apply_numerics(str(tmp_path), config).norm_eps == 1e-12
+    pretrained.load(str(tmp_path), encoder_config=config)
+  assert pretrained.apply_numerics(str(tmp_path), config).norm_eps == 1e-12
 
 
 def test_params_saved_without_numerics_under_a_source_of_their_own_load_with_a_warning(
     tmp_path):
   config = _save_tiny(tmp_path, 'imu', source='own training')
   with pytest.warns(UserWarning, match=r"records no numerics .*'own training'.*unchecked"):
-    convert_weights.load(str(tmp_path), encoder_config=config)
+    pretrained.load(str(tmp_path), encoder_config=config)
 
 
 def test_every_sources_numerics_are_fields_of_its_encoder_config():
-  """Only those can be recorded and applied; each source fixes its LayerNorm epsilon."""
+  """Only those can be recorded and applied; each source fixes its LayerNorm epsilon, in the
+  library's table (what `load` checks a conversion without recorded numerics against)."""
+  assert sorted(pretrained.SOURCE_NUMERICS) == sorted(convert_weights.SOURCES)
   for layout in convert_weights.SOURCES.values():
+    assert layout.numerics == pretrained.SOURCE_NUMERICS[layout.name], layout.name
     encoder_config = common.model_config('paper')[layout.modality]
     assert layout.numerics and set(layout.numerics) <= set(encoder_config), layout.name
     assert all(field.endswith('norm_eps') for field in layout.numerics), layout.name
@@ -265,4 +268,4 @@ def test_every_source_is_documented_and_names_a_modality_with_an_encoder():
     assert name in convert_weights.__doc__
   assert sorted(convert_weights.SOURCES) == ['ast_official', 'hf_ast',
                                              'pytorchvideo_mvit_b_16x4', 'torchvision_mvit_v1_b']
-  assert json.dumps(sorted(convert_weights.ADAPTERS)) == '["audio", "video"]'
+  assert json.dumps(sorted(pretrained.ADAPTERS)) == '["audio", "video"]'

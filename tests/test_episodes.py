@@ -1,5 +1,5 @@
 """Episode sampling: the N-way K-shot contract (data_pipeline.episodes) and the cross-modal
-modality subsets of meta-training (mmg_jax.episodes)."""
+modality subsets of meta-training (mmg_jax.episode_modalities)."""
 import functools
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import episodes, modalities
-from mmg_jax.episodes import sample_episode_modalities
+from mmg_jax.episode_modalities import sample_episode_modalities
 
 
 def shuffled_labels(sizes, seed=0, num_unlabeled=0):

@@ -17,7 +17,8 @@ def _stages():
   """The zero-shot A pipeline's stages after pre-training: L_align training the fusion on the
   unlabeled clips, then L_CE training the head on audio."""
   config = manyshot.get_config('tiny')
-  pretrain, align, ce = config.pipelines.zeroshot_train_A.stages
+  stages = config.pipelines.zeroshot_train_A.stages
+  pretrain, align, ce = stages.pretrain, stages.align, stages.multimodal
   return config, pretrain, align, ce
 
 

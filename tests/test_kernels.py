@@ -15,8 +15,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from configs import common
 from data_pipeline import modalities
+from mmg_jax import costs
 from mmg_jax.models import audio_ast, fusion, imu_transformer, layers, mmg, video_mvit
-from mmg_jax.tools import model_stats
 from tests import test_mmg
 from tests.test_fusion import FAST_COMPILE, random_features
 
@@ -277,8 +277,8 @@ def test_multiply_adds_are_the_same_in_both_forms():
     config = common.model_config(size)
     config.kernels = kernels
     if modality:
-      return model_stats.encoder_stats(config, modality, xla=False)
-    return model_stats.fusion_stats(config, xla=False)
+      return costs.encoder_stats(config, modality, xla=False)
+    return costs.fusion_stats(config, xla=False)
 
   for modality in modalities.MODALITIES:
     assert stats('tiny', 'native', modality) == stats('tiny', 'cpu', modality)

@@ -13,9 +13,9 @@ from flax import linen as nn
 
 from configs import common, fewshot
 from data_pipeline import modalities
-from mmg_jax import train
+from mmg_jax import costs, paper, train
 from mmg_jax.models import layers, mmg
-from mmg_jax.tools import model_stats
+from mmg_jax.tools import model_stats, planner
 
 f32 = jnp.float32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +33,8 @@ def test_dense_params_and_macs():
   x = jax.ShapeDtypeStruct((4, 7, 32), f32)
   dense = nn.Dense(48)
   params = _abstract(dense, x)
-  assert model_stats.count_params(params) == 32 * 48 + 48
-  macs = model_stats.count_macs(lambda p, x: dense.apply({'params': p}, x), params, x)
+  assert costs.count_params(params) == 32 * 48 + 48
+  macs = costs.count_macs(lambda p, x: dense.apply({'params': p}, x), params, x)
   assert macs == 4 * 7 * 32 * 48
 
 
@@ -42,8 +42,8 @@ def test_conv_macs_with_strides_and_groups():
   x = jax.ShapeDtypeStruct((2, 20, 18, 6), f32)
   conv = nn.Conv(8, (4, 3), strides=(2, 3), feature_group_count=2, padding='VALID')
   params = _abstract(conv, x)
-  assert model_stats.count_params(params) == 4 * 3 * 3 * 8 + 8
-  macs = model_stats.count_macs(lambda p, x: conv.apply({'params': p}, x), params, x)
+  assert costs.count_params(params) == 4 * 3 * 3 * 8 + 8
+  macs = costs.count_macs(lambda p, x: conv.apply({'params': p}, x), params, x)
   out_h, out_w = (20 - 4) // 2 + 1, (18 - 3) // 3 + 1
   assert macs == 2 * out_h * out_w * 8 * (4 * 3 * 3)
 
@@ -55,8 +55,8 @@ def test_transformer_block_macs():
   block = layers.Block(num_heads=4, mlp_ratio=ratio)
   params = _abstract(block, x)
   linear = 3 * dim * dim + dim * dim + 2 * dim * ratio * dim
-  assert model_stats.count_params(params) == linear + (3 + 1 + ratio + 1) * dim + 4 * dim
-  macs = model_stats.count_macs(lambda p, x: block.apply({'params': p}, x), params, x)
+  assert costs.count_params(params) == linear + (3 + 1 + ratio + 1) * dim + 4 * dim
+  macs = costs.count_macs(lambda p, x: block.apply({'params': p}, x), params, x)
   assert macs == batch * (tokens * linear + 2 * tokens * tokens * dim)
 
 
@@ -68,32 +68,32 @@ def test_macs_through_remat_jit_and_scan():
     step = jax.checkpoint(lambda c, _: (jax.jit(jnp.dot)(c, w), None))
     return jax.lax.scan(step, x, None, length=7)[0]
 
-  assert model_stats.count_macs(fn, w, x) == 7 * 3 * 5 * 5
+  assert costs.count_macs(fn, w, x) == 7 * 3 * 5 * 5
 
 
 def test_cond_counts_its_most_expensive_branch():
   x = jax.ShapeDtypeStruct((4, 4), f32)
   fn = lambda p, x: jax.lax.cond(p, lambda x: x @ x @ x, lambda x: x @ x, x)  # noqa: E731
-  assert model_stats.count_macs(fn, jax.ShapeDtypeStruct((), jnp.bool_), x) == 2 * 64
+  assert costs.count_macs(fn, jax.ShapeDtypeStruct((), jnp.bool_), x) == 2 * 64
 
 
 def test_xla_flops_counts_a_matmul_as_two_flops_per_multiply_add():
   a, b = jax.ShapeDtypeStruct((3, 4), f32), jax.ShapeDtypeStruct((4, 5), f32)
-  assert model_stats.xla_flops(jnp.dot, a, b) == 2 * 3 * 4 * 5
+  assert costs.xla_flops(jnp.dot, a, b) == 2 * 3 * 4 * 5
 
 
 def test_used_params_skip_what_the_function_never_reads():
   params = {'a': jax.ShapeDtypeStruct((3, 4), f32), 'b': jax.ShapeDtypeStruct((5,), f32),
             'c': jax.ShapeDtypeStruct((2, 2), f32)}
   fn = lambda p, x: x @ p['a'] + p['c'].sum()  # noqa: E731
-  assert model_stats.count_used_params(fn, params, jax.ShapeDtypeStruct((1, 3), f32)) == 12 + 4
+  assert costs.count_used_params(fn, params, jax.ShapeDtypeStruct((1, 3), f32)) == 12 + 4
 
 
 @pytest.mark.parametrize('modality', modalities.MODALITIES)
 def test_paper_encoders_match_the_paper_table(modality):
   """Measured params and multiply-adds within the tolerance of the paper's table (eval_shape)."""
-  stats = model_stats.encoder_stats(_model_config('paper'), modality, xla=False)
-  params_m, gflops = model_stats.PAPER[modality]
+  stats = costs.encoder_stats(_model_config('paper'), modality, xla=False)
+  params_m, gflops = paper.ENCODER_COSTS[modality]
   tolerance = model_stats.PAPER_TOLERANCE[modality]
   assert abs(stats['params_m'] / params_m - 1) < tolerance, stats
   assert abs(stats['gflops'] / gflops - 1) < tolerance, stats
@@ -101,7 +101,7 @@ def test_paper_encoders_match_the_paper_table(modality):
 
 def test_paper_encoder_macs_match_the_vit_formula():
   """AST at 384 frames: 12 x 37 patches + 2 tokens through 12 ViT-B blocks, and the conv."""
-  stats = model_stats.encoder_stats(common.model_config('paper'), 'audio', xla=False)
+  stats = costs.encoder_stats(common.model_config('paper'), 'audio', xla=False)
   tokens, dim, patches = 12 * 37 + 2, 768, 12 * 37
   block = tokens * 12 * dim * dim + 2 * tokens * tokens * dim
   assert stats['gflops'] * 1e9 == pytest.approx(12 * block + patches * 256 * dim, rel=1e-12)
@@ -113,7 +113,7 @@ def test_paper_encoder_macs_match_the_vit_formula():
 def tiny_stats():
   config = common.base('tiny')
   config.model = _model_config('tiny')
-  return model_stats.all_stats(config, xla=False)
+  return costs.all_stats(config, xla=False)
 
 
 def test_fusion_rows_cover_every_subset_and_count_only_what_runs(tiny_stats):
@@ -121,9 +121,9 @@ def test_fusion_rows_cover_every_subset_and_count_only_what_runs(tiny_stats):
   assert list(fusion) == [modalities.short_name(s) for s in modalities.ALL_SUBSETS]
   model_config = _model_config('tiny')
   model = mmg.MMGModel(config=model_config)
-  batch = model_stats.abstract_batch(model_config)
+  batch = costs.abstract_batch(model_config)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
-  assert fusion['V A I']['params_m'] * 1e6 == model_stats.count_params(params)
+  assert fusion['V A I']['params_m'] * 1e6 == costs.count_params(params)
   by_subset = dict(zip(modalities.ALL_SUBSETS, fusion.values(), strict=True))
   for small, large in itertools.permutations(modalities.ALL_SUBSETS, 2):
     if set(small) < set(large):  # more encoders: more params and more FLOPs
@@ -209,13 +209,13 @@ def test_memory_is_the_compiled_step_and_holds_state_and_gradients(tiny_memory):
   batch and key counted leaf by leaf; every row holds params, two AdamW moments and grads."""
   config, document = tiny_memory
   _, model_config, stage = model_stats.memory_stage(config)
-  variant = model_stats.memory_variant(model_config, dtype='float32', remat=False)
+  variant = planner.memory_variant(model_config, dtype='float32', remat=False)
   analysis = model_stats.train_step_memory(variant, stage, 2)
   assert _rows_by_variant(document)[2, 'float32', False] == (
       analysis.argument_size_in_bytes + analysis.output_size_in_bytes
       + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
-  batch = model_stats.abstract_batch(variant, 2)
+  batch = costs.abstract_batch(variant, 2)
   model = mmg.MMGModel(config=variant)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)['params']
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
@@ -225,7 +225,7 @@ def test_memory_is_the_compiled_step_and_holds_state_and_gradients(tiny_memory):
   read = {k: v for k, v in batch.items() if k != 'mask'}
   assert analysis.argument_size_in_bytes == _tree_bytes(state) + _tree_bytes(read) + key_bytes
   assert analysis.alias_size_in_bytes == _tree_bytes(state)  # the donated state is reused
-  params_bytes = 4 * model_stats.count_params(params)  # float32
+  params_bytes = 4 * costs.count_params(params)  # float32
   for row in document['memory']:
     assert row['bytes'] >= 4 * params_bytes  # params, AdamW mu and nu, gradients
 
@@ -255,7 +255,7 @@ def test_memory_table_has_a_row_per_variant_and_its_fits_follow_the_bytes():
 
 def test_memory_needs_a_full_model_supervised_stage():
   config = fewshot.get_config('tiny')
-  for stage in config.pipelines['train_VAI'].stages:
+  for stage in config.pipelines['train_VAI'].stages.values():
     if stage.kind == 'supervised':
       stage.align_weight = 0.0
   with pytest.raises(ValueError, match='align_weight > 0'):

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from mmg_jax.models import video_mvit
-from mmg_jax.tools import convert_weights, mvit_checkpoints
+from mmg_jax.models import pretrained, video_mvit
+from mmg_jax.tools import convert_weights
 from tests import numerics
 
 torch = pytest.importorskip('torch', reason='the reference MViTs need torch (requirements-test)')
@@ -123,7 +123,7 @@ def test_torchvision_checkpoint_converted_by_the_cli_gives_torchvisions_features
        f'--checkpoint={path}', f'--output={output}'],
       cwd=REPO, capture_output=True, text=True, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
-  provenance = convert_weights.read_provenance(str(output))
+  provenance = pretrained.read_provenance(str(output))
   num_keys = len(model.state_dict())
   assert (provenance['source_keys'], provenance['ignored_keys']) == (num_keys, 2)  # head.1.*
   assert provenance['converted_keys'] == num_keys - 2
@@ -131,7 +131,7 @@ def test_torchvision_checkpoint_converted_by_the_cli_gives_torchvisions_features
   eps = _pool_norm_eps(model, r'.*\.pool_[qkv]\.norm_act\.0')
   config = numerics.checked_config(str(output), common.video_config('paper'), 'video',
                                    'pool_norm_eps', eps, other=1e-5)
-  _assert_close(ours(convert_weights.load(str(output), encoder_config=config), paper_clip,
+  _assert_close(ours(pretrained.load(str(output), encoder_config=config), paper_clip,
                      config.pool_norm_eps),
                 _features_after(model.norm, model, paper_clip))
 
@@ -142,16 +142,16 @@ def test_pytorchvideo_checkpoint_gives_pytorchvideos_features_with_its_recorded_
   provenance records; our default, as torchvision's, is 1e-6, which load refuses and which
   moves these features beyond the tolerance."""
   model, path = pytorchvideo_mvit
-  convert_weights.save(tmp_path, *convert_weights.convert('pytorchvideo_mvit_b_16x4', str(path)))
+  pretrained.save(tmp_path, *convert_weights.convert('pytorchvideo_mvit_b_16x4', str(path)))
   assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5, 1e-6}
   eps = _pool_norm_eps(model, r'.*\.attn\.norm_[qkv]')
   config = numerics.checked_config(str(tmp_path), common.video_config('paper'), 'video',
                                    'pool_norm_eps', eps,
                                    other=common.video_config('paper').pool_norm_eps)
   want = _features_after(model.norm_embed, model, paper_clip)
-  _assert_close(ours(convert_weights.load(str(tmp_path), encoder_config=config), paper_clip,
+  _assert_close(ours(pretrained.load(str(tmp_path), encoder_config=config), paper_clip,
                      config.pool_norm_eps), want)
-  at_paper_default = ours(convert_weights.load(str(tmp_path)), paper_clip)
+  at_paper_default = ours(pretrained.load(str(tmp_path)), paper_clip)
   with pytest.raises(AssertionError, match='max abs diff'):
     _assert_close(at_paper_default, want)
 
@@ -245,7 +245,7 @@ def test_position_embeddings_follow_slowfasts_trilinear_interpolation(input_shap
   pos = _random_pos_encoding()
   config = common.video_config('paper')
   config.input_shape = input_shape
-  adapted = mvit_checkpoints.adapt_to_config({'pos_encoding': pos}, config)['pos_encoding']
+  adapted = video_mvit.adapt_params({'pos_encoding': pos}, config)['pos_encoding']
   t, h, w = grid
   assert adapted['temporal_pos'].shape == (t, 96) and adapted['spatial_pos'].shape == (h * w, 96)
   # In float64: in float32 torch's source coordinates (up to 55.x) carry rounding of ~4e-6.
@@ -269,7 +269,7 @@ def test_position_embeddings_follow_slowfasts_trilinear_interpolation(input_shap
 def test_a_non_square_spatial_table_is_refused():
   config = common.video_config('paper')
   with pytest.raises(ValueError, match='not a square grid'):
-    mvit_checkpoints.adapt_to_config({'pos_encoding': _random_pos_encoding(rows=56 * 55)}, config)
+    video_mvit.adapt_params({'pos_encoding': _random_pos_encoding(rows=56 * 55)}, config)
 
 
 def test_loaded_into_a_112_pixel_8_frame_config_it_matches_torchvision_at_that_grid(
@@ -279,10 +279,10 @@ def test_loaded_into_a_112_pixel_8_frame_config_it_matches_torchvision_at_that_g
   torch's interpolation, and its positional encoding built for that grid."""
   functional = torch.nn.functional
   model, path = torchvision_mvit
-  convert_weights.save(tmp_path, *convert_weights.convert('torchvision_mvit_v1_b', str(path)))
+  pretrained.save(tmp_path, *convert_weights.convert('torchvision_mvit_v1_b', str(path)))
   config = common.video_config('paper')
   config.input_shape = (8, 112, 112, 3)
-  variables = convert_weights.load(str(tmp_path), encoder_config=config)
+  variables = pretrained.load(str(tmp_path), encoder_config=config)
 
   reference = copy.deepcopy(model)
   reference.pos_encoding = type(model.pos_encoding)(96, (28, 28), 4, rel_pos_embed=False)
@@ -297,4 +297,4 @@ def test_loaded_into_a_112_pixel_8_frame_config_it_matches_torchvision_at_that_g
   _assert_close(ours(variables, clip), _features_after(reference.norm, reference.eval(), clip))
 
   with pytest.raises(ValueError, match='does not fit the encoder config'):
-    convert_weights.load(str(tmp_path), encoder_config=common.video_config('small'))
+    pretrained.load(str(tmp_path), encoder_config=common.video_config('small'))

@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 from configs import fewshot
-from mmg_jax import evaluate, report
+from mmg_jax import evaluate, paper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'quickstart.ipynb')
@@ -81,7 +81,7 @@ def test_notebook_runs_the_tiny_pipeline_and_draws_the_results_and_an_episode(
   rows = results['rows']
   assert results['kind'] == 'few-shot'
   assert [(r['setting'], tuple(r['train']), tuple(r['test'])) for r in rows] == [
-      (r['setting'], r['train'], r['test']) for r in report.FEWSHOT]
+      (r['setting'], r['train'], r['test']) for r in paper.FEWSHOT]
   assert all(r['metric'] == '5w5s_acc' and 0 <= r['mean'] <= 100 for r in rows)
   plot_names = {'matrix.png', 'cost.png', 'curves_train_VAI.png'}
   assert plot_names <= set(os.listdir(workdir / 'plots'))

@@ -16,6 +16,7 @@ import pytest
 from configs import ablation, common, fewshot, manyshot
 from data_pipeline import episodes, features, preprocess
 from data_pipeline.mmg_ego4d import manifest, sample_media
+from mmg_jax import pipeline
 from mmg_jax.tools import paper_smoke
 
 CONFIGS = (fewshot, manyshot, ablation)
@@ -25,8 +26,8 @@ SCHEDULE_FIELDS = {'num_steps', 'batch_size', 'log_every', 'checkpoint_every', '
 
 
 def _stages(config):
-  return {name: [stage.to_dict() for stage in pipeline.stages]
-          for name, pipeline in config.pipelines.items()}
+  return {name: [stage.to_dict() for stage in pipeline.ordered_stages(p)]
+          for name, p in config.pipelines.items()}
 
 
 @pytest.mark.parametrize('module', CONFIGS, ids=lambda m: m.__name__)
@@ -64,8 +65,8 @@ def test_default_layout_feeds_every_stage_and_evaluation_of_the_smoke_configs():
             for split, n, k in layout.splits}
   for module in (fewshot, manyshot):
     config = module.get_config(common.PAPER_SMOKE)
-    for pipeline in config.pipelines.values():
-      for stage in pipeline.stages:
+    for p in config.pipelines.values():
+      for stage in p.stages.values():
         assert len(labels[stage.split]) >= stage.batch_size
         if stage.kind == 'meta':
           episodes.sample_episodes(jax.random.key(0), labels[stage.split], num_episodes=1,

@@ -15,9 +15,8 @@ from absl import flags
 
 from configs import common, fewshot, manyshot
 from data_pipeline import modalities
-from mmg_jax import pipeline, report, sharding, train
-from mmg_jax.models import mmg
-from mmg_jax.tools import convert_weights
+from mmg_jax import costs, paper, pipeline, report, sharding, train
+from mmg_jax.models import mmg, pretrained
 from tests import cli
 
 
@@ -33,7 +32,7 @@ def test_experiment_configs_pass_validation():
 
 def test_zero_shot_labeled_stage_seeing_a_test_modality_is_refused():
   config = manyshot.get_config('tiny')
-  config.pipelines.zeroshot_train_A.stages[2].modalities = ('video', 'audio')
+  config.pipelines.zeroshot_train_A.stages.multimodal.modalities = ('video', 'audio')
   with pytest.raises(ValueError, match=_leak_message('multimodal', 'zeroshot_train_A',
                                                      r"\['video'\]")):
     pipeline.validate(config)
@@ -43,7 +42,7 @@ def test_external_pretraining_may_see_test_modalities_but_mmg_labels_may_not():
   """The pretrain split's classes are not MMG's: pre-training on it with the test modality is
   the paper's Kinetics/AudioSet start; the same stage on MMG's train split leaks labels."""
   config = manyshot.get_config('tiny')
-  pretrain = config.pipelines.zeroshot_train_A.stages[0]
+  pretrain = config.pipelines.zeroshot_train_A.stages.pretrain
   assert pretrain.split == 'pretrain' and 'video' in pretrain.modalities
   pipeline.validate(config)
   pretrain.split = 'train'
@@ -71,21 +70,21 @@ def test_zero_shot_pipeline_with_a_multimodal_labeled_stage_is_refused():
 
 def test_training_on_an_evaluation_split_is_refused():
   config = fewshot.get_config('tiny')
-  config.pipelines.train_VAI.stages[2].split = 'novel'
+  config.pipelines.train_VAI.stages.meta.split = 'novel'
   with pytest.raises(ValueError, match="stage 'meta' .* trains on 'novel', an evaluation split"):
     pipeline.validate(config)
 
 
 def test_labeled_stage_on_the_unlabeled_split_is_refused():
   config = fewshot.get_config('tiny')
-  config.pipelines.train_VAI.stages[0].split = 'unlabeled'
+  config.pipelines.train_VAI.stages.unimodal.split = 'unlabeled'
   with pytest.raises(ValueError, match='needs labels'):
     pipeline.validate(config)
 
 
 def test_alignment_without_video_is_refused():
   config = fewshot.get_config('tiny')
-  config.pipelines.train_VAI.stages[1].modalities = ('audio', 'imu')
+  config.pipelines.train_VAI.stages.multimodal.modalities = ('audio', 'imu')
   with pytest.raises(ValueError, match='L_align'):
     pipeline.validate(config)
 
@@ -195,7 +194,7 @@ def test_meta_training_accumulates_whole_episodes():
   gradients, each micro-batch drawing modality presence for its own episodes (it crashed:
   presence drawn for the global batch met a micro-batch)."""
   config = fewshot.get_config('tiny')
-  stage = config.pipelines.train_VAI.stages[2]
+  stage = config.pipelines.train_VAI.stages.meta
   stage.episodes_per_batch = 4  # 80 clips: micro-batches of 40 split over the 8 devices
   stage.optimizer.accumulate_steps = 2
   pipeline.validate(config)
@@ -223,7 +222,7 @@ def test_meta_training_accumulates_whole_episodes():
 
 def test_meta_accumulation_that_would_cut_an_episode_is_refused():
   config = fewshot.get_config('tiny')
-  config.pipelines.train_VAI.stages[2].optimizer.accumulate_steps = 3  # 2 episodes per batch
+  config.pipelines.train_VAI.stages.meta.optimizer.accumulate_steps = 3  # 2 episodes per batch
   with pytest.raises(ValueError, match="stage 'meta' of pipeline 'train_VAI' cuts its 2 "
                                        'episodes per batch into optimizer.accumulate_steps=3'):
     pipeline.validate(config)
@@ -286,12 +285,12 @@ def test_an_encoder_stage_is_shared_across_fusions_and_the_fusion_keeps_its_own_
 def _save_random_encoder(directory, modality, encoder_config, seed, numerics=None):
   """A converted-checkpoint directory of random params of the encoder whose provenance records
   `numerics` (None: none, random params fix no epsilon); returns the params."""
-  shapes = convert_weights.expected_params(modality, encoder_config)
+  shapes = pretrained.expected_params(modality, encoder_config)
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), shapes)
-  convert_weights.save(str(directory), params, {'modality': modality, 'source': 'random',
-                                                'sha256': f'{seed:064x}',
-                                                'numerics': numerics or {}})
+  pretrained.save(str(directory), params, {'modality': modality, 'source': 'random',
+                                           'sha256': f'{seed:064x}',
+                                           'numerics': numerics or {}})
   return params
 
 
@@ -354,7 +353,8 @@ def test_the_stage_identity_follows_the_checkpoint_content_not_its_path(tmp_path
 
   def identity(init_from):
     config.model.video.init_from = init_from
-    return pipeline._stage_identity(config, config.model, config.pipelines.train_VAI.stages[:1])
+    return pipeline._stage_identity(config, config.model,
+                                    [config.pipelines.train_VAI.stages.unimodal])
 
   random_init = identity(None)
   assert identity(str(tmp_path / 'a')) == identity(str(tmp_path / 'a_moved')) != random_init
@@ -387,16 +387,18 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(fewshot_tiny_run):
   """conftest.py's run of the tiny few-shot config (10 episodes a row), then the same command
   again in its workdir."""
   workdir, out = fewshot_tiny_run.workdir, fewshot_tiny_run.stdout
-  doc = _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc')
+  doc = _check_results(workdir, 'few-shot', paper.FEWSHOT, '5w5s_acc')
   assert {row['n'] for row in doc['rows']} == {10}
   assert report.markdown('few-shot', doc['rows']).split('\n\n')[1] in out  # the printed table
+  with open(os.path.join(workdir, 'config.json')) as f:  # the resolved config, overrides applied
+    assert json.load(f)['eval']['fewshot']['num_episodes'] == 10
   trained = _metrics_lines(workdir)
   assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
   # Re-running the same command trains nothing again and reproduces the results.
   out = cli.run_main(fewshot_tiny_run.config, workdir, *fewshot_tiny_run.flags)
   assert out.count('finished earlier') == 3  # train_pipeline's word for a stage it skips
   assert _metrics_lines(workdir) == trained
-  assert _check_results(workdir, 'few-shot', report.FEWSHOT, '5w5s_acc') == doc
+  assert _check_results(workdir, 'few-shot', paper.FEWSHOT, '5w5s_acc') == doc
 
 
 def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_path):
@@ -404,13 +406,13 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
   shared stages are reused), then an evaluate-only run that trains nothing."""
   workdir = str(tmp_path)
   out = cli.run_main('configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
-  doc = _check_results(workdir, 'many-shot', [report.MANYSHOT[6]], 'top1')
+  doc = _check_results(workdir, 'many-shot', [paper.MANYSHOT[6]], 'top1')
   assert doc['complete'] and 'unimodal' not in doc
   one_row = _metrics_lines(workdir)
   assert sorted(one_row) == ['zeroshot_train_A/align', 'zeroshot_train_A/pretrain',
                              'zeroshot_train_AI/multimodal']
   out = cli.run_main('configs/manyshot.py:tiny', workdir)
-  doc = _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1')
+  doc = _check_results(workdir, 'many-shot', paper.MANYSHOT, 'top1')
   assert [row['modality'] for row in doc['unimodal']] == ['video', 'audio', 'imu']
   assert 'Unimodal baselines' in out
   trained = _metrics_lines(workdir)
@@ -429,7 +431,7 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
   _assert_only_changed(align, supervised, 'head')
   out = cli.run_main('configs/manyshot.py:tiny', workdir, '--mode=evaluate')
   assert 'training MMGModel' not in out and _metrics_lines(workdir) == trained
-  assert _check_results(workdir, 'many-shot', report.MANYSHOT, 'top1') == doc
+  assert _check_results(workdir, 'many-shot', paper.MANYSHOT, 'top1') == doc
 
 
 def test_evaluate_only_names_every_unfinished_stage(tmp_path):
@@ -465,7 +467,7 @@ def test_only_selects_rows_by_setting_pipeline_or_modalities():
 
 def test_a_refused_stage_directory_names_the_fields_that_differ(tmp_path):
   config = fewshot.get_config('tiny')
-  stages = config.pipelines.train_VAI.stages
+  stages = pipeline.ordered_stages(config.pipelines.train_VAI)
   first = pipeline._stage_identity(config, config.model, stages[:1])
   pipeline._claim_stage_dir(str(tmp_path), first)
   config.seed = 1
@@ -526,6 +528,10 @@ def test_results_name_the_few_shot_episodes_of_the_config(tmp_path):
   with open(tmp_path / 'results.json') as f:
     rows = json.load(f)['rows']
   assert [(row['n_way'], row['k_shot'], row['mean']) for row in rows] == [(5, 1, None)] * 2
+  # Each row's cost, computed once here for the plots: its model on its test modalities.
+  flops = costs.fusion_stats(pipeline.model_config(config, config.pipelines.train_VAI), xla=False)
+  assert [row['gflops'] for row in rows] == [
+      flops[modalities.short_name(row['test'])]['gflops'] for row in rows]
   assert '| 5-way 1-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in (
       tmp_path / 'results.md').read_text()
 

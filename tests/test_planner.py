@@ -44,9 +44,9 @@ def test_the_fewest_accumulation_steps_that_fit_and_remat_only_when_needed(gib, 
 def test_a_stage_that_fits_nowhere_says_what_would_fit():
   (only,) = planner.Planner(_config(), measure=_fake_bytes).plan(8, 1.0)
   assert not only.fits and (only.dtype, only.remat, only.accumulate_steps) == ('bfloat16', True, 8)
-  assert only.bytes == _fake_bytes(planner.model_stats.memory_variant(
-      _config().model, dtype='bfloat16', remat=True), _config().pipelines.train_VAI.stages[0],
-      num_devices=8, accumulate_steps=8)
+  assert only.bytes == _fake_bytes(planner.memory_variant(
+      _config().model, dtype='bfloat16', remat=True),
+      _config().pipelines.train_VAI.stages.multimodal, num_devices=8, accumulate_steps=8)
   assert 'it would fit devices of 2 GiB or more, or more devices' in only.advice
 
 
@@ -58,7 +58,7 @@ def test_a_global_batch_that_does_not_split_over_the_devices_is_refused():
 
 def test_meta_stages_accumulate_whole_episodes_only():
   config = fewshot.get_config('tiny')
-  meta = config.pipelines.train_VAI.stages[2]
+  meta = config.pipelines.train_VAI.stages.meta
   meta.update({'episodes_per_batch': 4, 'n_way': 2, 'k_shot': 2, 'q_query': 2})  # 32 clips
   assert planner.accumulation_choices(meta, 8) == [1, 2, 4]  # not 3: an episode is 8 clips
   assert planner.accumulation_choices(meta, 3) == []
@@ -70,7 +70,7 @@ def test_the_overrides_name_each_stage_that_changes():
   assert planner.overrides(config, plans) == [
       '--config.model.dtype=float32', '--config.model.video.remat=False',
       '--config.model.audio.remat=False', '--config.model.imu.remat=False',
-      '--config.pipelines.train_VAI.stages[0].optimizer.accumulate_steps=4']
+      '--config.pipelines.train_VAI.stages.multimodal.optimizer.accumulate_steps=4']
 
 
 def test_on_the_compiled_tiny_step_the_plan_fits_and_one_step_less_would_not():

@@ -9,22 +9,29 @@ import sys
 import numpy as np
 import pytest
 from matplotlib import image
+from matplotlib.collections import PathCollection
+from matplotlib.container import ErrorbarContainer
+from matplotlib.text import Text
 
-from configs import common, fewshot
+from configs import fewshot
 from data_pipeline import modalities
-from mmg_jax import pipeline, plots, report
-from mmg_jax.tools import model_stats
+from mmg_jax import paper, pipeline, plots, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAI, VA, AI, V, A, IMU = (('video', 'audio', 'imu'), ('video', 'audio'), ('audio', 'imu'),
                         ('video',), ('audio',), ('imu',))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+DATASET = 'mmg_synthetic/tiny'
+
+
+# GFLOPs the evaluation records on each row, by test subset (made up: the plot only reads them).
+GFLOPS = {'V A I': 3.0, 'V A': 2.5, 'A I': 0.5, 'V': 2.0}
 
 
 def _row(setting, train, test, mean, paper, pipeline_name='train_VAI'):
   return {'setting': setting, 'train': list(train), 'test': list(test), 'metric': '5w5s_acc',
           'mean': mean, 'ci95': [mean - 1.5, mean + 1.25], 'n': 20, 'pipeline': pipeline_name,
-          'paper': paper}
+          'paper': paper, 'gflops': GFLOPS[modalities.short_name(test)]}
 
 
 # Few-shot rows as results.json holds them, in config order (not the matrix's order); no row
@@ -43,18 +50,41 @@ def _png_size(path):
   return struct.unpack('>II', head[16:24])
 
 
+def _png_dpi(path):
+  """The dpi of a PNG's pHYs chunk (pixels per metre), None without one."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  at = len(PNG_SIGNATURE)
+  while at < len(data):
+    length, kind = struct.unpack('>I4s', data[at:at + 8])
+    if kind == b'pHYs':
+      per_metre, _, unit = struct.unpack('>IIB', data[at + 8:at + 17])
+      return per_metre * 0.0254 if unit == 1 else None
+    at += 12 + length
+  return None
+
+
+def _texts(fig):
+  """Every text of a figure: titles, labels, legends, ticks, cells."""
+  return [t.get_text() for t in fig.findobj(Text)]
+
+
 def _write_jsonl(path, records):
   with open(path, 'w') as f:
     f.writelines(json.dumps(record) + '\n' for record in records)
 
 
 def _records(parts, num_steps, seed):
-  """metrics.jsonl records as train.StageLog writes them: parts, loss, lr, grad_norm, rate."""
+  """metrics.jsonl records as train.StageLog writes them: parts, loss, lr, grad_norm, rate; a
+  part 'accuracy' is a fraction, as stage_kinds.py logs it."""
   rng = np.random.default_rng(seed)
   records = []
   for step in range(1, num_steps + 1):
-    metrics = {part: float(rng.uniform(0.5, 2.0)) for part in parts}
-    records.append({'step': step, **metrics, 'loss': sum(metrics.values()),
+    metrics = {part: float(rng.uniform(0.5, 2.0)) for part in parts if part != 'accuracy'}
+    metrics['loss'] = sum(metrics.values())
+    if 'accuracy' in parts:
+      metrics['accuracy'] = float(rng.uniform(0.0, 1.0))
+    records.append({'step': step, **metrics,
                     'lr': 1e-3 * step / num_steps, 'grad_norm': float(rng.uniform()),
                     'examples_per_sec': 100.0})
   return records
@@ -63,9 +93,10 @@ def _records(parts, num_steps, seed):
 @pytest.fixture
 def workdir(tmp_path):
   """A finished tiny few-shot run in the real formats: results.json, two stages of pipeline
-  train_VAI with stage.json (pipeline.py's identity) and metrics.jsonl, and embeddings.npz."""
+  train_VAI with stage.json (pipeline.py's identity) and metrics.jsonl (the second with a
+  validation record, in percent), and embeddings.npz. No config.json: the dataset is unknown."""
   config = fewshot.get_config('tiny')
-  stages = config.pipelines.train_VAI.stages
+  stages = pipeline.ordered_stages(config.pipelines.train_VAI)
   model = pipeline.model_config(config, config.pipelines.train_VAI)
   logged = {stages[0].name: ['ce_video', 'ce_audio', 'ce_imu'], stages[2].name: ['proto',
                                                                                  'accuracy']}
@@ -76,7 +107,10 @@ def workdir(tmp_path):
     stage_dir.mkdir(parents=True)
     (stage_dir / 'stage.json').write_text(
         pipeline._stage_identity(config, model, stages[:i + 1]))
-    _write_jsonl(stage_dir / 'metrics.jsonl', _records(logged[stage.name], 4 + i, i))
+    records = _records(logged[stage.name], 4 + i, i)
+    if 'accuracy' in logged[stage.name]:
+      records.append({'step': records[-1]['step'], 'val_5w5s_accuracy': 42.5})
+    _write_jsonl(stage_dir / 'metrics.jsonl', records)
   (tmp_path / 'results.json').write_text(json.dumps({'kind': 'few-shot', 'rows': ROWS}))
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(5), 3)
@@ -95,9 +129,9 @@ def test_matrix_layout_puts_train_subsets_down_and_test_subsets_across_in_paper_
                        [nan, nan, 40.0, nan],
                        [nan, nan, nan, 31.0]])
   np.testing.assert_array_equal(values, expected)
-  _, _, paper = plots.matrix_layout(ROWS, 'paper')
-  np.testing.assert_array_equal(paper, [[63.00, 61.76, 50.77, nan], [nan, nan, nan, nan],
-                                        [nan, nan, nan, 46.90]])
+  _, _, published = plots.matrix_layout(ROWS, 'paper')
+  np.testing.assert_array_equal(published, [[63.00, 61.76, 50.77, nan], [nan, nan, nan, nan],
+                                            [nan, nan, nan, 46.90]])
 
 
 def test_matrix_layout_refuses_two_rows_in_one_cell():
@@ -107,8 +141,8 @@ def test_matrix_layout_refuses_two_rows_in_one_cell():
 
 def test_ablation_layout_puts_variants_down_and_settings_across():
   rows = [{**setting, **variant, 'metric': metric, 'mean': 10.0 * i + j, 'paper': None}
-          for i, setting in enumerate(report.ABLATION_SETTINGS)
-          for j, variant in enumerate(report.ABLATION_VARIANTS)
+          for i, setting in enumerate(paper.ABLATION_SETTINGS)
+          for j, variant in enumerate(paper.ABLATION_VARIANTS)
           for metric in report.METRICS]
   variants, settings, values = plots.ablation_layout(rows, 'top1')
   assert variants == ['attention', 'attention, no alignment', 'mlp', 'attention, no proto loss']
@@ -117,10 +151,10 @@ def test_ablation_layout_puts_variants_down_and_settings_across():
 
 
 def test_ablation_matrix_draws_each_metric_with_the_paper_beside(tmp_path):
-  rows = [{**setting, **variant, 'metric': metric, 'mean': 5.0, 'paper': paper[j][k]}
-          for setting, paper in zip(report.ABLATION_SETTINGS, report.ABLATION_PAPER, strict=True)
-          for j, variant in enumerate(report.ABLATION_VARIANTS)
-          for k, metric in enumerate(report.METRICS) if paper[j][k] is not None]
+  rows = [{**setting, **variant, 'metric': metric, 'mean': 5.0, 'paper': cells[j][k]}
+          for setting, cells in zip(paper.ABLATION_SETTINGS, paper.ABLATION, strict=True)
+          for j, variant in enumerate(paper.ABLATION_VARIANTS)
+          for k, metric in enumerate(report.METRICS) if cells[j][k] is not None]
   drawn = plots.draw_matrix('ablation', rows, str(tmp_path / 'a.png'))
   assert set(drawn) == {'top1', '5w5s_acc'}
   np.testing.assert_array_equal(drawn['5w5s_acc']['paper'][:, 2], [51.40, 33.93, 51.08, 50.80])
@@ -129,7 +163,7 @@ def test_ablation_matrix_draws_each_metric_with_the_paper_beside(tmp_path):
   assert min(_png_size(tmp_path / 'a.png')) >= 300
 
 
-def test_every_plot_is_a_png_of_sensible_size(workdir):
+def test_every_plot_is_a_png_of_sensible_size_with_a_pdf_beside(workdir):
   paths, notes = plots.draw_run(str(workdir))
   names = sorted(os.path.basename(p) for p in paths)
   assert names == ['cost.png', 'curves_train_VAI.png', 'embeddings.png', 'matrix.png']
@@ -138,9 +172,59 @@ def test_every_plot_is_a_png_of_sensible_size(workdir):
     assert os.path.dirname(path) == str(workdir / plots.PLOTS_DIR)
     width, height = _png_size(path)
     assert 400 <= width <= 3000 and 300 <= height <= 3000, (path, width, height)
+    assert _png_dpi(path) == pytest.approx(150, abs=0.1)
     pixels = image.imread(path)
     assert pixels.shape[:2] == (height, width)
     assert pixels.std() > 0.05, f'{path} is nearly blank'
+    with open(path.removesuffix('.png') + '.pdf', 'rb') as f:
+      pdf = f.read()
+    assert pdf.startswith(b'%PDF') and len(pdf) > 5000, path
+
+
+def test_the_dataset_of_a_run_is_that_of_results_json_then_config_json(workdir):
+  assert plots.run_dataset(str(workdir)) is None
+  (workdir / plots.CONFIG_FILE).write_text(json.dumps({'dataset': {'name': DATASET}}))
+  assert plots.run_dataset(str(workdir)) == DATASET
+  assert plots.run_dataset(str(workdir), {'dataset': 'recorded'}) == 'recorded'
+  assert plots.ours_label(DATASET) == f'ours ({DATASET})' and plots.ours_label(None) == 'ours'
+
+
+@pytest.mark.parametrize('with_config', [True, False])
+def test_every_figure_of_a_run_names_the_datasets(workdir, monkeypatch, with_config):
+  """Ours named by config.json's dataset (plain 'ours' without one), the paper's MMG-Ego4D."""
+  if with_config:
+    (workdir / plots.CONFIG_FILE).write_text(json.dumps({'dataset': {'name': DATASET}}))
+  figures = {}
+  monkeypatch.setattr(plots, '_save',
+                      lambda fig, path: figures.setdefault(os.path.basename(path), fig))
+  plots.draw_run(str(workdir))
+  assert sorted(figures) == ['cost.png', 'curves_train_VAI.png', 'embeddings.png', 'matrix.png']
+  texts = {name: '\n'.join(_texts(fig)) for name, fig in figures.items()}
+  for name in ('cost.png', 'matrix.png'):  # ours beside the paper's
+    assert 'paper (MMG-Ego4D)' in texts[name]
+    assert ('ours (mmg_synthetic/tiny)' in texts[name]) == with_config
+    assert 'ours' in texts[name]
+  for name, text in texts.items():
+    assert (DATASET in text) == with_config, name
+
+
+def test_matrix_has_a_colorbar_in_percent_and_our_intervals_under_the_means():
+  fig, drawn = plots.matrix_figure('few-shot', ROWS, dataset=DATASET)
+  colorbars = [ax for ax in fig.axes if ax.get_label() == '<colorbar>']
+  assert len(colorbars) == 1 and colorbars[0].get_ylabel() == 'accuracy (%)'
+  ours, theirs = (ax for ax in fig.axes if ax.get_label() != '<colorbar>')
+  values = np.concatenate([drawn['5w5s_acc']['ours'].ravel(), drawn['5w5s_acc']['paper'].ravel()])
+  assert colorbars[0].get_ylim() == (np.nanmin(values), np.nanmax(values))
+  assert ours.get_title() == f'ours ({DATASET}): few-shot accuracy (%)'
+  assert theirs.get_title() == 'paper (MMG-Ego4D): 5-way 5-shot accuracy (%)'
+  cells = [t.get_text() for t in ours.texts]
+  for row in ROWS:
+    low, high = row['ci95']
+    assert f'{row["mean"]:.1f}' in cells and f'[{low:.1f}, {high:.1f}]' in cells
+  assert not any('[' in t.get_text() for t in theirs.texts)  # the paper prints no interval
+  assert plots.interval_text({'mean': 5.0, 'ci95': [4.0, 6.5]}) == '[4.0, 6.5]'
+  assert plots.interval_text({'mean': 5.0, 'ci95': None, 'std': 1.25}) == '± 1.2'
+  assert plots.interval_text({'mean': 5.0, 'ci95': None}) == ''
 
 
 def test_matrix_plot_draws_the_means_and_paper_numbers_of_results_json(workdir, tmp_path):
@@ -150,8 +234,8 @@ def test_matrix_plot_draws_the_means_and_paper_numbers_of_results_json(workdir, 
     i = drawn['rows'].index(modalities.short_name(row['train']))
     j = drawn['columns'].index(modalities.short_name(row['test']))
     assert drawn['ours'][i, j] == row['mean']
-    paper = drawn['paper'][i, j]
-    assert math.isnan(paper) if row['paper'] is None else paper == row['paper']
+    published = drawn['paper'][i, j]
+    assert math.isnan(published) if row['paper'] is None else published == row['paper']
   assert np.isfinite(drawn['ours']).sum() == len(doc['rows'])
 
 
@@ -161,30 +245,96 @@ def test_curves_are_the_records_of_each_stage_in_stage_order(workdir, tmp_path):
   drawn = plots.draw_curves('train_VAI', stages['train_VAI'], str(tmp_path / 'c.png'))
   for stage, groups in drawn.items():
     records = plots.read_metrics(str(workdir / 'train_VAI' / stage / 'metrics.jsonl'))
-    steps = [r['step'] for r in records]
     curves = {name: curve for group in groups.values() for name, curve in group.items()}
-    assert set(curves) == set(records[0]) - {'step', 'examples_per_sec', 'grad_norm'}
+    assert set(curves) == {k for r in records for k in r} - {'step', 'examples_per_sec',
+                                                             'grad_norm'}
     for name, (x, y) in curves.items():
-      assert x.tolist() == steps and y.tolist() == [r[name] for r in records]
+      scale = 100 if name == 'accuracy' else 1  # logged as a fraction, drawn in percent
+      assert x.tolist() == [r['step'] for r in records if name in r]
+      np.testing.assert_allclose(y, [scale * r[name] for r in records if name in r])
   assert set(drawn['unimodal']['losses']) == {'ce_video', 'ce_audio', 'ce_imu', 'loss'}
-  assert set(drawn['meta']['accuracy']) == {'accuracy'}
+  assert set(drawn['meta']['accuracy']) == {'accuracy', 'val_5w5s_accuracy'}
   assert set(drawn['meta']['learning rate']) == {'lr'}
 
 
-def test_cost_points_are_the_model_flops_and_the_paper_memory_of_the_test_subset(workdir):
-  models = plots.read_model_configs(str(workdir))
-  assert set(models) == {'train_VAI'}
-  points = plots.cost_points(ROWS, models)
-  flops = model_stats.fusion_stats(common.model_config('tiny'), xla=False)
+def test_curves_draw_every_accuracy_in_percent_on_a_percent_axis(workdir):
+  stages = plots.pipeline_stages(str(workdir))['train_VAI']
+  fig, _ = plots.curves_figure('train_VAI', stages, dataset=DATASET)
+  assert fig.get_suptitle() == f'training curves of pipeline train_VAI on {DATASET}'
+  records = plots.read_metrics(str(workdir / 'train_VAI' / 'meta' / 'metrics.jsonl'))
+  (ax,) = [ax for ax in fig.axes if ax.get_title() == 'meta: accuracy']
+  assert ax.get_ylabel() == 'accuracy (%)'
+  lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+  assert set(lines) == {'accuracy (training batches)', 'val_5w5s_accuracy'}
+  fractions = [r['accuracy'] for r in records if 'accuracy' in r]
+  assert max(fractions) <= 1 and max(lines['accuracy (training batches)']) > 1
+  np.testing.assert_allclose(lines['accuracy (training batches)'], np.multiply(fractions, 100))
+  np.testing.assert_allclose(lines['val_5w5s_accuracy'], [42.5])  # percent already
+  assert [a.get_ylabel() for a in fig.axes if a.get_title().endswith(': losses')] == ['loss'] * 2
+
+
+def test_cost_points_are_the_rows_gflops_and_the_paper_memory_of_the_test_subset():
+  points = plots.cost_points(ROWS)
   memory = {'V': 593.92, 'A I': 62.76 + 9.44, 'V A I': 593.92 + 62.76 + 9.44,
             'V A': 593.92 + 62.76}
   for point, row in zip(points, ROWS, strict=True):
     test = modalities.short_name(row['test'])
-    assert point['gflops'] == flops[test]['gflops']
+    assert point['gflops'] == GFLOPS[test]
     assert point['memory_kb_s'] == pytest.approx(memory[test])
     assert (point['mean'], point['paper'], point['setting']) == (row['mean'], row['paper'],
                                                                  row['setting'])
     np.testing.assert_allclose(point['yerr'], [1.5, 1.25])  # below, above: asymmetric
+
+
+def _crowded_rows():
+  """ROWS and four rows of one test subset (one cost) whose accuracies lie within a point."""
+  return ROWS + [_row('zero-shot', IMU, V, 31.3, 42.07), _row('zero-shot', AI, V, 30.6, 50.80),
+                 _row('missing', VAI, V, 31.6, 62.68), _row('zero-shot', V, VA, 58.3, None)]
+
+
+def test_cost_plot_names_its_axes_legend_and_error_bars(tmp_path):
+  points = plots.cost_points(_crowded_rows())
+  fig = plots.cost_figure(points, bars='95% interval', dataset=DATASET)
+  left, right = fig.axes
+  assert left.get_xlabel().startswith('GFLOPs')
+  assert right.get_xlabel().startswith('input data rate') and 'KB/s' in right.get_xlabel()
+  assert 'memory' not in right.get_xlabel()
+  assert all('accuracy (%)' in ax.get_ylabel() for ax in (left, right))
+  assert 'paper (MMG-Ego4D)' in right.get_title() and f'ours ({DATASET})' in left.get_title()
+  (legend,) = fig.legends
+  labels = [t.get_text() for t in legend.get_texts()]
+  assert 'paper (MMG-Ego4D)' in labels and f'ours ({DATASET}) ± error bar' in labels
+  assert legend.get_title().get_text() == 'error bars: 95% interval'
+  for ax in (left, right):  # our means with their error bars, one container per setting
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert sorted(y for c in bars for y in c.lines[0].get_ydata()) == sorted(
+        p['mean'] for p in points)
+  hollow = [y for c in right.collections if isinstance(c, PathCollection)
+            for _, y in c.get_offsets()]  # the paper's points
+  assert sorted(hollow) == sorted(p['paper'] for p in points if p['paper'] is not None)
+  # The paper's model is not ours: its points are not on the compute panel.
+  assert not [c for c in left.collections if isinstance(c, PathCollection)]
+  assert plots.draw_cost(points, str(tmp_path / 'c.png')) == points
+  assert (tmp_path / 'c.pdf').read_bytes().startswith(b'%PDF')
+
+
+def test_cost_plot_labels_each_point_without_overlaps():
+  """Four points at one cost within a point of accuracy: the labels go where none overlaps
+  another, inside the axes (measured with the renderer that draws them)."""
+  points = plots.cost_points(_crowded_rows())
+  fig = plots.cost_figure(points, dataset=DATASET)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  for ax in fig.axes:
+    assert sorted(t.get_text() for t in ax.texts) == sorted(p['label'] for p in points)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    frame = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+      assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+      for b in boxes[i + 1:]:
+        width = min(a.x1, b.x1) - max(a.x0, b.x0)
+        height = min(a.y1, b.y1) - max(a.y0, b.y0)
+        assert width <= 0 or height <= 0, (ax.texts[i].get_text(), a, b)
 
 
 def test_error_bars_reach_the_interval_or_the_std_over_seeds():
@@ -194,27 +344,17 @@ def test_error_bars_reach_the_interval_or_the_std_over_seeds():
   assert plots.error_bar({'mean': 10.0, 'ci95': None, 'std': None}) == (0.0, 0.0)
 
 
-def test_a_model_with_a_pretrained_encoder_is_costed_as_its_architecture(workdir):
-  """stage.json names a pretrained encoder by its checkpoint's content, not a directory."""
-  for path in workdir.glob('train_VAI/*/stage.json'):
-    identity = json.loads(path.read_text())
-    identity['model']['video']['init_from'] = {'source': 'torchvision mvit_v1_b', 'sha256': '0f'}
-    path.write_text(json.dumps(identity))
-  model = plots.read_model_configs(str(workdir))['train_VAI']
-  flops = model_stats.fusion_stats(common.model_config('tiny'), xla=False)
-  assert plots.subset_gflops(model) == {name: row['gflops'] for name, row in flops.items()}
-
-
-def test_cost_plot_leaves_out_rows_of_pipelines_without_a_model(workdir):
+def test_cost_plot_leaves_out_rows_that_record_no_gflops(workdir):
   doc = json.loads((workdir / 'results.json').read_text())
-  doc['rows'].append(_row('zero-shot', IMU, V, 20.0, 42.07, pipeline_name='elsewhere'))
+  doc['rows'].append(_row('zero-shot', IMU, V, 20.0, 42.07) | {'gflops': None})
   (workdir / 'results.json').write_text(json.dumps(doc))
-  _, notes = plots.draw_run(str(workdir))
-  assert any("['elsewhere']" in note for note in notes)
-  assert len(plots.cost_points(doc['rows'], plots.read_model_configs(str(workdir)))) == 5
+  paths, notes = plots.draw_run(str(workdir))
+  assert any('1 rows record no gflops' in note for note in notes)
+  assert 'cost.png' in [os.path.basename(p) for p in paths]
+  assert len(plots.cost_points(doc['rows'])) == 5
 
 
-def test_an_aggregate_over_seeds_draws_its_matrix_and_cost_from_the_first_seed(workdir):
+def test_an_aggregate_over_seeds_draws_its_matrix_and_cost_from_its_rows(workdir):
   """A run of several seeds (mmg_jax/seeds.py): the aggregate's rows in W, each seed's run in
   W/seed_<s>/; `python -m mmg_jax.report` redraws what the aggregate has the data for."""
   seed_dir = workdir / 'seed_3'
@@ -231,10 +371,14 @@ def test_an_aggregate_over_seeds_draws_its_matrix_and_cost_from_the_first_seed(w
   assert notes == [f"training curves and embedding map: an aggregate over seeds [3, 4] has none "
                    f"of its own; each seed's are in {workdir}/seed_<s>/plots/."]
   assert (workdir / 'results.md').read_text().startswith(report.doc_markdown(doc))
-  points = plots.cost_points(doc['rows'], plots.read_model_configs(str(seed_dir)))
+  points = plots.cost_points(doc['rows'])
   for point, row in zip(points, ROWS, strict=True):
-    assert point['mean'] == row['mean'] + 1.0
+    assert (point['mean'], point['gflops']) == (row['mean'] + 1.0, row['gflops'])
     np.testing.assert_allclose(point['yerr'], [np.sqrt(2.0)] * 2)  # the std of x, x + 2
+  fig, drawn = plots.matrix_figure(doc['kind'], doc['rows'], intervals='± std over seeds 3, 4')
+  notes = drawn['5w5s_acc']['notes']
+  assert sorted(notes[notes != '']) == ['± 1.4'] * len(ROWS)
+  assert 'small print under our means: ± std over seeds 3, 4' in fig.get_suptitle()
 
 
 def test_pca_matches_the_eigenvectors_of_the_covariance():
@@ -295,19 +439,12 @@ def test_report_command_redraws_the_plots_and_links_them_from_results_md(workdir
     assert f']({link})' in text and (workdir / link).is_file()
 
 
-def test_report_command_takes_the_models_from_the_config_when_stage_json_is_missing(workdir):
+def test_the_cost_plot_needs_no_stage_json(workdir):
+  """The rows record their model's GFLOPs (mmg_jax/costs.py): no model config is read."""
   for path in workdir.glob('*/*/stage.json'):
     path.unlink()
-  command = [sys.executable, '-m', 'mmg_jax.report', f'--workdir={workdir}']
-  without = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-  assert without.returncode == 0, without.stderr[-3000:]
-  assert "cost plot: no model config for pipelines ['train_VAI']" in without.stdout
-  assert not (workdir / 'plots' / 'cost.png').exists()
-  result = subprocess.run(command + ['--config=configs/fewshot.py:tiny'], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'wrote {workdir / "plots" / "cost.png"}' in result.stdout
-  assert 'cost plot' not in result.stdout
+  paths, notes = plots.draw_run(str(workdir))
+  assert 'cost.png' in [os.path.basename(p) for p in paths] and notes == []
 
 
 def test_report_command_on_a_workdir_without_results_says_so(tmp_path):
@@ -343,6 +480,7 @@ def test_clip_figure_shows_the_clips_own_frames_fbank_and_imu_channels(novel, tm
   assert fig.get_suptitle() == (f'clip {example["clip_id"].decode()}, '
                                 f'class {example["label"]}')
   assert _png_size(tmp_path / 'clip.png')[0] > 400
+  assert (tmp_path / 'clip.pdf').read_bytes().startswith(b'%PDF')
 
 
 def test_clip_figure_marks_absent_modalities(novel):

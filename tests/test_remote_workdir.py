@@ -104,7 +104,7 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
   plots of pipeline._write_results."""
   config = fewshot.get_config('tiny')
   config.pipelines = {'a': common.pipeline(common.unimodal_stage('tiny'))}
-  stage = config.pipelines.a.stages[0]
+  stage = config.pipelines.a.stages.unimodal
   directories = pipeline.stage_directories(config)
   pipeline.train_pipeline(config, 'a', WORKDIR, sharding.make_mesh(), directories)
   stage_dir = f'{WORKDIR}/a/unimodal'
@@ -126,7 +126,8 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
   assert [row['mean'] for row in doc['rows']] == [50.0, None] and not doc['complete']
   assert '(plots/matrix.png)' in (epath.Path(WORKDIR) / 'results.md').read_text()
   assert sorted(os.listdir(fake_gcs / 'bucket' / 'run' / 'plots')) == [
-      'cost.png', 'curves_a.png', 'embeddings.png', 'matrix.png']
+      f'{name}.{suffix}' for name in ('cost', 'curves_a', 'embeddings', 'matrix')
+      for suffix in ('pdf', 'png')]
 
 
 def test_a_refused_claim_and_a_dropped_one_on_the_bucket(fake_gcs):

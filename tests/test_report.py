@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mmg_jax import report
+from mmg_jax import paper, report, results
 
 VIDEO, AUDIO, IMU = 'video', 'audio', 'imu'
 
@@ -17,46 +17,46 @@ def _rows(table, metric, seed):
 
 
 def test_paper_tables_hold_the_seed_rows():
-  assert len(report.FEWSHOT) == 13 and len(report.MANYSHOT) == 10
-  assert report.FEWSHOT[2] == {'setting': 'missing', 'train': (VIDEO, AUDIO, IMU),
+  assert len(paper.FEWSHOT) == 13 and len(paper.MANYSHOT) == 10
+  assert paper.FEWSHOT[2] == {'setting': 'missing', 'train': (VIDEO, AUDIO, IMU),
                                'test': (AUDIO, IMU), 'paper': 50.77}
-  assert report.MANYSHOT[6] == {'setting': 'zero-shot', 'train': (AUDIO, IMU), 'test': (VIDEO,),
+  assert paper.MANYSHOT[6] == {'setting': 'zero-shot', 'train': (AUDIO, IMU), 'test': (VIDEO,),
                                 'paper': 25.03}
   assert all(not set(r['train']) & set(r['test'])
-             for r in report.FEWSHOT + report.MANYSHOT if r['setting'] == 'zero-shot')
+             for r in paper.FEWSHOT + paper.MANYSHOT if r['setting'] == 'zero-shot')
 
 
 def test_matrix_table_has_the_paper_layout():
-  text = report.markdown('few-shot', _rows(report.FEWSHOT, '5w5s_acc', 0))
+  text = report.markdown('few-shot', _rows(paper.FEWSHOT, '5w5s_acc', 0))
   lines = [line for line in text.splitlines() if line.startswith('|')]
   assert len(lines) == 2 + 13
   assert lines[0].startswith('| setting | support | query |')
   assert lines[2] == '| regular | V A I | V A I | 10.00 [8.50, 11.25] | 63.00 | 600 |'
   assert lines[-1] == '| zero-shot | V | A I | 22.00 [20.50, 23.25] | 49.37 | 600 |'
-  manyshot = report.markdown('many-shot', _rows(report.MANYSHOT, 'top1', 0))
+  manyshot = report.markdown('many-shot', _rows(paper.MANYSHOT, 'top1', 0))
   assert '| setting | train | test | top-1' in manyshot
 
 
 def test_the_fewshot_header_names_the_episodes_the_rows_were_measured_on():
   """Ours under the run's N-way K-shot (pipeline.py puts it on the rows), the paper's under its
   own 5-way 5-shot; rows that do not say (older results.json files) read 'few-shot'."""
-  rows = [row | {'n_way': 5, 'k_shot': 1} for row in _rows(report.FEWSHOT, '5w5s_acc', 0)]
+  rows = [row | {'n_way': 5, 'k_shot': 1} for row in _rows(paper.FEWSHOT, '5w5s_acc', 0)]
   header = report.markdown('few-shot', rows).splitlines()[2]
   assert '| 5-way 1-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in header
-  unsaid = report.markdown('few-shot', _rows(report.FEWSHOT, '5w5s_acc', 0)).splitlines()[2]
+  unsaid = report.markdown('few-shot', _rows(paper.FEWSHOT, '5w5s_acc', 0)).splitlines()[2]
   assert '| few-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in unsaid
-  assert report.metric_name('top1', rows) == 'top-1'
+  assert results.metric_name('top1', rows) == 'top-1'
 
 
 def test_missing_interval_prints_the_mean_alone():
-  row = {**report.MANYSHOT[0], 'metric': 'top1', 'mean': 50.0, 'ci95': None, 'n': 3}
+  row = {**paper.MANYSHOT[0], 'metric': 'top1', 'mean': 50.0, 'ci95': None, 'n': 3}
   assert '| regular | V A I | V A I | 50.00 | 55.66 | 3 |' in report.markdown('many-shot', [row])
 
 
 def test_ablation_table_has_twelve_cells_with_dashes_where_the_paper_has_none():
   rows = []
-  for setting in report.ABLATION_SETTINGS:
-    for variant in report.ABLATION_VARIANTS:
+  for setting in paper.ABLATION_SETTINGS:
+    for variant in paper.ABLATION_VARIANTS:
       for metric in report.METRICS:
         if metric == 'top1' and not variant['proto_loss']:
           continue
@@ -73,7 +73,7 @@ def test_ablation_table_has_twelve_cells_with_dashes_where_the_paper_has_none():
 
 
 def test_write_produces_schema_json_and_markdown(tmp_path, capsys):
-  rows = _rows(report.FEWSHOT, '5w5s_acc', 1)
+  rows = _rows(paper.FEWSHOT, '5w5s_acc', 1)
   report.write('few-shot', rows, str(tmp_path), process_index=0)
   doc = json.loads((tmp_path / 'results.json').read_text())
   assert doc['kind'] == 'few-shot' and len(doc['rows']) == 13
@@ -92,7 +92,7 @@ def test_write_produces_schema_json_and_markdown(tmp_path, capsys):
 
 
 def test_write_without_plots_writes_the_tables_only(tmp_path):
-  rows = _rows(report.MANYSHOT, 'top1', 0)
+  rows = _rows(paper.MANYSHOT, 'top1', 0)
   report.write('many-shot', rows, str(tmp_path), process_index=0, plots=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json', 'results.md']
   assert (tmp_path / 'results.md').read_text() == report.markdown('many-shot', rows)
@@ -107,9 +107,9 @@ def test_plot_links_are_images_relative_to_the_workdir(tmp_path):
 
 def test_unimodal_baselines_are_written_beside_the_table(tmp_path):
   unimodal = [{'modality': m, 'metric': 'top1', 'mean': 30.0 - i, 'ci95': [28.0 - i, 32.5 - i],
-               'n': 1040, 'paper': report.UNIMODAL_PAPER[m]}
+               'n': 1040, 'paper': paper.UNIMODAL_TOP1[m]}
               for i, m in enumerate((VIDEO, AUDIO, IMU))]
-  rows = _rows(report.MANYSHOT, 'top1', 0)
+  rows = _rows(paper.MANYSHOT, 'top1', 0)
   report.write('many-shot', rows, str(tmp_path), process_index=0, unimodal=unimodal,
                plots=False)
   doc = json.loads((tmp_path / 'results.json').read_text())
@@ -121,7 +121,7 @@ def test_unimodal_baselines_are_written_beside_the_table(tmp_path):
 
 
 def test_only_process_zero_writes(tmp_path, capsys):
-  report.write('many-shot', _rows(report.MANYSHOT, 'top1', 0), str(tmp_path), process_index=1)
+  report.write('many-shot', _rows(paper.MANYSHOT, 'top1', 0), str(tmp_path), process_index=1)
   assert not list(tmp_path.iterdir())
   assert capsys.readouterr().out == ''
 
@@ -134,7 +134,7 @@ def test_unknown_kind_is_refused():
 def test_pending_rows_are_written_as_pending_and_the_table_waits(tmp_path, capsys):
   """After an early pipeline, the rows of later ones are in the files as pending (mean None),
   the plots skip them, and the table is printed only once every row is in."""
-  rows = _rows(report.MANYSHOT, 'top1', 0)
+  rows = _rows(paper.MANYSHOT, 'top1', 0)
   partial = [row if i < 4 else {**row, 'mean': None, 'ci95': None, 'n': None}
              for i, row in enumerate(rows)]
   report.write('many-shot', partial, str(tmp_path), process_index=0)
@@ -160,13 +160,13 @@ def _seed_docs(seeds, rng):
   for k, seed in enumerate(seeds):
     rows = [{**row, 'mean': float(mean), 'ci95': [float(mean - 1.0), float(mean + 2.0)],
              'n': 1040, 'split': 'test'}
-            for row, mean in zip(_rows(report.MANYSHOT, 'top1', 0),
-                                 rng.uniform(5, 60, len(report.MANYSHOT)), strict=True)]
+            for row, mean in zip(_rows(paper.MANYSHOT, 'top1', 0),
+                                 rng.uniform(5, 60, len(paper.MANYSHOT)), strict=True)]
     for i in (2, 3) if k == len(seeds) - 1 else (3,):
       rows[i] = {key: value for key, value in rows[i].items() if key != 'split'} | {
           'mean': None, 'ci95': None, 'n': None}
     unimodal = [{'modality': m, 'metric': 'top1', 'mean': float(rng.uniform(5, 60)),
-                 'ci95': [1.0, 2.0], 'n': 1040, 'paper': report.UNIMODAL_PAPER[m]}
+                 'ci95': [1.0, 2.0], 'n': 1040, 'paper': paper.UNIMODAL_TOP1[m]}
                 for m in (VIDEO, AUDIO, IMU)]
     docs[seed] = report.to_json('many-shot', rows, unimodal)
   return docs
@@ -185,8 +185,8 @@ def test_aggregate_is_the_mean_and_sample_std_over_seeds_keeping_each_seed():
     assert row['per_seed'] == [{'seed': s, **{k: docs[s]['rows'][i][k]
                                              for k in ('mean', 'ci95', 'n')}} for s in evaluated]
     assert (row['setting'], row['train'], row['test'], row['paper'], row['pipeline']) == (
-        report.MANYSHOT[i]['setting'], list(report.MANYSHOT[i]['train']),
-        list(report.MANYSHOT[i]['test']), report.MANYSHOT[i]['paper'], 'p')
+        paper.MANYSHOT[i]['setting'], list(paper.MANYSHOT[i]['train']),
+        list(paper.MANYSHOT[i]['test']), paper.MANYSHOT[i]['paper'], 'p')
     assert row['ci95'] is None
     if i == 3:  # pending in every seed
       assert (row['mean'], row['std'], row['n']) == (None, None, None)
@@ -208,14 +208,14 @@ def test_a_key_on_which_seeds_differ_is_kept_per_seed():
   """E.g. the checkpoint each seed's row evaluated: per seed, not one seed's on the row."""
   docs = {seed: report.to_json('many-shot', [
       row | {'checkpoint': {'stage': 'train_VAI/multimodal', 'step': 10 + seed}}
-      for row in _rows(report.MANYSHOT, 'top1', seed)]) for seed in (0, 1)}
+      for row in _rows(paper.MANYSHOT, 'top1', seed)]) for seed in (0, 1)}
   row = report.aggregate(docs)['rows'][0]
   assert 'checkpoint' not in row and row['pipeline'] == 'p'
   assert [(p['seed'], p['checkpoint']['step']) for p in row['per_seed']] == [(0, 10), (1, 11)]
 
 
 def test_aggregate_is_complete_once_every_seed_has_every_row():
-  docs = {seed: report.to_json('many-shot', _rows(report.MANYSHOT, 'top1', seed))
+  docs = {seed: report.to_json('many-shot', _rows(paper.MANYSHOT, 'top1', seed))
           for seed in (0, 1)}
   assert report.aggregate(docs, num_seeds=2)['complete']
   assert not report.aggregate(docs, num_seeds=3)['complete']
@@ -224,7 +224,7 @@ def test_aggregate_is_complete_once_every_seed_has_every_row():
 
 def test_one_seed_has_a_mean_and_no_std():
   """The sample std of one value is undefined: None, not 0.0 (which would claim seeds agree)."""
-  doc = report.aggregate({7: report.to_json('many-shot', _rows(report.MANYSHOT, 'top1', 0))},
+  doc = report.aggregate({7: report.to_json('many-shot', _rows(paper.MANYSHOT, 'top1', 0))},
                          num_seeds=2)
   row = doc['rows'][0]
   assert (row['mean'], row['std'], row['seeds']) == (10.0, None, [7])
@@ -233,17 +233,17 @@ def test_one_seed_has_a_mean_and_no_std():
 
 
 def test_aggregate_refuses_the_results_of_other_configs():
-  one = report.to_json('many-shot', _rows(report.MANYSHOT, 'top1', 0))
+  one = report.to_json('many-shot', _rows(paper.MANYSHOT, 'top1', 0))
   with pytest.raises(ValueError, match='aggregate the seeds of one config'):
-    report.aggregate({0: one, 1: report.to_json('many-shot', _rows(report.MANYSHOT[:3], 'top1',
+    report.aggregate({0: one, 1: report.to_json('many-shot', _rows(paper.MANYSHOT[:3], 'top1',
                                                                    0))})
-  other = report.to_json('many-shot', _rows(report.MANYSHOT[::-1], 'top1', 0))
+  other = report.to_json('many-shot', _rows(paper.MANYSHOT[::-1], 'top1', 0))
   with pytest.raises(ValueError, match='seed 1 has row'):
     report.aggregate({0: one, 1: other})
 
 
 def test_aggregate_markdown_shows_mean_plus_minus_std_over_the_seeds(tmp_path, capsys):
-  docs = {seed: report.to_json('many-shot', _rows(report.MANYSHOT, 'top1', 2 * seed),
+  docs = {seed: report.to_json('many-shot', _rows(paper.MANYSHOT, 'top1', 2 * seed),
                                [{'modality': VIDEO, 'metric': 'top1', 'mean': 30.0 + seed,
                                  'ci95': [28.0, 33.0], 'n': 50, 'paper': 52.40}])
           for seed in (0, 1, 2)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import fewshot
-from mmg_jax import pipeline, report, seeds
+from mmg_jax import paper, pipeline, report, seeds
 from tests import cli
 
 
@@ -52,7 +52,7 @@ def test_seeds_run_one_after_the_other_each_in_its_dir_with_the_aggregate_after_
                   'train_missing': train_missing,
                   'aggregate': json.loads(aggregate.read_text()) if aggregate.exists() else None})
     rows = [{**row, 'metric': '5w5s_acc', 'mean': 10.0 * config.seed + i, 'ci95': [0.0, 1.0],
-             'n': 20, 'pipeline': 'train_VAI'} for i, row in enumerate(report.FEWSHOT)]
+             'n': 20, 'pipeline': 'train_VAI'} for i, row in enumerate(paper.FEWSHOT)]
     report.write('few-shot', rows, seed_dir, process_index=0, plots=False)
     return rows
 
@@ -82,8 +82,9 @@ def test_two_seeds_of_the_tiny_fewshot_config_run_end_to_end(tmp_path):
   out = cli.run_main('configs/fewshot.py:tiny', workdir, '--config.eval.fewshot.num_episodes=10',
                      '--config.num_seeds=2')
   assert '[seeds] seed 0 (1 of 2)' in out and '[seeds] seed 1 (2 of 2)' in out
-  assert sorted(os.listdir(workdir)) == ['plots', 'results.json', 'results.md', 'run.lock',
-                                         'seed_0', 'seed_1']
+  assert sorted(os.listdir(workdir)) == ['config.json', 'plots', 'results.json', 'results.md',
+                                         'run.lock', 'seed_0', 'seed_1']
+  assert json.loads((tmp_path / 'seed_1' / 'config.json').read_text())['seed'] == 1
   runs = {}
   for seed in (0, 1):
     seed_dir = tmp_path / f'seed_{seed}'

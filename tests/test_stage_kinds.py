@@ -19,7 +19,7 @@ TARGET = 3.0  # the toy kind pulls the fusion's params towards this value
 
 def test_the_registry_holds_exactly_the_kinds_of_the_configs():
   used = {stage.kind for module in CONFIGS for arg in (None, *common.ARGS)
-          for p in module.get_config(arg).pipelines.values() for stage in p.stages}
+          for p in module.get_config(arg).pipelines.values() for stage in p.stages.values()}
   assert used == set(STAGE_KINDS)
 
 
@@ -27,7 +27,7 @@ def test_the_registry_holds_exactly_the_kinds_of_the_configs():
 @pytest.mark.parametrize('module', CONFIGS, ids=lambda m: m.__name__)
 def test_every_config_stage_has_the_fields_its_kind_sizes_batches_by(module, arg):
   for p in module.get_config(arg).pipelines.values():
-    for stage in p.stages:
+    for stage in p.stages.values():
       batches = STAGE_KINDS[stage.kind].batches
       assert all(isinstance(stage[field], int) for field in batches.counts), stage.name
       size = batches.size(stage)

@@ -13,7 +13,7 @@ from mmg_jax.tools import sweep
 from tests import cli
 
 MANYSHOT_TINY = 'configs/manyshot.py:tiny'
-LEARNING_RATE = 'pipelines.train_VAI.stages[1].optimizer.learning_rate'
+LEARNING_RATE = 'pipelines.train_VAI.stages.multimodal.optimizer.learning_rate'
 
 
 def _run_sweep(workdir, *flags):
@@ -55,12 +55,13 @@ def _doc(*rows):
 def test_grid_is_the_cartesian_product_of_its_axes_first_axis_slowest():
   grid = sweep.parse_grid(['model.fusion.kind=transformer,mlp',
                            f"{LEARNING_RATE}=1e-3, 3e-4 ,1e-4",
-                           "pipelines.train_VAI.stages[1].optimizer.trainable=('fusion', 'head'),"
+                           "pipelines.train_VAI.stages.multimodal.optimizer.trainable="
+                           "('fusion', 'head'),"
                            "('head',)"])
   assert grid == {'model.fusion.kind': ['transformer', 'mlp'],
                   LEARNING_RATE: ['1e-3', '3e-4', '1e-4'],
-                  'pipelines.train_VAI.stages[1].optimizer.trainable': ["('fusion', 'head')",
-                                                                         "('head',)"]}
+                  'pipelines.train_VAI.stages.multimodal.optimizer.trainable': [
+                      "('fusion', 'head')", "('head',)"]}
   trials = sweep.expand(grid)
   assert len(trials) == 12 and len({tuple(t.values()) for t in trials}) == 12
   assert [t['model.fusion.kind'] for t in trials] == ['transformer'] * 6 + ['mlp'] * 6
@@ -81,10 +82,10 @@ def test_trial_names_are_short_filesystem_safe_and_unique():
   assert sweep.trial_names(trials) == ['fusion.kind=transformer,optimizer.learning_rate=3e-4',
                                        'fusion.kind=mlp,optimizer.learning_rate=3e-4']
   # A suffix two fields share grows until it tells them apart.
-  assert sweep.short_fields(['pipelines.a.stages[0].optimizer.learning_rate', LEARNING_RATE,
-                             'seed']) == {
-      'pipelines.a.stages[0].optimizer.learning_rate': 'stages[0].optimizer.learning_rate',
-      LEARNING_RATE: 'stages[1].optimizer.learning_rate', 'seed': 'seed'}
+  assert sweep.short_fields(['pipelines.a.stages.unimodal.optimizer.learning_rate',
+                             LEARNING_RATE, 'seed']) == {
+      'pipelines.a.stages.unimodal.optimizer.learning_rate': 'unimodal.optimizer.learning_rate',
+      LEARNING_RATE: 'multimodal.optimizer.learning_rate', 'seed': 'seed'}
   # Unsafe characters become '_'; names that then collide, or run long, end in a hash.
   names = sweep.trial_names(sweep.expand({'a.trainable': ["('head',)", "['head',]", 'x' * 200]}))
   assert [n[:-9] for n in names[:2]] == ['a.trainable=__head_,_'] * 2 and names[0] != names[1]
@@ -97,8 +98,10 @@ def test_trial_names_are_short_filesystem_safe_and_unique():
     ('model.fusoin.kind', r'not a field of the config: model has audio, dtype, embed_dim, '
                           r'fusion, imu'),
     ('eval.tagret', 'eval has .*target'),
-    ('pipelines.train_VAI.stages.1.num_steps', r'brackets, pipelines.train_VAI.stages\[1\]'),
-    ('pipelines.train_VAI.stages[2].num_steps', r'stages has 2 entries, no \[2\]'),
+    ('pipelines.train_VAI.stages.meta.num_steps',
+     'pipelines.train_VAI.stages has multimodal, unimodal'),
+    ('eval.rows.1.metric', r'brackets, eval.rows\[1\]'),
+    ('eval.rows[10].metric', r'eval.rows has 10 entries, no \[10\]'),
     ('model.embed_dim.width', r'model.embed_dim is a value \(32\), not a group')])
 def test_unknown_grid_field_is_refused_naming_the_fields_where_it_leaves_the_config(
     field, message):

@@ -119,8 +119,8 @@ def test_rows_name_the_checkpoint_they_evaluate(tmp_path):
   directories = pipeline.stage_directories(config)
   meta_dir = directories['train_VAI', 2]
   assert pipeline.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
-      'stage': meta_dir, 'step': config.pipelines.train_VAI.stages[2].num_steps}
-  config.pipelines.train_VAI.stages[2].validation.update(
+      'stage': meta_dir, 'step': config.pipelines.train_VAI.stages.meta.num_steps}
+  config.pipelines.train_VAI.stages.meta.validation.update(
       {'evaluator': 'fewshot', 'select_best': True})
   (tmp_path / meta_dir).mkdir(parents=True)
   (tmp_path / meta_dir / train.BEST_FILE).write_text(
@@ -136,7 +136,7 @@ def test_rows_name_the_checkpoint_they_evaluate(tmp_path):
 ])
 def test_a_bad_stage_validation_is_refused_before_training(validation, match):
   config = fewshot.get_config('tiny')
-  config.pipelines.train_VAI.stages[2].validation.update(validation)
+  config.pipelines.train_VAI.stages.meta.validation.update(validation)
   with pytest.raises(ValueError, match=match):
     pipeline.validate(config)
 

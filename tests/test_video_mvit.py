@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import common
+from mmg_jax import costs
 from mmg_jax.models import video_mvit
-from mmg_jax.tools import model_stats
 
 PAPER_CLIP = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
 
@@ -325,7 +325,7 @@ def paper_model_and_params():
 def test_paper_parameter_count(paper_model_and_params):
   """torchvision's 36,610,672 less its 400-class head (768 * 400 + 400); paper: 36.50 M."""
   _, params = paper_model_and_params
-  count = model_stats.count_params(params)
+  count = costs.count_params(params)
   assert count == 36_610_672 - (768 * 400 + 400)
   assert abs(count / 36.50e6 - 1) < 0.02
 
@@ -357,7 +357,7 @@ def test_paper_stages(paper_model_and_params):
 def test_paper_macs(paper_model_and_params):
   """fvcore-convention multiply-adds: torchvision reports 70.599 G, the paper 70.50 G."""
   model, params = paper_model_and_params
-  macs = model_stats.count_macs(lambda p, x: model.apply({'params': p}, x, train=False),
+  macs = costs.count_macs(lambda p, x: model.apply({'params': p}, x, train=False),
                                 params, PAPER_CLIP)
   assert abs(macs / 70.599e9 - 1) < 1e-3
   assert abs(macs / 70.50e9 - 1) < 0.02

@@ -44,7 +44,7 @@ if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
 fi
 export PYTHONUNBUFFERED=1
-# Batch 8: the memory plan (README) puts the step at 33 GiB in bfloat16 without remat on XLA:CPU;
+# Batch 8: the memory plan (docs/benchmarks.md) puts the step at 33 GiB in bfloat16 without remat on XLA:CPU;
 # the planner on the GPU (bench.py's docstring) gives the largest that fits.
 timeout "${TIMEOUT:-420}" "$PYTHON" -m mmg_jax.tools.bench --size="${SIZE:-paper}" \
   --only=sgemm,encoders,train_step,mvit_cpu_kernels,fewshot_eval --batch_size="${BATCH_SIZE:-8}" \

@@ -17,13 +17,15 @@ is longer (and along frequency if the grid differs there).
 
 Loading the AST repository's or transformers' checkpoints is a name mapping onto this module's
 params: the tables are mmg_jax/tools/ast_checkpoints.py (`python -m
-mmg_jax.tools.convert_weights --source=ast_official|hf_ast`). The LayerNorm epsilon is
-`norm_eps` (timm/AST: 1e-6; transformers' ASTConfig: 1e-12).
+mmg_jax.tools.convert_weights --source=ast_official|hf_ast`); `adapt_params` resizes a
+checkpoint's position embeddings to the config's `pos_embed_frames` by the rule above. The
+LayerNorm epsilon is `norm_eps` (timm/AST: 1e-6; transformers' ASTConfig: 1e-12).
 """
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from mmg_jax.models import layers
@@ -52,6 +54,36 @@ def resize_pos_embed(pos_embed, stored_grid, grid):
   if pos.shape[:2] != (f, t):
     pos = jax.image.resize(pos, (f, t, dim), method='bilinear', antialias=False)
   return pos.reshape(1, f * t, dim)
+
+
+def checkpoint_grid(pos_embed, config):
+  """(freq, time) patch grid of a checkpoint's pos_embed [1, 2 + F * T, D]: F from the config's
+  mel bins and patch settings (a checkpoint does not record them), T from the count."""
+  num_bins = config.input_shape[1]
+  (patch, _), (stride, _) = config.patch_size, config.patch_strides
+  num_freq = patch_grid(num_bins, patch, stride)
+  num_patches = pos_embed.shape[1] - 2
+  if num_patches <= 0 or num_patches % num_freq:
+    raise ValueError(
+        f'the checkpoint\'s pos_embed holds {num_patches} patch positions, not a whole number of '
+        f'time steps of {num_freq} frequency patches ({num_bins} mel bins, patch {patch}, '
+        f'stride {stride} in config.model.audio): it was trained on other mel bins or patch '
+        'settings; set config.model.audio.input_shape/patch_size/patch_strides to its own.')
+  return num_freq, num_patches // num_freq
+
+
+def adapt_params(params, config):
+  """params (a converted checkpoint's) with pos_embed resized from the checkpoint's grid to that
+  of the config's `pos_embed_frames`, by AST's rule (resize_pos_embed: center crop along time
+  when shorter, bilinear when longer); the model then adapts it to each input at call time."""
+  pos_embed = params['pos_embed']
+  grid = checkpoint_grid(pos_embed, config)
+  patch, stride = config.patch_size[1], config.patch_strides[1]
+  target = (grid[0], patch_grid(config.pos_embed_frames, patch, stride))
+  if grid == target:
+    return params
+  patches = np.asarray(resize_pos_embed(pos_embed[:, 2:], grid, target))
+  return params | {'pos_embed': np.concatenate([pos_embed[:, :2], patches], axis=1)}
 
 
 class AudioAST(nn.Module):

@@ -8,7 +8,8 @@ reference classifier is left out: the full model has its own heads.
 
 Parameter names follow torchvision's; the mapping from torchvision's and pytorchvideo/SlowFast's
 checkpoints (names, transposes, fused q/k/v) is the layout table of
-mmg_jax/tools/mvit_checkpoints.py, and `python -m mmg_jax.tools.convert_weights` applies it.
+mmg_jax/tools/mvit_checkpoints.py, and `python -m mmg_jax.tools.convert_weights` applies it
+(`adapt_params` resizes a converted checkpoint's position embeddings to another clip size).
 Torch video is [B,3,T,H,W]; ours is [B,T,H,W,3] and tokens are flattened in the same (t, h, w)
 order, so outputs match without any permutation (tests/test_mvit_checkpoints.py converts
 torchvision's and pytorchvideo's MViT-B at random weights and compares features at paper size).
@@ -112,6 +113,16 @@ def _linear_weights(size_in, size_out):
   np.add.at(weights, (np.arange(size_out), lower), 1.0 - (source - lower))
   np.add.at(weights, (np.arange(size_out), upper), source - lower)
   return weights
+
+
+def adapt_params(params, config):
+  """params (a converted checkpoint's) with position embeddings resized to the token grid of
+  `config`'s input (resize_position_embeddings: SlowFast's trilinear rule; unchanged on the
+  checkpoint's own grid). Other widths or depths are left for pretrained.check_shapes to name."""
+  if 'pos_encoding' not in params:
+    return params
+  return params | {'pos_encoding': resize_position_embeddings(params['pos_encoding'],
+                                                              patch_grid(config))}
 
 
 class PatchEmbed3d(nn.Module):

@@ -1,20 +1,20 @@
-"""AST checkpoint layouts (AST repository, transformers 4 and 5); position-embedding adaptation.
+"""AST checkpoint layouts (AST repository, transformers 4 and 5).
 
 Both layouts fill mmg_jax/models/audio_ast.py's AudioAST; the reference classifier heads are
 dropped. Named differences from our 'paper' config:
   - LayerNorm epsilon: timm/AST 1e-6 (our `norm_eps`), transformers' ASTConfig 1e-12. The
-    checkpoints hold no epsilon, so each layout's `numerics` does: the converter records it and
-    `convert_weights.load` refuses a config with another (a converted HF checkpoint reproduces
-    transformers' features with norm_eps=1e-12, AST's with the default 1e-6).
+    checkpoints hold no epsilon, so each layout's `numerics` does (from
+    pretrained.SOURCE_NUMERICS): the converter records it and `pretrained.load` refuses a config
+    with another (a converted HF checkpoint reproduces transformers' features with
+    norm_eps=1e-12, AST's with the default 1e-6).
   - Position embeddings: the AudioSet checkpoints store them for 1024 frames (a 12 x 101 patch
-    grid). `adapt_to_config` resizes a checkpoint's grid to the config's `pos_embed_frames` by
-    AST's rule; the model then adapts them to each input's frames at call time.
+    grid). audio_ast.adapt_params resizes a checkpoint's grid to the config's `pos_embed_frames`
+    by AST's rule when it is loaded; the model then adapts them to each input's frames at call
+    time.
 """
 import os
 
-import numpy as np
-
-from mmg_jax.models import audio_ast
+from mmg_jax.models import pretrained
 from mmg_jax.tools import weight_layout
 from mmg_jax.tools.weight_layout import conv_kernel, identity, linear_kernel
 
@@ -112,41 +112,11 @@ ast_official = weight_layout.Layout(
     reference='YuanGongND/ast (AudioSet checkpoints such as audioset_10_10_0.4593.pth: '
               'module.v.* timm DeiT names; LayerNorm eps 1e-6)',
     rules=AST_OFFICIAL_RULES, ignore=AST_OFFICIAL_IGNORE, prepare=prepare_official,
-    numerics={'norm_eps': 1e-6})  # timm DeiT's partial(nn.LayerNorm, eps=1e-6)
+    numerics=pretrained.SOURCE_NUMERICS['ast_official'])
 hf_ast = weight_layout.Layout(
     name='hf_ast', modality='audio',
     reference='transformers ASTModel / ASTForAudioClassification (e.g. MIT/ast-finetuned-'
               'audioset-10-10-0.4593; transformers 4 or 5 names; LayerNorm eps 1e-12)',
     rules=HF_AST_RULES, ignore=HF_AST_IGNORE, prepare=prepare_hf, weights_file=hf_weights_file,
-    numerics={'norm_eps': 1e-12})  # ASTConfig.layer_norm_eps
+    numerics=pretrained.SOURCE_NUMERICS['hf_ast'])
 LAYOUTS = (ast_official, hf_ast)
-
-
-def stored_grid(pos_embed, encoder_config):
-  """(freq, time) patch grid of a checkpoint's pos_embed [1, 2 + F * T, D]: F from the config's
-  mel bins and patch settings (a checkpoint does not record them), T from the count."""
-  num_bins = encoder_config.input_shape[1]
-  (patch, _), (stride, _) = encoder_config.patch_size, encoder_config.patch_strides
-  num_freq = audio_ast.patch_grid(num_bins, patch, stride)
-  num_patches = pos_embed.shape[1] - 2
-  if num_patches <= 0 or num_patches % num_freq:
-    raise ValueError(
-        f'the checkpoint\'s pos_embed holds {num_patches} patch positions, not a whole number of '
-        f'time steps of {num_freq} frequency patches ({num_bins} mel bins, patch {patch}, '
-        f'stride {stride} in config.model.audio): it was trained on other mel bins or patch '
-        'settings; set config.model.audio.input_shape/patch_size/patch_strides to its own.')
-  return num_freq, num_patches // num_freq
-
-
-def adapt_to_config(params, encoder_config):
-  """params with pos_embed resized from the checkpoint's grid to that of the config's
-  `pos_embed_frames`, by AST's rule (audio_ast.resize_pos_embed: center crop along time when
-  shorter, bilinear when longer); the model then adapts it to each input at call time."""
-  pos_embed = params['pos_embed']
-  grid = stored_grid(pos_embed, encoder_config)
-  patch, stride = encoder_config.patch_size[1], encoder_config.patch_strides[1]
-  target = (grid[0], audio_ast.patch_grid(encoder_config.pos_embed_frames, patch, stride))
-  if grid == target:
-    return params
-  patches = np.asarray(audio_ast.resize_pos_embed(pos_embed[:, 2:], grid, target))
-  return params | {'pos_embed': np.concatenate([pos_embed[:, :2], patches], axis=1)}

@@ -78,9 +78,9 @@ from etils import epath
 from configs import fewshot
 from data_pipeline import episodes, features, loaders, modalities
 from data_pipeline.synthetic import clips
-from mmg_jax import evaluate, pipeline, sharding, train
+from mmg_jax import costs, evaluate, pipeline, sharding, train
 from mmg_jax.models import layers, mmg
-from mmg_jax.tools import model_stats
+from mmg_jax.tools import model_stats, planner
 
 PARTS = ('sgemm', 'encoders', 'train_step', 'mvit_cpu_kernels', 'fewshot_eval', 'loader',
          'loader_cores')
@@ -183,7 +183,7 @@ def encoder_fwd_bwd(model_config, modality, batch_size, repeats, options=None):
   """{'fwd_bwd_s', 'compile_s', 'gflop'} of one gradient of the encoder w.r.t. its params."""
   encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype),
                                    kernels=model_config.kernels)
-  shape = (batch_size, *model_stats.input_shape(model_config, modality))
+  shape = (batch_size, *costs.input_shape(model_config, modality))
   x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
   params = jax.jit(functools.partial(encoder.init, train=False))(jax.random.key(0), x)['params']
 
@@ -192,7 +192,7 @@ def encoder_fwd_bwd(model_config, modality, batch_size, repeats, options=None):
     return jnp.sum(pooled) + jnp.sum(tokens)
 
   grad, compile_s = compile_timed(jax.jit(jax.grad(scalar)), params, x, options=options)
-  macs = model_stats.encoder_stats(model_config, modality, xla=False)['gflops'] * batch_size
+  macs = costs.encoder_stats(model_config, modality, xla=False)['gflops'] * batch_size
   return {'batch': batch_size, 'fwd_bwd_s': best_time(lambda: grad(params, x), repeats),
           'compile_s': compile_s, 'gflop': 3 * 2 * macs}
 
@@ -266,7 +266,7 @@ def torch_fwd_bwd(modality, batch_size, repeats, device='cpu'):
 
 def random_batch(model_config, batch_size, seed=0):
   """A device batch of `abstract_batch`'s shapes: random media, every modality present."""
-  shapes = model_stats.abstract_batch(model_config, batch_size)
+  shapes = costs.abstract_batch(model_config, batch_size)
   rng = np.random.default_rng(seed)
   batch = {m: rng.standard_normal(shapes[m].shape, np.float32) for m in ('audio', 'imu')}
   return batch | {'video': rng.integers(0, 256, shapes['video'].shape, np.uint8),
@@ -300,15 +300,15 @@ def train_step_timing(config, batch_size, repeats, options=None):
 
 
 def train_step_gflop_per_clip(config, batch_size):
-  """3 x 2 x the multiply-adds (model_stats.count_macs) of the forward that the loss of
+  """3 x 2 x the multiply-adds (costs.count_macs) of the forward that the loss of
   train_step_timing's step runs on a batch of `batch_size`, per clip; nothing is run."""
   _, model_config, stage = model_stats.memory_stage(config)
   model = mmg.MMGModel(config=model_config)
-  batch = model_stats.abstract_batch(model_config, batch_size)
+  batch = costs.abstract_batch(model_config, batch_size)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
                           batch)['params']
   rng = jax.eval_shape(jax.random.PRNGKey, 0)
-  macs = model_stats.count_macs(pipeline.make_loss_fn(model, stage), params, batch, rng)
+  macs = costs.count_macs(pipeline.make_loss_fn(model, stage), params, batch, rng)
   return 3 * 2 * macs / batch_size / 1e9
 
 
@@ -440,16 +440,16 @@ class ClipBench(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def train_gflop_per_clip(model_config, subset):
   """3 x 2 x the multiply-adds (model_stats) of the model's forward on one clip of `subset`."""
   model = mmg.MMGModel(config=model_config)
-  batch = model_stats.abstract_batch(model_config)
+  batch = costs.abstract_batch(model_config)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
   apply = lambda params, batch: model.apply(params, batch, train=False, modalities=subset)  # noqa: E731
-  return 3 * 2 * model_stats.count_macs(apply, params, batch) / 1e9
+  return 3 * 2 * costs.count_macs(apply, params, batch) / 1e9
 
 
 def loader_cores_timing(model_config, settings, repeats):
   """{feed: {'clips_per_s', 'clips_per_cpu_s', 'train_gflop_per_clip', 'accelerator_clips_per_s',
   'cores_per_accelerator'}} for each of FEEDS, with the clips' shapes and the accelerator."""
-  shapes = {f'{m}_shape': model_stats.input_shape(model_config, m) for m in modalities.MODALITIES}
+  shapes = {f'{m}_shape': costs.input_shape(model_config, m) for m in modalities.MODALITIES}
   batch_size, num_batches = settings['feed_batch'], settings['feed_batches']
   accelerator_flops = ACCELERATOR['peak_tflops'] * 1e12 * ACCELERATOR['utilization']
   doc = {'shapes': shapes, 'num_clips': settings['feed_clips'], 'batch': batch_size,
@@ -672,7 +672,7 @@ def main(argv):
   del argv
   # PyTorch shares a GPU with JAX here: JAX takes memory as it needs it, not 75% up front.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  options = (model_stats.CPU_COMPILER_OPTIONS
+  options = (planner.CPU_COMPILER_OPTIONS
              if _COMPILER_OPTIONS.value and jax.default_backend() == 'cpu' else None)
   unknown = set(_ONLY.value) - set(PARTS)
   if unknown:
@@ -708,5 +708,5 @@ if __name__ == '__main__':
   _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir of the loader\'s dataset '
                                   '(None: the TFDS default).')
   _COMPILER_OPTIONS = flags.DEFINE_bool('cpu_compiler_options', False, 'Compile with '
-                                        'model_stats.CPU_COMPILER_OPTIONS (the memory plan\'s).')
+                                        'planner.CPU_COMPILER_OPTIONS (the memory plan\'s).')
   app.run(main)

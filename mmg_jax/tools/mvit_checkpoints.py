@@ -1,5 +1,6 @@
-"""MViT-B 16x4 checkpoint layouts (torchvision, pytorchvideo/SlowFast) and position-embedding
-adaptation; the one place the reference names map onto mmg_jax/models/video_mvit.py.
+"""MViT-B 16x4 checkpoint layouts (torchvision, pytorchvideo/SlowFast): the one place the
+reference names map onto mmg_jax/models/video_mvit.py (whose `adapt_params` resizes the position
+embeddings to a config's clips).
 
 Both references compute the same network as ours (pre-norm blocks, pooled q/k/v with a LayerNorm
 after each pooling, max-pooled skip path, exact GELU, LayerNorm epsilon 1e-6) except for one
@@ -9,15 +10,15 @@ default epsilon 1e-5, while torchvision (whose Kinetics-400 weights were ported 
 pytorchvideo's model zoo), today's SlowFast and our default use 1e-6. The weights convert the
 same either way; the epsilon is the video config's `pool_norm_eps` (1e-5 computes exactly as
 pytorchvideo does; at random weights the two differ by ~3e-4 in the final features). Each
-layout's `numerics` holds its epsilon: the converter records it and `convert_weights.load`
-refuses a config with another.
+layout's `numerics` holds its epsilon (from pretrained.SOURCE_NUMERICS): the converter records it
+and `pretrained.load` refuses a config with another.
 
 Torch video is [B, 3, T, H, W], ours [B, T, H, W, 3]; tokens are flattened in the same (t, h, w)
 order in all three, so no permutation of tokens or position embeddings is needed. A torch
 Conv3d kernel [out, in, kt, kh, kw] becomes [kt, kh, kw, in, out] (the depthwise pooling kernels
 [C, 1, kt, kh, kw] become [kt, kh, kw, 1, C]), a Linear weight [out, in] becomes [in, out].
 """
-from mmg_jax.models import video_mvit
+from mmg_jax.models import pretrained
 from mmg_jax.tools import weight_layout
 from mmg_jax.tools.weight_layout import conv_kernel, identity, linear_kernel
 
@@ -65,7 +66,7 @@ torchvision_mvit_v1_b = weight_layout.Layout(
         *_rows(r'norm', 'norm', _NORM),
     ),
     ignore=(r'head\.1\.(weight|bias)',),  # the 400-class Kinetics classifier (after dropout)
-    numerics={'pool_norm_eps': 1e-6},  # norm_layer=partial(nn.LayerNorm, eps=1e-6) throughout
+    numerics=pretrained.SOURCE_NUMERICS['torchvision_mvit_v1_b'],
     prepare=lambda contents: weight_layout.strip_prefix(weight_layout.flatten(contents),
                                                         'module.'),  # DataParallel's prefix
 )
@@ -111,19 +112,7 @@ pytorchvideo_mvit_b_16x4 = weight_layout.Layout(
     # The 400-class Kinetics classifier: pytorchvideo's head.proj, SlowFast's head.projection.
     ignore=(r'head\.(?:proj|projection)\.(weight|bias)',),
     prepare=_prepare_pytorchvideo,
-    numerics={'pool_norm_eps': 1e-5},  # MultiScaleAttention's norm_q/k/v: nn.LayerNorm's default
+    numerics=pretrained.SOURCE_NUMERICS['pytorchvideo_mvit_b_16x4'],
 )
 
 LAYOUTS = (torchvision_mvit_v1_b, pytorchvideo_mvit_b_16x4)
-
-
-def adapt_to_config(params, encoder_config):
-  """params with position embeddings resized to the token grid of `encoder_config`'s input
-  (video_mvit.resize_position_embeddings: SlowFast's trilinear rule; unchanged on the
-  checkpoint's own grid). Other widths or depths are left for check_shapes to name."""
-  if 'pos_encoding' not in params:
-    return params
-  grid = video_mvit.patch_grid(encoder_config)
-  return params | {'pos_encoding': video_mvit.resize_position_embeddings(params['pos_encoding'],
-                                                                         grid)}
-

@@ -15,8 +15,8 @@ are the paper's, with 2 steps a stage, batches of 2 and tiny episodes (configs/c
 theirs). Then prints, and writes to W/measurements.json, each part's wall time, CPU time and
 peak resident memory (of its largest process, from os.wait4), and the whole run's. A re-run
 resumes (finished stages are restored, a built dataset is kept): measure in a fresh workdir.
-Measured on 2 CPU cores (README): 29 min, peak 11.7 GiB; checkpoints (params and AdamW state)
-take 14 GB of disk.
+Measured on 2 CPU cores (docs/benchmarks.md): 29 min, peak 11.7 GiB; checkpoints (params and
+AdamW state) take 14 GB of disk.
 """
 import json
 import os

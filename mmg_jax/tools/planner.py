@@ -6,7 +6,7 @@ config on N devices of G GiB, from XLA's compiled memory analysis (nothing runs)
 
 Each stage's train step is compiled as run_stage compiles it (train.jit_train_step), sharded over
 a mesh of N devices (this host's CPU devices, made as many as needed), at the stage's global
-batch; XLA's memory analysis of that program is one device's bytes (`model_stats.step_bytes`).
+batch; XLA's memory analysis of that program is one device's bytes (`step_bytes`).
 The stage's global batch is kept: a per-device micro-batch m and `accumulate_steps` k with
 m * k * N = the global batch, k among those the stage allows (meta stages keep episodes whole).
 
@@ -27,11 +27,16 @@ import math
 
 import jax
 
-from mmg_jax import pipeline, sharding, stage_kinds, train
+from data_pipeline import modalities
+from mmg_jax import costs, pipeline, sharding, stage_kinds, train
 from mmg_jax.models import mmg
-from mmg_jax.tools import model_stats
 
 GIB = 2**30
+# XLA:CPU options of the memory plan, on top of train.CPU_COMPILER_OPTIONS (which keeps remat's
+# barriers, as in training). LLVM's optimization level 0: it runs after buffer assignment, so the
+# bytes do not change (checked on the tiny and the paper step), and the tiny step compiles about
+# 3x faster.
+CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +61,7 @@ def stages(config):
   found = {}
   for (name, index), directory in sorted(directories.items()):
     found.setdefault(directory, (directory, pipeline.model_config(config, config.pipelines[name]),
-                                 config.pipelines[name].stages[index]))
+                                 pipeline.ordered_stages(config.pipelines[name])[index]))
   return list(found.values())
 
 
@@ -85,20 +90,41 @@ def compiled_bytes(model_config, stage, *, num_devices, accumulate_steps):
   at the stage's global batch, from XLA's memory analysis of the compiled program."""
   model = mmg.MMGModel(config=model_config)
   global_batch = stage_kinds.get(stage.kind, stage.name).batches.size(stage)
-  batch = model_stats.abstract_batch(model_config, global_batch)
+  batch = costs.abstract_batch(model_config, global_batch)
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
-                          model_stats.abstract_batch(model_config))['params']
+                          costs.abstract_batch(model_config))['params']
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
   step = train.jit_train_step(
       loss_fn=pipeline.make_loss_fn(model, stage), optimizer=optimizer,
       schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
       accumulate_steps=accumulate_steps, mesh=sharding.make_mesh(jax.devices()[:num_devices]),
       trainable=stage.optimizer.trainable,
-      compiler_options=(model_stats.CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu'
+      compiler_options=(CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu'
                         else None))
   state = jax.eval_shape(functools.partial(train.init_state, optimizer=optimizer), params)
   rng = jax.eval_shape(jax.random.PRNGKey, 0)
-  return model_stats.step_bytes(step.lower(state, batch, rng).compile().memory_analysis())
+  return step_bytes(step.lower(state, batch, rng).compile().memory_analysis())
+
+
+def memory_variant(model_config, *, dtype, remat):
+  """`model_config` computing in `dtype` (params stay float32), every encoder's remat set."""
+  variant = model_config.copy_and_resolve_references()
+  variant.dtype = dtype
+  for m in modalities.MODALITIES:
+    variant[m].remat = remat
+  return variant
+
+
+def step_bytes(analysis):
+  """Bytes a device holds while the step runs: arguments (state, batch, key) + outputs +
+  temporaries - the outputs written into donated argument buffers (the new state).
+
+  The temporaries are the heap that XLA's buffer assignment packed by liveness; arguments and
+  outputs are counted as live for the whole step, so this bounds the program's peak from above
+  (by at most the small metric outputs).
+  """
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
 class Planner:
@@ -128,7 +154,7 @@ class Planner:
       settings += [('bfloat16', False), ('bfloat16', True)]
     plans = None
     for dtype, remat in settings:
-      plans = [self._plan_stage(name, model_stats.memory_variant(model_config, dtype=dtype,
+      plans = [self._plan_stage(name, memory_variant(model_config, dtype=dtype,
                                                                  remat=remat),
                                 stage, num_devices, limit)
                for name, model_config, stage in stages(self.config)]
@@ -176,9 +202,10 @@ def overrides(config, plans):
       f'--config.model.{m}.remat={plans[0].remat}' for m in ('video', 'audio', 'imu')]
   by_stage = {p.stage: p for p in plans}
   for (name, index), directory in sorted(pipeline.stage_directories(config).items()):
-    stage, plan = config.pipelines[name].stages[index], by_stage[directory]
+    stage = pipeline.ordered_stages(config.pipelines[name])[index]
+    plan = by_stage[directory]
     if plan.accumulate_steps != stage.optimizer.accumulate_steps:
-      flags.append(f'--config.pipelines.{name}.stages[{index}].optimizer.accumulate_steps='
+      flags.append(f'--config.pipelines.{name}.stages.{stage.name}.optimizer.accumulate_steps='
                    f'{plan.accumulate_steps}')
   return flags
 

@@ -2,10 +2,10 @@ r"""A grid of config overrides, one `mmg_jax.main` run each, ranked on validatio
 
   python -m mmg_jax.tools.sweep --config=configs/manyshot.py:small --workdir=runs/sweep_fusion \
       --grid=model.fusion.kind=transformer,mlp \
-      --grid='pipelines.train_VAI.stages[1].optimizer.learning_rate=1e-3,5e-4,2e-4' \
+      --grid='pipelines.train_VAI.stages.multimodal.optimizer.learning_rate=1e-3,5e-4,2e-4' \
       --rank_by=regular --config.eval.only=regular
   python -m mmg_jax.tools.sweep --config=configs/fewshot.py --workdir=runs/sweep_meta \
-      --grid='pipelines.train_VAI.stages[2].temperature=0.05,0.1,0.2' --rank_by=zero-shot \
+      --grid='pipelines.train_VAI.stages.meta.temperature=0.05,0.1,0.2' --rank_by=zero-shot \
       --parallel=2
 
 Each `--grid=FIELD=V1,V2,...` is one axis (FIELD as in `--config.FIELD=...`; commas inside
@@ -50,7 +50,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import modalities
-from mmg_jax import pipeline, report
+from mmg_jax import pipeline, results
 
 SPLIT = 'val'  # what every trial is evaluated, and ranked, on
 # Splits a sweep never ranks on, nor evaluates on.
@@ -146,7 +146,7 @@ def trial_names(trials):
 
 
 def check_field(config, field):
-  """Raises ValueError unless `field` ('model.fusion.kind', 'pipelines.x.stages[1].kind') is a
+  """Raises ValueError unless `field` ('model.fusion.kind', 'eval.rows[0].metric') is a
   field of `config`; the message lists the fields where the path leaves the config."""
   node, path = config, ''
   for segment in field.split('.'):
@@ -334,7 +334,7 @@ def markdown(config_arg, selectors, ranked):
   """sweep.md: a header naming the split, then the ranked table."""
   rows = [r for t in ranked for r in t.get('rows', ())]
   labels = list(dict.fromkeys(r['label'] for r in rows))
-  metrics = [report.metric_name(m, rows) for m in sorted({r['metric'] for r in rows})]
+  metrics = [results.metric_name(m, rows) for m in sorted({r['metric'] for r in rows})]
   header = ['rank', 'trial', f'{SPLIT} score', *labels, 'wall', 'overrides']
   lines = []
   for i, trial in enumerate(ranked, 1):

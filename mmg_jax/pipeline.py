@@ -50,6 +50,7 @@ from mmg_jax import (
   train,
 )
 from mmg_jax.models import mmg, pretrained
+from mmg_jax.results import CONFIG_FILE
 from mmg_jax.workdir import atomic_write_text
 
 LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
@@ -57,7 +58,6 @@ LOSS_WEIGHTS = ('ce_weight', 'align_weight', 'proto_weight')
 TARGETS = ('test', 'val')
 UNLABELED_SPLIT = 'unlabeled'
 STAGE_FILE = 'stage.json'  # a stage directory's record of the config it trains under
-CONFIG_FILE = 'config.json'  # a run's resolved config, beside its results
 # Labeled corpora outside MMG-Ego4D (classes of their own), for external pre-training.
 EXTERNAL_SPLITS = (features.PRETRAIN_SPLIT,)
 

@@ -62,7 +62,6 @@ from mmg_jax import paper, results
 
 PLOTS_DIR = 'plots'
 EMBEDDINGS_FILE = 'embeddings.npz'
-CONFIG_FILE = 'config.json'  # the run's resolved config, beside results.json (pipeline.py's)
 PAPER_DATASET = 'MMG-Ego4D'  # the dataset of the paper's numbers
 PAPER_LABEL = f'paper ({PAPER_DATASET})'
 MAX_CLASSES = 10  # classes of the embedding map: the colors of tab10
@@ -124,7 +123,7 @@ def run_dataset(workdir, doc=None):
   `dataset.name` of W/config.json (which the run writes beside results.json), else None."""
   if doc and doc.get('dataset'):
     return doc['dataset']
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = epath.Path(workdir) / results.CONFIG_FILE
   if not path.exists():
     return None
   return (json.loads(path.read_text()).get('dataset') or {}).get('name')

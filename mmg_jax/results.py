@@ -1,9 +1,12 @@
 """The results.json document of a run, as report.py writes it and plots.py and the tools read
-it: where it lives, where each seed's run lives, and what its rows' metrics measured."""
+it: where it lives, where each seed's run lives and its resolved config, and what its rows'
+metrics measured."""
 import json
 import os
 
 from etils import epath
+
+CONFIG_FILE = 'config.json'  # a run's resolved config, beside its results (pipeline.write_config)
 
 
 def read(workdir):

@@ -15,7 +15,7 @@ from matplotlib.text import Text
 
 from configs import fewshot
 from data_pipeline import modalities
-from mmg_jax import paper, pipeline, plots, report
+from mmg_jax import paper, pipeline, plots, report, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAI, VA, AI, V, A, IMU = (('video', 'audio', 'imu'), ('video', 'audio'), ('audio', 'imu'),
@@ -183,7 +183,7 @@ def test_every_plot_is_a_png_of_sensible_size_with_a_pdf_beside(workdir):
 
 def test_the_dataset_of_a_run_is_that_of_results_json_then_config_json(workdir):
   assert plots.run_dataset(str(workdir)) is None
-  (workdir / plots.CONFIG_FILE).write_text(json.dumps({'dataset': {'name': DATASET}}))
+  (workdir / results.CONFIG_FILE).write_text(json.dumps({'dataset': {'name': DATASET}}))
   assert plots.run_dataset(str(workdir)) == DATASET
   assert plots.run_dataset(str(workdir), {'dataset': 'recorded'}) == 'recorded'
   assert plots.ours_label(DATASET) == f'ours ({DATASET})' and plots.ours_label(None) == 'ours'
@@ -193,7 +193,7 @@ def test_the_dataset_of_a_run_is_that_of_results_json_then_config_json(workdir):
 def test_every_figure_of_a_run_names_the_datasets(workdir, monkeypatch, with_config):
   """Ours named by config.json's dataset (plain 'ours' without one), the paper's MMG-Ego4D."""
   if with_config:
-    (workdir / plots.CONFIG_FILE).write_text(json.dumps({'dataset': {'name': DATASET}}))
+    (workdir / results.CONFIG_FILE).write_text(json.dumps({'dataset': {'name': DATASET}}))
   figures = {}
   monkeypatch.setattr(plots, '_save',
                       lambda fig, path: figures.setdefault(os.path.basename(path), fig))

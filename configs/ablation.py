@@ -30,10 +30,13 @@ _AI = ('audio', 'imu')
 
 
 # The ablation's budget: every stage at this fraction of the main tables' steps on 'small', so
-# that its ten pipelines (16 stages to train) fit the 15 minutes of one run on 2 CPU cores (at
-# 0.5 with 18 stages: about 19 minutes). Its cells compare variants at one budget; its
-# full-model cells are not the main tables' numbers.
+# that its ten pipelines (16 stages to train) fit the 15 minutes of one run on 2 CPU cores. Its
+# cells compare variants at one budget; its full-model cells are not the main tables' numbers.
 SMALL_BUDGET = 0.4
+# Its stages' saves and validations: each of the main tables' 4 checkpoints and 5 validations a
+# stage costs the ablation's short stages (48-64 steps) as much as ~6 steps; at 1 and 2 (the
+# middle and the last step) a seed took N min instead of M (docs/results.md).
+SMALL_CHECKPOINTS, SMALL_VALIDATIONS = 1, 2
 
 
 def _pipelines(size):
@@ -83,5 +86,6 @@ def get_config(arg=None):
                                   **variant))
   config.eval = common.eval_config(size, 'ablation', rows)
   if size == 'small':
-    common.scale_schedule(config, SMALL_BUDGET)
+    common.scale_schedule(config, SMALL_BUDGET, validations=SMALL_VALIDATIONS,
+                          checkpoints=SMALL_CHECKPOINTS)
   return common.finish(config, arg)

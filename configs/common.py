@@ -267,12 +267,12 @@ def optimizer_config(learning_rate, num_steps):
   })
 
 
-def _intervals(size, num_steps):
+def _intervals(size, num_steps, validations=5, checkpoints=4):
   """A stage's log and checkpoint intervals for its steps, and the one between validations."""
   return {'log_every': max(1, num_steps // 10),
           # A few saves per stage; 'tiny' stages are too short to need more than the final one.
-          'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // 4),
-          'validation_every': max(1, num_steps // 5)}  # 5 validations a stage
+          'checkpoint_every': num_steps if size == 'tiny' else max(1, num_steps // checkpoints),
+          'validation_every': max(1, num_steps // validations)}
 
 
 def _stage(size, name, kind, *, split, modalities, learning_rate, num_steps=None, **fields):
@@ -487,12 +487,12 @@ def stages_of(config):
   return list(unique.values())
 
 
-def scale_schedule(config, factor):
-  """Every stage's num_steps times `factor` (warmups follow), with its log, checkpoint and
-  validation intervals as `_stage` and `selected_on_validation` set them."""
+def scale_schedule(config, factor, *, validations=5, checkpoints=4):
+  """Every stage's num_steps times `factor` (warmups follow), with its log interval, and
+  `checkpoints` saves and `validations` validations (for a stage that validates) a stage."""
   for stage in stages_of(config):
     steps = max(1, round(stage.num_steps * factor))
-    intervals = _intervals(config.size, steps)
+    intervals = _intervals(config.size, steps, validations, checkpoints)
     stage.update({'num_steps': steps, 'log_every': intervals['log_every'],
                   'checkpoint_every': intervals['checkpoint_every']})
     stage.validation.every = intervals['validation_every']

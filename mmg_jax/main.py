@@ -31,6 +31,7 @@ import traceback
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from mmg_jax import rendezvous
@@ -56,6 +57,12 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index, 0-
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout', 300, 'seconds a process waits for its peers at start-up before it '
     'exits 2 with a message naming the coordinator (and, with --process_id, the missing ids)')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None,
+    "jax's persistent compilation cache: a program compiled once (a stage's step, an evaluation) "
+    'is read back by the stages, pipelines and seeds that compile it again, and by a resumed '
+    "run. Default <workdir>/compilation_cache, or $JAX_COMPILATION_CACHE_DIR when set; 'none' "
+    'turns it off')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'print the resolved config (overrides applied) as JSON and exit; every '
     'run also writes it to <workdir>/config.json')
@@ -72,6 +79,26 @@ def default_workdir(config_filename):
   path, _, arg = config_filename.partition(':')
   name = os.path.splitext(os.path.basename(path))[0]
   return os.path.join('runs', f'{name}_{arg}' if arg else name)
+
+
+COMPILATION_CACHE = 'compilation_cache'
+
+
+def compilation_cache_dir(flag, workdir, environ):
+  """Where jax caches compiled programs (--compilation_cache), or None for no cache.
+
+  In the workdir by default: a fresh workdir starts with an empty cache, so no entry compiled
+  by other code or another machine's CPU stands in for a compile, and the pipelines and seeds of
+  one run (which compile many identical programs: the same model's init, validation and
+  evaluation, identical stages of different pipelines) share it. jax keys each entry by the
+  program, the compiler options and the devices; it must be set before the first compile.
+  """
+  if flag == 'none':
+    return None
+  if flag:
+    return flag
+  return (environ.get('JAX_COMPILATION_CACHE_DIR')
+          or os.fspath(epath.Path(workdir) / COMPILATION_CACHE))
 
 
 def launched_as_several_processes(environ):
@@ -159,6 +186,8 @@ def main(argv):
     start_distributed(arguments, _DISTRIBUTED_TIMEOUT.value)
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config']))
+  jax.config.update('jax_compilation_cache_dir',
+                    compilation_cache_dir(_COMPILATION_CACHE.value, workdir, os.environ))
   # Imported once the flags are known good: the pipeline pulls in every model and loader.
   import mmg_jax.workdir
   from mmg_jax import seeds, train

@@ -22,7 +22,8 @@ def _report(config, workdir, *, train_missing):
   print(json.dumps({'config': config.to_dict(), 'workdir': workdir,
                     'train_missing': train_missing,
                     'process_index': jax.process_index(), 'process_count': jax.process_count(),
-                    'device_count': jax.device_count()}), flush=True)
+                    'device_count': jax.device_count(),
+                    'compilation_cache': jax.config.jax_compilation_cache_dir}), flush=True)
 
 
 def _fail_on_process_1(config, workdir, *, train_missing):

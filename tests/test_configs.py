@@ -111,10 +111,14 @@ def test_ablation_variants_change_what_they_name():
   assert not pipelines.full.model_updates
   assert (pipelines.noalign.stages.multimodal.align_weight == 0
           < pipelines.full.stages.multimodal.align_weight)
-  # Full-model cells are the main runs' pipelines at SMALL_BUDGET of their steps: top-1 as
-  # many-shot, 5w5s as few-shot.
-  many = common.scale_schedule(manyshot.get_config(), ablation.SMALL_BUDGET).pipelines
-  few = common.scale_schedule(fewshot.get_config(), ablation.SMALL_BUDGET).pipelines
+  # Full-model cells are the main runs' pipelines at SMALL_BUDGET of their steps (and the
+  # ablation's saves and validations): top-1 as many-shot, 5w5s as few-shot.
+  budget = {'factor': ablation.SMALL_BUDGET, 'validations': ablation.SMALL_VALIDATIONS,
+            'checkpoints': ablation.SMALL_CHECKPOINTS}
+  many = common.scale_schedule(manyshot.get_config(), **budget).pipelines
+  few = common.scale_schedule(fewshot.get_config(), **budget).pipelines
+  assert {(s.checkpoint_every, s.validation.every) for s in common.stages_of(config)} == {
+      (s.num_steps, s.num_steps // 2) for s in common.stages_of(config)}
   assert _stage_dicts(pipelines.full) == _stage_dicts(many.train_VAI)
   assert _stage_dicts(pipelines.full_meta) == _stage_dicts(few.train_VAI)
   assert _stage_dicts(pipelines.zeroshot_AI) == _stage_dicts(many.zeroshot_train_AI)

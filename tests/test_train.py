@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
-from mmg_jax import sharding, train
+from mmg_jax import main, sharding, train
 from tests import toy_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,7 +325,7 @@ def test_a_checkpoint_of_another_model_asks_for_a_fresh_workdir(finished_run):
     toy_task.run(finished_run['workdir'], sharding.make_mesh(), num_steps=4, hidden=8)
 
 
-def _run_main_probe(tmp_path, *flags):
+def _run_main_probe(tmp_path, *flags, env=None):
   """mmg_jax.main with a stand-in pipeline (tests/main_probe.py); returns the process."""
   config_file = tmp_path / 'experiment.py'
   config_file.write_text('import ml_collections\n\n\ndef get_config(arg=None):\n'
@@ -334,8 +334,8 @@ def _run_main_probe(tmp_path, *flags):
   # Run from tmp_path, so that the default workdir (and main's lock file in it) lands there.
   return subprocess.run(
       [sys.executable, '-m', 'tests.main_probe', f'--config={config_file}:tiny', *flags],
-      cwd=tmp_path, env=os.environ | {'PYTHONPATH': REPO}, capture_output=True, text=True,
-      timeout=120)
+      cwd=tmp_path, env=(env or os.environ) | {'PYTHONPATH': REPO}, capture_output=True,
+      text=True, timeout=120)
 
 
 def test_main_hands_the_overridden_config_and_default_workdir_to_the_pipeline(tmp_path):
@@ -346,6 +346,23 @@ def test_main_hands_the_overridden_config_and_default_workdir_to_the_pipeline(tm
   assert report['workdir'] == os.path.join('runs', 'experiment_tiny')
   assert report['process_count'] == 1 and report['train_missing']
   assert (tmp_path / 'runs' / 'experiment_tiny' / 'run.lock').is_file()
+
+
+@pytest.mark.parametrize('flag,environ,expected', [
+    (None, None, os.path.join('runs', 'experiment_tiny', main.COMPILATION_CACHE)),
+    (None, '/elsewhere', '/elsewhere'),
+    ('--compilation_cache=/mine', '/elsewhere', '/mine'),
+    ('--compilation_cache=none', '/elsewhere', None)])
+def test_main_sets_the_compilation_cache_before_anything_compiles(tmp_path, flag, environ,
+                                                                   expected):
+  """The workdir's cache by default, $JAX_COMPILATION_CACHE_DIR when set, the flag over both;
+  'none' leaves jax without one."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  if environ:
+    env['JAX_COMPILATION_CACHE_DIR'] = environ
+  process = _run_main_probe(tmp_path, *([flag] if flag else []), env=env)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert json.loads(process.stdout.strip().splitlines()[-1])['compilation_cache'] == expected
 
 
 def test_main_names_the_missing_distributed_flags(tmp_path):

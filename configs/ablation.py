@@ -33,9 +33,10 @@ _AI = ('audio', 'imu')
 # that its ten pipelines (16 stages to train) fit the 15 minutes of one run on 2 CPU cores. Its
 # cells compare variants at one budget; its full-model cells are not the main tables' numbers.
 SMALL_BUDGET = 0.4
-# Its stages' saves and validations: each of the main tables' 4 checkpoints and 5 validations a
-# stage costs the ablation's short stages (48-64 steps) as much as ~6 steps; at 1 and 2 (the
-# middle and the last step) a seed took N min instead of M (docs/results.md).
+# Its stages' saves and validations: the main tables' 4 checkpoints and 5 validations a stage
+# cost about 15 s of each of its short stages (40-320 steps, ~40 s of stepping); at 1 and 2 (the
+# middle and the last step) and with the workdir's compilation cache, seed 0 took 13 min from a
+# fresh workdir (2 CPU cores, 66dd8ec) instead of 21-22 min (docs/results.md).
 SMALL_CHECKPOINTS, SMALL_VALIDATIONS = 1, 2
 
 

@@ -51,6 +51,23 @@ def test_notebook_is_stored_as_valid_nbformat_4_with_outputs_cleared():
   assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
 
 
+def test_opened_from_the_checkout_the_notebook_uses_it_without_an_install(monkeypatch):
+  """After the README's install (requirements only, no `pip install -e .`), a notebook opened
+  from notebooks/ imports the checkout around it: the install cell finds it, clones nothing."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  probe = nbformat.v4.new_code_cell('import configs, data_pipeline\n'
+                                    'print(os.path.dirname(configs.__path__[0]))')
+  nb.cells = [_cell(nb, 'install'), probe]
+  others = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep)
+            if p and os.path.abspath(p) != ROOT]
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(others))
+  NotebookClient(nb, timeout=CELL_SECONDS, kernel_name='python3',
+                 resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}).execute()
+  install_text = ''.join(out.get('text', '') for out in nb.cells[0].outputs)
+  assert f'importable from {ROOT}: nothing to install' in install_text
+  assert ''.join(out.get('text', '') for out in nb.cells[1].outputs).strip() == ROOT
+
+
 def test_notebook_runs_the_tiny_pipeline_and_draws_the_results_and_an_episode(
     tmp_path, monkeypatch):
   """The install cell skips (the repo root is importable), every cell runs without error, and

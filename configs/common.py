@@ -9,6 +9,8 @@ The `arg` of every config file picks a size:
 """
 import ml_collections
 
+from mmg_jax import errors
+
 SIZES = ('tiny', 'small', 'paper')
 PAPER_SMOKE = 'paper_smoke'
 ARGS = (*SIZES, PAPER_SMOKE)
@@ -18,7 +20,8 @@ def parse_size(arg):
   """The size of a config arg: PAPER_SMOKE is the 'paper' size."""
   size = arg or 'small'
   if size not in ARGS:
-    raise ValueError(f'config arg {arg!r} is not one of {ARGS}')
+    raise errors.UserError(f'config arg {arg!r} is not one of {", ".join(ARGS)}: give '
+                           '--config=FILE:SIZE with one of those sizes.')
   return 'paper' if size == PAPER_SMOKE else size
 
 
@@ -405,8 +408,9 @@ def pipeline(*stages, model_updates=None):
   """
   names = [stage.name for stage in stages]
   if len(set(names)) != len(names):
-    raise ValueError(f'repeated stage names {names}: a stage name is its checkpoint directory '
-                     'and its key, unique within a pipeline.')
+    raise errors.UserError(
+        f'repeated stage names {names}: a stage name is its checkpoint directory '
+        'and its key, unique within a pipeline.')
   return ml_collections.ConfigDict({
       'model_updates': ml_collections.ConfigDict(model_updates or {}),
       'order': tuple(names),

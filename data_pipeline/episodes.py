@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 
 def sample_episodes(rng, labels, *, num_episodes, n_way, k_shot, q_query):
   """Draws `num_episodes` N-way K-shot Q-query episodes of indices into `labels`.
@@ -49,9 +51,9 @@ def check_fillable(labels, n_way, per_class, where):
   classes, left_out = episode_classes(labels, per_class)
   if classes.size < n_way:
     most = np.unique(labels[labels >= 0], return_counts=True)[1].max(initial=0)
-    raise ValueError(f'{where}: an episode needs {n_way} classes with k_shot + q_query = '
-                     f'{per_class} clips each, and only {classes.size} classes have that many '
-                     f'(most clips in a class: {most}); lower n_way, k_shot or q_query.')
+    raise DataError(f'{where}: an episode needs {n_way} classes with k_shot + q_query = '
+                    f'{per_class} clips each, and only {classes.size} classes have that many '
+                    f'(most clips in a class: {most}); lower n_way, k_shot or q_query.')
   return left_out
 
 
@@ -77,10 +79,10 @@ def _class_table(labels, *, n_way, k_shot, q_query):
                      f'and shape {labels.shape}.')
   classes, _ = episode_classes(labels, k_shot + q_query)
   if classes.size < n_way:
-    raise ValueError(f'{n_way}-way episodes need {n_way} classes with k_shot + q_query = '
-                     f'{k_shot + q_query} examples, but the labels hold {classes.size} '
-                     f'({classes.tolist()}); lower n_way, k_shot or q_query, or use a split with '
-                     'more examples.')
+    raise DataError(f'{n_way}-way episodes need {n_way} classes with k_shot + q_query = '
+                    f'{k_shot + q_query} examples, but the labels hold {classes.size} '
+                    f'({classes.tolist()}); lower n_way, k_shot or q_query, or use a split with '
+                    'more examples.')
   (labeled,) = np.nonzero(np.isin(labels, classes))
   counts = np.bincount(np.searchsorted(classes, labels[labeled]), minlength=classes.size)
   # Group example indices by class: a stable sort by label, then each class's slice in a row.
@@ -116,4 +118,4 @@ def check_sizes(**sizes):
   """Episode sizes are static Python ints >= 1; raises naming the first that is not."""
   for name, value in sizes.items():
     if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f'{name} must be a positive int, got {value!r}.')
+      raise DataError(f'{name} must be a positive int, got {value!r}.')

@@ -24,22 +24,32 @@ loader never touches an accelerator: episodes are drawn on the host's CPU device
 process that draws them initializes JAX's CPU backend only (`EpisodeSampler`).
 """
 import importlib
+import os
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from etils import epath
 from jax._src import xla_bridge
 
 from data_pipeline import episodes
 from data_pipeline import modalities as modalities_lib
+from data_pipeline.errors import DataError
 
 BATCH_KEYS = (*modalities_lib.MODALITIES, 'present', 'label', 'mask')
 # The module that registers each builder with TFDS, imported on first use.
 BUILDER_MODULES = {'mmg_synthetic': 'data_pipeline.synthetic',
                    'mmg_ego4d': 'data_pipeline.mmg_ego4d.mmg_ego4d_dataset_builder'}
+# Datasets made from files the user brings (TFDS `manual_dir`): the command that builds one, and
+# where the files' layout is described.
+MANUAL_BUILDS = {'mmg_ego4d': ('python -m data_pipeline.mmg_ego4d.build',
+                               'data_pipeline/mmg_ego4d/README.md')}
 _LABEL_CHUNK = 256
+# (dataset path, split) whose files `_check_files` read this process: once is enough.
+_CHECKED_SPLITS = set()
 # Datasets that this process of a multi-process run has seen built. Only process 0 builds; the
 # others wait at a named barrier, up to _BUILD_TIMEOUT_S (an Ego4D build takes hours: build
 # it before a pod run, `python -m data_pipeline.mmg_ego4d.build`).
@@ -58,13 +68,48 @@ def data_source(dataset, split, modalities=modalities_lib.MODALITIES):
 
 def builder_source(builder, split, modalities=modalities_lib.MODALITIES):
   """A TFDS builder's split as a data source whose elements hold the media of `modalities`
-  decoded, the others as their raw bytes (tfds.decode.SkipDecoding)."""
+  decoded, the others as their raw bytes (tfds.decode.SkipDecoding); its files checked
+  (`_check_files`)."""
   if split not in builder.info.splits:
-    raise ValueError(f'split {split!r} is not in {builder.info.full_name}; choose one of '
-                     f'{sorted(builder.info.splits)}.')
+    raise DataError(f'split {split!r} is not in {builder.info.full_name}; choose one of '
+                    f'{sorted(builder.info.splits)}.')
+  _check_files(builder, split)
   subset = modalities_lib.check(modalities)
   skipped = {m: tfds.decode.SkipDecoding() for m in modalities_lib.MODALITIES if m not in subset}
   return builder.as_data_source(split=split, decoders=skipped or None)
+
+
+def _check_files(builder, split):
+  """Reads the index at the end of each ArrayRecord file of the split: a file cut short or
+  damaged (an interrupted copy, a full disk) is a DataError naming the dataset, split and file
+  before anything reads it, not a Riegeli error naming none at the first read."""
+  if (key := (os.fspath(builder.data_path), split)) in _CHECKED_SPLITS:
+    return
+  info = builder.info.splits[split]
+  for path, num_records in zip(info.filepaths, info.shard_lengths, strict=True):
+    try:
+      found = _num_records(path)
+      problem = (None if found == num_records else
+                 f'its index holds {found} records, the dataset info says {num_records}')
+    except RuntimeError as e:  # Riegeli's status, e.g. 'Failed to read RiegeliPostscript'
+      problem = str(e).partition('\n')[0][:300] or 'RuntimeError'
+    if problem:
+      name = builder.info.full_name
+      build = MANUAL_BUILDS.get(name.split('/')[0], ('the same command',))[0]
+      raise DataError(
+          f'{path}, a file of split {split!r} of the dataset {name}, cannot be read: it is '
+          f'missing, truncated or damaged ({problem}). Rebuild the dataset: delete '
+          f'{builder.data_path} and run {build} again.')
+  _CHECKED_SPLITS.add(key)
+
+
+def _num_records(path):
+  """The records in the index of an ArrayRecord file; RuntimeError if it cannot be read (the
+  reader keeps its error until `close`, and counts 0 records meanwhile)."""
+  reader = array_record_module.ArrayRecordReader(os.fspath(path))
+  num_records = reader.num_records()
+  reader.close()
+  return num_records
 
 
 def train_batches(dataset, split, *, global_batch_size, seed, process_index=None,
@@ -80,8 +125,8 @@ def train_batches(dataset, split, *, global_batch_size, seed, process_index=None
   rows = _process_rows(global_batch_size, process_index, process_count)
   source = data_source(dataset, split, modalities) if source is None else source
   if len(source) < global_batch_size:
-    raise ValueError(f'split {split!r} of {dataset.name} has {len(source)} examples, fewer than '
-                     f'one global batch of {global_batch_size}; lower global_batch_size.')
+    raise DataError(f'split {split!r} of {dataset.name} has {len(source)} examples, fewer than '
+                    f'one global batch of {global_batch_size}; lower global_batch_size.')
   batches = TrainSource(source, seed=seed, global_batch_size=global_batch_size, rows=rows,
                         modalities=modalities)
   return _batch_loader(batches, dataset)
@@ -319,13 +364,50 @@ class ArraySource:
     return [self[i] for i in indices]
 
 
-def _builder(dataset):
+def check_buildable(dataset):
+  """Raises DataError, saying how to build it, when `dataset` is neither built nor buildable on
+  first use: one made from files the user brings (MANUAL_BUILDS) without its `manual_dir`.
+  Builds nothing and reads no example, so that a run checks it before it touches its workdir.
+  Process 0 checks, as it alone builds (`_builder`): the others may lack the raw files."""
+  if jax.process_index() == 0:
+    _check_buildable(_registered_builder(dataset), dataset)
+
+
+def _registered_builder(dataset):
+  """The TFDS builder of `dataset`, built or not (its module imported, which registers it)."""
   name = dataset.name.split('/')[0].split(':')[0]
   if name not in BUILDER_MODULES:
-    raise ValueError(f'unknown dataset {dataset.name!r}; use one of {sorted(BUILDER_MODULES)} '
-                     "with a config, e.g. 'mmg_synthetic/tiny'.")
+    raise DataError(f'unknown dataset {dataset.name!r}; use one of {sorted(BUILDER_MODULES)} '
+                    "with a config, e.g. 'mmg_synthetic/tiny'.")
   importlib.import_module(BUILDER_MODULES[name])
-  builder = tfds.builder(dataset.name, data_dir=dataset.data_dir)
+  return tfds.builder(dataset.name, data_dir=dataset.data_dir)
+
+
+def _check_buildable(builder, dataset):
+  manual_dir = dataset.get('manual_dir')
+  # Without manual_dir, TFDS reads the raw files from <data_dir>/downloads/manual.
+  default_dir = epath.Path(builder.data_dir_root) / 'downloads' / 'manual'
+  if (builder.is_prepared() or builder.name not in MANUAL_BUILDS
+      or epath.Path(manual_dir or default_dir).is_dir()):
+    return
+  command, layout = MANUAL_BUILDS[builder.name]
+  command += ' --manual_dir=D'
+  if '/' in dataset.name:
+    command += f' --config={builder.builder_config.name}'
+  if dataset.data_dir:
+    command += f' --data_dir={dataset.data_dir}'
+  given = (f'--config.dataset.manual_dir={manual_dir} is not a directory' if manual_dir
+           else 'no --config.dataset.manual_dir says where its raw files are (nor are they in '
+           f"TFDS's default {default_dir})")
+  raise DataError(
+      f'the dataset {dataset.name} is not built in {builder.data_dir_root}, and {given}: it is '
+      f'made from files you bring, nothing is downloaded. Build it once with `{command}`, where '
+      f'D holds the raw files as {layout} lays them out, or give this command '
+      '--config.dataset.manual_dir=D to build it on first use.')
+
+
+def _builder(dataset):
+  builder = _registered_builder(dataset)
   if jax.process_count() == 1:
     _prepare(builder, dataset)  # A no-op once built.
     return builder
@@ -338,7 +420,7 @@ def _builder(dataset):
     _PREPARED.add(key)
     builder = tfds.builder(dataset.name, data_dir=dataset.data_dir)
   if not builder.is_prepared():
-    raise ValueError(
+    raise DataError(
         f'process {jax.process_index()} does not find {dataset.name} in {builder.data_dir}, '
         'which process 0 built: every process must see the same data_dir (a bucket or a shared '
         'mount: --config.dataset.data_dir=gs://... or an NFS path), or build the dataset on '
@@ -347,6 +429,7 @@ def _builder(dataset):
 
 
 def _prepare(builder, dataset):
+  _check_buildable(builder, dataset)
   download_config = tfds.download.DownloadConfig(manual_dir=dataset.get('manual_dir'))
   builder.download_and_prepare(download_config=download_config)
 
@@ -366,8 +449,8 @@ def _process_rows(global_size, process_index, process_count, *, what='examples')
   if not 0 <= index < count:
     raise ValueError(f'process_index {index} must be in [0, process_count={count}).')
   if global_size < 1 or global_size % count:
-    raise ValueError(f'the global batch of {global_size} {what} must be a positive multiple of '
-                     f'the process count {count}; change the batch size in the config.')
+    raise DataError(f'the global batch of {global_size} {what} must be a positive multiple of '
+                    f'the process count {count}; change the batch size in the config.')
   size = global_size // count
   return slice(index * size, (index + 1) * size)
 

@@ -7,6 +7,8 @@ import itertools
 
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 MODALITIES = ('video', 'audio', 'imu')
 SHORT = {'video': 'V', 'audio': 'A', 'imu': 'I'}
 
@@ -20,8 +22,8 @@ def check(subset):
   subset = tuple(subset)
   unknown = [m for m in subset if m not in MODALITIES]
   if unknown or not subset:
-    raise ValueError(f'modality subset {list(subset)} must be a non-empty list drawn from '
-                     f'{list(MODALITIES)}; unknown: {unknown}')
+    raise DataError(f'modality subset {list(subset)} must be a non-empty list drawn from '
+                    f'{list(MODALITIES)}; unknown: {unknown}')
   return tuple(m for m in MODALITIES if m in subset)
 
 

@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 CLIP_SECONDS = 5.0
 
 # Video: MViT-B 16x4 (torchvision mvit_v1_b Kinetics-400 transforms).
@@ -136,8 +138,8 @@ def center_crop(frames, crop_size):
   """[..., H, W, C] -> [..., crop, crop, C], offsets rounded as torchvision's center_crop."""
   height, width = frames.shape[-3:-1]
   if height < crop_size or width < crop_size:
-    raise ValueError(f'cannot crop {crop_size}x{crop_size} from {height}x{width} frames; '
-                     'resize the short side to at least the crop size first')
+    raise DataError(f'cannot crop {crop_size}x{crop_size} from {height}x{width} frames; '
+                    'resize the short side to at least the crop size first')
   top = int(round((height - crop_size) / 2.0))
   left = int(round((width - crop_size) / 2.0))
   return frames[..., top:top + crop_size, left:left + crop_size, :]
@@ -172,7 +174,7 @@ def mel_banks(num_mel_bins, fft_size, sample_rate, *, low_freq=AUDIO_LOW_FREQ_HZ
   nyquist = 0.5 * sample_rate
   high_freq = high_freq + nyquist if high_freq <= 0 else high_freq
   if not 0 <= low_freq < high_freq <= nyquist:
-    raise ValueError(f'mel range [{low_freq}, {high_freq}] Hz must lie in [0, {nyquist}] Hz')
+    raise DataError(f'mel range [{low_freq}, {high_freq}] Hz must lie in [0, {nyquist}] Hz')
   mel_low, mel_high = mel_scale(low_freq), mel_scale(high_freq)
   delta = (mel_high - mel_low) / (num_mel_bins + 1)
   left = mel_low + np.arange(num_mel_bins)[:, None] * delta  # center = left + delta.

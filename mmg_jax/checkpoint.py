@@ -9,7 +9,9 @@ must call `save` and `restore` at the same steps.
 Nothing good is lost on a bad disk: an old checkpoint is deleted only once the newer one that
 replaces it is fully on disk (orbax's own rotation would run even when the newer write fails),
 a save that fails raises `SaveFailed`, and a checkpoint that cannot be read is set aside for
-the one before it (`restore_latest`).
+the one before it (`restore_latest`). That error is one paragraph: orbax's own log records
+(a failed save logs hundreds of lines of errors and tracebacks) are held back below
+--verbosity=1 (`_OrbaxLogs`), and the paragraph quotes the last error they held.
 
 The directory may be local or on an object store (gs://): orbax writes both, and on gs://
 commits a step by writing its commit file last instead of by an atomic rename.
@@ -23,6 +25,7 @@ save of every process and save nothing; only arrays whose per-replica part reach
 """
 import contextlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -31,9 +34,11 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from absl import flags
+from absl import logging as absl_logging
 from etils import epath
 
 import mmg_jax.workdir
+from mmg_jax import errors
 
 _MIN_REPLICA_SLICE_BYTES = 2**20
 
@@ -43,6 +48,30 @@ _MIN_REPLICA_SLICE_BYTES = 2**20
 # still at the barrier. The jax.distributed client's barriers pair by name. Set through the flag's
 # parse, as absl's command line would, so that it holds with or without parsed flags.
 flags.FLAGS['experimental_orbax_use_distributed_barrier'].parse(True)
+
+
+class _OrbaxLogs(logging.Filter):
+  """Drops the records orbax logs (through absl's logger) unless absl's verbosity is 1 or more,
+  keeping the last error among them (its exception's type and first line) for SaveFailed."""
+
+  _ORBAX_DIR = os.path.dirname(os.path.dirname(ocp.__file__)) + os.sep
+
+  def __init__(self):
+    super().__init__()
+    self.last_error = None
+
+  def filter(self, record):
+    if not record.pathname.startswith(self._ORBAX_DIR):
+      return True
+    if record.levelno >= logging.ERROR:
+      exception = record.exc_info[1] if record.exc_info else None
+      self.last_error = (_first_line(exception) if exception else
+                         record.getMessage().partition('\n')[0][:300])
+    return absl_logging.get_verbosity() >= 1
+
+
+_ORBAX_LOGS = _OrbaxLogs()
+absl_logging.get_absl_logger().addFilter(_ORBAX_LOGS)
 
 
 class SaveFailed(Exception):
@@ -100,6 +129,7 @@ class Checkpointer:
     """Starts writing `step`; first waits for the previous save and raises SaveFailed if it, or
     this one's start, failed."""
     self._finish_writing()
+    _ORBAX_LOGS.last_error = None
     with self._save_errors(step):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state),
@@ -120,8 +150,8 @@ class Checkpointer:
       self._manager.wait_until_finished()
     self._manager.reload()  # orbax lists a step as saved before its files are written
     if step not in self._manager.all_steps():
-      raise SaveFailed(self._save_failed_message(step, 'orbax did not finalize it; its error is '
-                                                       'logged above'))
+      error = _ORBAX_LOGS.last_error or 'no error logged; --verbosity=1 shows its log'
+      raise SaveFailed(self._save_failed_message(step, f'orbax did not finalize it: {error}'))
     if self.keep is not None:
       for old in self._manager.all_steps()[:-self.keep]:
         self._manager.delete(old)
@@ -148,7 +178,7 @@ class Checkpointer:
     """Returns the state saved at `step`, laid out like `abstract_state` (a tree of
     jax.ShapeDtypeStruct with shardings); moves `data_iterator`, if given, to its position.
 
-    Raises UnreadableCheckpoint when the step's files cannot be read, ValueError when they
+    Raises UnreadableCheckpoint when the step's files cannot be read, UserError when they
     hold another model or optimizer.
     """
     with self._read_errors(step):
@@ -159,7 +189,7 @@ class Checkpointer:
                      for path in sorted(saved.keys() | wanted.keys(),
                                         key=lambda p: (not p.startswith('params'), p))
                      if saved.get(path) != wanted.get(path)]
-      raise ValueError(
+      raise errors.UserError(
           f'the checkpoint {self.directory}/{step} was written by a different model or '
           f'optimizer ({"; ".join(differences[:3])}): use a fresh --workdir, or delete '
           f'{self.directory} to retrain this stage.')
@@ -298,9 +328,12 @@ def _state_types():
 
 def _first_line(error):
   """'OSError: [Errno 27] File too large': an orbax error's type and first line, for a message
-  (tensorstore errors append a long spec)."""
-  lines = str(error).splitlines()
-  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+  (tensorstore errors append a long spec). A long line keeps its start and its end, where
+  tensorstore puts the cause ('... File too large [os_error_code='27']')."""
+  line = (str(error).splitlines() or [''])[0]
+  if len(line) > 300:
+    line = f'{line[:150]} ... {line[-150:]}'
+  return f'{type(error).__name__}: {line}'
 
 
 def _leaf_shapes(tree):

@@ -19,6 +19,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from data_pipeline import modalities
+from mmg_jax import errors
 from mmg_jax.models import mmg
 
 
@@ -117,8 +118,8 @@ def input_shape(model_config, modality):
   """[...] input shape of one clip of `modality`, from its encoder's config section."""
   shape = model_config[modality].get('input_shape')
   if shape is None:
-    raise ValueError(f'config.model.{modality} has no input_shape; add it in '
-                     f'configs/common.{modality}_config (the shape of one clip)')
+    raise errors.UserError(f'config.model.{modality} has no input_shape; add it in '
+                           f'configs/common.{modality}_config (the shape of one clip)')
   return tuple(shape)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import episodes, modalities
+from mmg_jax import errors
 
 
 def sample_episode_modalities(rng, *, num_episodes, n_way, k_shot, q_query, support_subsets,
@@ -44,7 +45,8 @@ def _subset_pairs(support_subsets, query_subsets):
   queries = list(dict.fromkeys(modalities.check(q) for q in query_subsets))
   pairs = [(s, q) for s in supports for q in queries if s != q]
   if not pairs:
-    raise ValueError(f'no cross-modal pair: every support subset {supports} equals every query '
-                     f'subset {queries}; give at least one query subset that differs from a '
-                     'support subset.')
+    raise errors.UserError(
+        f'no cross-modal pair: every support subset {supports} equals every query '
+        f'subset {queries}; give at least one query subset that differs from a '
+        'support subset.')
   return pairs

@@ -13,16 +13,18 @@ Numbers are percentages with a 95% confidence interval [low, high] (`ci95`): Wil
 the normal interval of the mean over episodes for few-shot.
 """
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import episodes, loaders, modalities
-from mmg_jax import losses, sharding
+from mmg_jax import errors, losses, sharding
 
 Z95 = 1.96
 EPISODE_BLOCK = 100  # episodes fused into one loop by `_map_episodes`
+PROGRESS_SECONDS = 30  # `over_split`'s interval between progress reports
 
 
 def restrict(batch, allowed):
@@ -203,18 +205,30 @@ def make_forward(model):
   return forward
 
 
-def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh):
+def predict_split(forward, params, dataset, split, subsets, *, batch_size, mesh, progress=None):
   """Model outputs on every example of `split` under each modality subset; padding dropped.
 
   Reads the split once and encodes each batch once (`make_forward`). Returns ({subset:
   {'fused': [n, D], 'logits': [n, C], 'present': [n, 3], 'unimodal_logits': {m: [n, C]},
   'unimodal_pooled': {m: [n, D_m]}}}, labels [n]); the encoders' own logits and pooled features,
   of the modalities the subsets use, are the same arrays under every subset.
+  progress(text), if given: the clips done as `over_split` reports them, and a line at the end.
   """
   subsets = tuple(dict.fromkeys(modalities.check(s) for s in subsets))
   used = modalities.check({m for subset in subsets for m in subset})
+  report, start = None, time.perf_counter()
+  if progress:
+    total = len(loaders.data_source(dataset, split, used))
+
+    def report(clips):
+      progress(f'predicting {split!r}: {min(clips, total)}/{total} clips '
+               f'({time.perf_counter() - start:.0f} s).')
+
   out = over_split(lambda batch: forward(params, batch, subsets), dataset, split,
-                   batch_size=batch_size, mesh=mesh, modalities=used)
+                   batch_size=batch_size, mesh=mesh, progress=report, modalities=used)
+  if progress:
+    progress(f'predicted {split!r}: {len(out["label"])} clips under {len(subsets)} modality '
+             f'subset{"s" if len(subsets) > 1 else ""} in {time.perf_counter() - start:.1f} s.')
   unimodal = {k: out[k] for k in ('unimodal_logits', 'unimodal_pooled')}
   outputs = {subset: out['subsets'][subset] | unimodal for subset in subsets}
   return outputs, out['label']
@@ -224,14 +238,16 @@ def over_split(fn, dataset, split, *, batch_size, mesh, progress=None,
                modalities=modalities.MODALITIES):
   """fn(sharded batch) -> a tree of [B, ...] outputs with the batch's 'mask', run over every
   example of `split` in split order: the gathered outputs concatenated on every process, padding
-  rows dropped ('mask' with them). progress(clips done), if given, every 50 batches. The batches
-  hold the media of `modalities` only (`loaders.eval_batches`)."""
-  chunks = []
+  rows dropped ('mask' with them). progress(clips done), if given, after a batch when
+  PROGRESS_SECONDS have passed since the start or the last report. The batches hold the media of
+  `modalities` only (`loaders.eval_batches`)."""
+  chunks, reported = [], time.perf_counter()
   for i, host_batch in enumerate(loaders.eval_batches(dataset, split, global_batch_size=batch_size,
                                                       modalities=modalities)):
     chunks.append(sharding.gather(fn(sharding.shard_batch(host_batch, mesh))))
-    if progress and (i + 1) % 50 == 0:
+    if progress and time.perf_counter() - reported >= PROGRESS_SECONDS:
       progress((i + 1) * batch_size)
+      reported = time.perf_counter()
   out = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
   keep = np.flatnonzero(out.pop('mask'))
   return jax.tree.map(functools.partial(np.take, indices=keep, axis=0), out)
@@ -285,8 +301,8 @@ def unimodal_fewshot_rows(outputs, support_idx, query_idx, paper):
 
 def _check_scored(scored, what):
   if not np.any(scored):
-    raise ValueError(f'{what}: no evaluation clip has any of its test modalities present, so '
-                     'there is nothing to score; check the dataset build report.')
+    raise errors.UserError(f'{what}: no evaluation clip has any of its test modalities present, so '
+                           'there is nothing to score; check the dataset build report.')
 
 
 def fewshot_row(row, outputs, support_idx, query_idx):
@@ -301,10 +317,11 @@ def fewshot_row(row, outputs, support_idx, query_idx):
                                 support_valid, query_valid)
   scored = scorable_episodes(support_idx, query_idx, support_valid, query_valid)
   if not np.any(scored):
-    raise ValueError(f'row {row["setting"]} {row["train"]} -> {row["test"]}: no evaluation '
-                     'episode has a support clip with the support modalities for every class '
-                     'and a query clip with the query modalities, so there is nothing to score; '
-                     'check the dataset build report.')
+    raise errors.UserError(
+        f'row {row["setting"]} {row["train"]} -> {row["test"]}: no evaluation '
+        'episode has a support clip with the support modalities for every class '
+        'and a query clip with the query modalities, so there is nothing to score; '
+        'check the dataset build report.')
   mean, ci95 = mean_ci95(np.asarray(accuracies)[scored])
   return {**row, 'mean': 100 * mean, 'ci95': _percent(ci95), 'n': int(np.sum(scored))}
 
@@ -330,17 +347,17 @@ def fixed_episodes(episode_cache, labels, fewshot, split):
   return episode_cache['episodes']
 
 
-def evaluate_rows(rows, predict, evaluation, episode_cache):
+def evaluate_rows(rows, predict, evaluation, episode_cache, progress=None):
   """Result rows of one trained pipeline: top-1 rows on the many-shot split, few-shot rows on
   the few-shot split; each row says its `split`.
 
   predict(split, subsets) -> (outputs, labels) as `predict_split` (the pipeline's model).
   evaluation: config.eval. episode_cache: a dict shared by every pipeline of a run, for
-  `fixed_episodes`.
+  `fixed_episodes`. progress(text), if given: a line for each row once it is scored.
   """
   metrics = {row['metric'] for row in rows} - {'top1', '5w5s_acc'}
   if metrics:
-    raise ValueError(f'unknown metrics {sorted(metrics)}; use top1 or 5w5s_acc.')
+    raise errors.UserError(f'unknown metrics {sorted(metrics)}; use top1 or 5w5s_acc.')
   results = {}
   top1 = [i for i, row in enumerate(rows) if row['metric'] == 'top1']
   if top1:
@@ -356,7 +373,20 @@ def evaluate_rows(rows, predict, evaluation, episode_cache):
                                             evaluation.fewshot_split)
     results |= {i: fewshot_row(rows[i], outputs, support_idx, query_idx)
                 | {'split': evaluation.fewshot_split} for i in fewshot}
-  return [results[i] for i in range(len(rows))]
+  results = [results[i] for i in range(len(rows))]
+  if progress:
+    for i, row in enumerate(results):
+      progress(f'row {i + 1}/{len(rows)}: {_row_summary(row)}')
+  return results
+
+
+def _row_summary(row):
+  """A scored result row in a line: 'missing V A I -> A I, 5w5s_acc on 'novel': 57.26% (600
+  episodes)'."""
+  unit = 'episodes' if row['metric'] == '5w5s_acc' else 'clips'
+  return (f'{row["setting"]} {modalities.short_name(row["train"])} -> '
+          f'{modalities.short_name(row["test"])}, {row["metric"]} on {row["split"]!r}: '
+          f'{row["mean"]:.2f}% ({row["n"]} {unit})')
 
 
 # What each evaluator (`EVALUATORS`) measures, in percent.

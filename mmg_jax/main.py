@@ -21,8 +21,14 @@ One run at a time per workdir (mmg_jax/workdir.py's lock). --workdir may be gs:/
 (any etils.epath path; needs gcsfs): such a workdir is not locked, and mmg_jax/workdir.py says
 what still holds. Results (results.json/md, plots) are written after each pipeline's rows; with
 --config.num_seeds=N, each seed runs in W/seed_<s>/ and W/results.json/md aggregate them
-(mmg_jax/seeds.py). Bad input and stopped stages print one paragraph and exit 1; --verbosity=1
-shows the traceback.
+(mmg_jax/seeds.py).
+
+What a user can fix prints one paragraph (`error: ...`) and exits 1 (--verbosity=1 adds the
+traceback): a --config file or --config.FIELD that does not exist (`parse_flags`), the errors of
+mmg_jax/errors.py (a bad config value, a dataset that is not built, a stage that --mode=evaluate
+finds unfinished), a busy workdir, a stage that stops (train.StageStopped). Those that the
+config, the dataset's files and the workdir's checkpoints tell are found before the workdir is
+locked, so they leave it as it was. Any other exception is a bug, printed with its traceback.
 """
 import os
 import sys
@@ -34,7 +40,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from mmg_jax import rendezvous
+from mmg_jax import config_args, errors, rendezvous
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file and size, e.g. configs/fewshot.py:tiny')
@@ -67,11 +73,6 @@ _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'print the resolved config (overrides applied) as JSON and exit; every '
     'run also writes it to <workdir>/config.json')
 flags.mark_flag_as_required('config')
-# What a user can fix (config, data, workdir): one paragraph and exit status 1, no traceback. By
-# convention the project raises ValueError for bad input, and a stage that stops (non-finite
-# loss, failed save, preemption) raises train.StageStopped; anything else is a bug and keeps its
-# traceback.
-USER_ERRORS = (ValueError,)
 
 
 def default_workdir(config_filename):
@@ -79,6 +80,20 @@ def default_workdir(config_filename):
   path, _, arg = config_filename.partition(':')
   name = os.path.splitext(os.path.basename(path))[0]
   return os.path.join('runs', f'{name}_{arg}' if arg else name)
+
+
+def parse_flags(argv):
+  """app.run's flags_parser: absl's, once `config_args.check` finds nothing. config_flags
+  raises from inside absl's parser, a traceback, for a config file that does not exist (or at
+  the config's first use) and for an override of a field that the config lacks: these, and a
+  user error raised by the config's get_config, exit 1 with one paragraph instead."""
+  try:
+    problem = config_args.check(argv[1:])
+  except errors.USER_ERRORS as e:  # get_config refuses its argument
+    problem = str(e)
+  if problem:
+    raise SystemExit(f'error: {problem}')
+  return app.parse_flags_with_usage(argv)
 
 
 COMPILATION_CACHE = 'compilation_cache'
@@ -194,10 +209,14 @@ def main(argv):
   if jax.process_index() == 0:
     print(f'{jax.process_count()} process(es), {jax.device_count()} devices; workdir '
           f'{workdir}', flush=True)
+  train_missing = _MODE.value == 'train'
   try:
+    # Before the lock: a run refused for its config, its data or (--mode=evaluate) unfinished
+    # stages leaves the workdir as it was.
+    seeds.check_inputs(_CONFIG.value, workdir, train_missing=train_missing)
     with mmg_jax.workdir.lock(workdir, process_index=jax.process_index()):
-      seeds.run(_CONFIG.value, workdir, train_missing=_MODE.value == 'train')
-  except (*USER_ERRORS, train.StageStopped, mmg_jax.workdir.WorkdirBusy) as e:
+      seeds.run(_CONFIG.value, workdir, train_missing=train_missing)
+  except (*errors.USER_ERRORS, train.StageStopped, mmg_jax.workdir.WorkdirBusy) as e:
     if flags.FLAGS.verbosity >= 1:
       _exit_if_distributed(traceback.format_exc())
       raise
@@ -220,4 +239,4 @@ def _exit_if_distributed(text):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

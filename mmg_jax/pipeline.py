@@ -31,6 +31,7 @@ import functools
 import json
 import math
 import os
+import textwrap
 
 import jax
 import ml_collections
@@ -41,8 +42,10 @@ from data_pipeline import episodes, features, loaders, modalities
 from mmg_jax import (
   checkpoint,
   costs,
+  errors,
   evaluate,
   feature_cache,
+  inference_info,
   paper,
   report,
   sharding,
@@ -76,15 +79,15 @@ def _validate_order(name, pipeline):
   """`order` names every stage of `stages` once, and each stage's `name` is its key."""
   order, keys = list(pipeline.order), sorted(pipeline.stages)
   if not order:
-    raise ValueError(f'pipeline {name!r} has no stages; give it at least one.')
+    raise errors.UserError(f'pipeline {name!r} has no stages; give it at least one.')
   if len(set(order)) != len(order) or sorted(order) != keys:
-    raise ValueError(f'pipeline {name!r}: order {order} must name each of its stages {keys} '
-                     'once (the order they run in).')
+    raise errors.UserError(f'pipeline {name!r}: order {order} must name each of its stages {keys} '
+                           'once (the order they run in).')
   for key in keys:
     if pipeline.stages[key].name != key:
-      raise ValueError(f'pipeline {name!r}: stage {key!r} is named '
-                       f'{pipeline.stages[key].name!r}; a stage\'s name is its key (and its '
-                       'checkpoint directory).')
+      raise errors.UserError(f'pipeline {name!r}: stage {key!r} is named '
+                             f'{pipeline.stages[key].name!r}; a stage\'s name is its key (and its '
+                             'checkpoint directory).')
 
 
 def _kind(stage):
@@ -92,9 +95,9 @@ def _kind(stage):
 
 
 def validate(config):
-  """Checks the pipelines and rows of a config before anything trains; raises ValueError."""
+  """Checks the pipelines and rows of a config before anything trains; raises UserError."""
   if config.eval.target not in TARGETS:
-    raise ValueError(f'eval.target={config.eval.target!r} must be one of {TARGETS}.')
+    raise errors.UserError(f'eval.target={config.eval.target!r} must be one of {TARGETS}.')
   evaluation_splits = {config.eval.manyshot_split, config.eval.fewshot_split,
                        config.eval.validation.split}
   for name, pipeline in config.pipelines.items():
@@ -104,13 +107,13 @@ def validate(config):
   used = set()
   for row in config.eval.rows:
     if row.pipeline not in config.pipelines:
-      raise ValueError(f'row {_row_name(row)} evaluates pipeline {row.pipeline!r}, which the '
-                       f'config does not define (pipelines: {sorted(config.pipelines)}).')
+      raise errors.UserError(f'row {_row_name(row)} evaluates pipeline {row.pipeline!r}, which the '
+                             f'config does not define (pipelines: {sorted(config.pipelines)}).')
     used.add(row.pipeline)
     train_subset, test_subset = modalities.check(row.train), modalities.check(row.test)
     if row.setting == 'zero-shot' and set(train_subset) & set(test_subset):
-      raise ValueError(f'zero-shot row {_row_name(row)} shares modalities between train and '
-                       'test; zero-shot train and test modalities must be disjoint.')
+      raise errors.UserError(f'zero-shot row {_row_name(row)} shares modalities between train and '
+                             'test; zero-shot train and test modalities must be disjoint.')
     if row.metric == 'top1':
       _validate_labeled_stages(row, config.pipelines[row.pipeline], train_subset)
   baselines = config.eval.unimodal_baselines
@@ -118,29 +121,31 @@ def validate(config):
     stages = (ordered_stages(config.pipelines[baselines]) if baselines in config.pipelines
               else ())
     if not any(_is_mmg_unimodal(s) and len(_subset(s)) == 3 for s in stages):
-      raise ValueError(f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
-                       'with a unimodal_ce stage over video, audio and IMU on MMG labels.')
+      raise errors.UserError(
+          f'eval.unimodal_baselines names {baselines!r}, which must be a pipeline '
+          'with a unimodal_ce stage over video, audio and IMU on MMG labels.')
   _validate_evaluation(config.eval)
   _validate_pretrained(config)
   unused = sorted(set(config.pipelines) - used)
   if unused:
-    raise ValueError(f'pipelines {unused} are not evaluated by any row; remove them or add rows '
-                     'that use them.')
+    raise errors.UserError(
+        f'pipelines {unused} are not evaluated by any row; remove them or add rows '
+        'that use them.')
 
 
 def _validate_stage(pipeline_name, stage, evaluation_splits):
   where = f'stage {stage.name!r} of pipeline {pipeline_name!r}'
   kind = stage_kinds.get(stage.kind, where)
   if stage.split in evaluation_splits:
-    raise ValueError(f'{where} trains on {stage.split!r}, an evaluation split; train on '
-                     f'train or {UNLABELED_SPLIT}.')
+    raise errors.UserError(f'{where} trains on {stage.split!r}, an evaluation split; train on '
+                           f'train or {UNLABELED_SPLIT}.')
   if kind.needs_labels and stage.split == UNLABELED_SPLIT:
-    raise ValueError(f'{where} ({stage.kind}) needs labels but reads the {UNLABELED_SPLIT!r} '
-                     'split; use the train split.')
+    raise errors.UserError(f'{where} ({stage.kind}) needs labels but reads the {UNLABELED_SPLIT!r} '
+                           'split; use the train split.')
   try:
     modalities.check(stage.modalities)
-  except ValueError as e:
-    raise ValueError(f'{where}: modalities: {e}') from None
+  except errors.USER_ERRORS as e:
+    raise errors.UserError(f'{where}: modalities: {e}') from None
   counts = ['num_steps', 'log_every', 'checkpoint_every', 'optimizer.accumulate_steps']
   counts += kind.batches.counts
   _check_numbers(where, stage, counts, lambda x: isinstance(x, int) and x >= 1,
@@ -157,24 +162,27 @@ def _validate_stage(pipeline_name, stage, evaluation_splits):
   subset = _subset(stage)
   kind.batches.check(where, stage)
   if kind.uses_align(stage) and ('video' not in subset or len(subset) < 2):
-    raise ValueError(f'{where} uses L_align, which pairs video with audio and IMU, but may see '
-                     f'only {list(subset)}; allow video and another modality or set align_weight '
-                     'to 0.')
+    raise errors.UserError(
+        f'{where} uses L_align, which pairs video with audio and IMU, but may see '
+        f'only {list(subset)}; allow video and another modality or set align_weight '
+        'to 0.')
 
 
 def _validate_stage_validation(where, validation):
   evaluator = validation.evaluator
   if evaluator is not None and evaluator not in evaluate.EVALUATORS:
-    raise ValueError(f'{where}: validation.evaluator={evaluator!r} must be one of '
-                     f'{tuple(evaluate.EVALUATORS)} or None.')
+    raise errors.UserError(f'{where}: validation.evaluator={evaluator!r} must be one of '
+                           f'{tuple(evaluate.EVALUATORS)} or None.')
   _check_numbers(where, {'validation': validation}, ['validation.every'],
                  lambda x: isinstance(x, int) and x >= 1, 'a whole number of at least 1')
   if not isinstance(validation.select_best, bool):
-    raise ValueError(f'{where}: validation.select_best={validation.select_best!r} must be True '
-                     'or False.')
+    raise errors.UserError(
+        f'{where}: validation.select_best={validation.select_best!r} must be True '
+        'or False.')
   if validation.select_best and evaluator is None:
-    raise ValueError(f'{where}: validation.select_best needs a validation.evaluator to select '
-                     f'by; set one of {tuple(evaluate.EVALUATORS)}.')
+    raise errors.UserError(
+        f'{where}: validation.select_best needs a validation.evaluator to select '
+        f'by; set one of {tuple(evaluate.EVALUATORS)}.')
 
 
 def _check_numbers(where, stage, fields, good, what):
@@ -184,7 +192,7 @@ def _check_numbers(where, stage, fields, good, what):
     for key in field.split('.'):
       value = value[key]
     if isinstance(value, bool) or not isinstance(value, int | float) or not good(value):
-      raise ValueError(f'{where}: {field}={value!r} must be {what}.')
+      raise errors.UserError(f'{where}: {field}={value!r} must be {what}.')
 
 
 def _validate_evaluation(evaluation):
@@ -232,15 +240,15 @@ def check_feasible(config, names, mesh):
       try:
         note = _check_stage_feasible(stage, params, len(source(stage.split)), mesh,
                                      labels=split_labels)
-      except ValueError as e:
-        raise ValueError(f'{where}: {e}') from None
+      except errors.USER_ERRORS as e:
+        raise errors.UserError(f'{where}: {e}') from None
       if note:
         _say(name, f'stage {stage.name!r}: {note}')
   evaluation = config.eval
   try:
     sharding.check_batch_size(evaluation.batch_size, mesh)
-  except ValueError as e:
-    raise ValueError(f'config.eval.batch_size: {e}') from None
+  except errors.USER_ERRORS as e:
+    raise errors.UserError(f'config.eval.batch_size: {e}') from None
   validation = config.eval.validation
   if any(stage.validation.evaluator == 'fewshot'
          for name in names for stage in config.pipelines[name].stages.values()):
@@ -305,14 +313,15 @@ def _validate_pretrained(config):
       checked.add((m, model_cfg[m].to_json()))
       provenance = pretrained.read_provenance(directory)
       if provenance['modality'] != m:
-        raise ValueError(f'model.{m}.init_from={directory!r} holds a converted '
-                         f'{provenance["modality"]} encoder ({provenance["source"]}), not a {m} '
-                         f'one; give it to model.{provenance["modality"]}.init_from, or convert a '
-                         f'{m} checkpoint for model.{m}.init_from.')
+        raise errors.UserError(
+            f'model.{m}.init_from={directory!r} holds a converted '
+            f'{provenance["modality"]} encoder ({provenance["source"]}), not a {m} '
+            f'one; give it to model.{provenance["modality"]}.init_from, or convert a '
+            f'{m} checkpoint for model.{m}.init_from.')
       try:
         pretrained.load(directory, encoder_config=model_cfg[m])
-      except ValueError as e:
-        raise ValueError(f'model.{m}.init_from: {e}') from None
+      except errors.USER_ERRORS as e:
+        raise errors.UserError(f'model.{m}.init_from: {e}') from None
 
 
 def _validate_labeled_stages(row, pipeline, train_subset):
@@ -322,7 +331,7 @@ def _validate_labeled_stages(row, pipeline, train_subset):
       continue
     leaked = [m for m in _subset(stage) if m not in train_subset]
     if leaked:
-      raise ValueError(
+      raise errors.UserError(
           f'stage {stage.name!r} of pipeline {row.pipeline!r} reads labeled {stage.split!r} '
           f'clips with modalities {list(_subset(stage))}, but row {_row_name(row)} trains on '
           f'{list(train_subset)} only: {leaked} would leak into supervised training. Restrict '
@@ -512,9 +521,10 @@ def _check_stage_dir(stage_dir, identity):
   recorded = path.read_text()
   if recorded != identity:
     differences = _identity_differences(recorded, identity)
-    raise ValueError(f'{stage_dir} holds a stage trained with a different config (fields that '
-                     f'differ: {", ".join(differences[:8]) or "none readable"}); use a fresh '
-                     '--workdir, or delete that directory to retrain it.')
+    raise errors.UserError(
+        f'{stage_dir} holds a stage trained with a different config (fields that '
+        f'differ: {", ".join(differences[:8]) or "none readable"}); use a fresh '
+        '--workdir, or delete that directory to retrain it.')
 
 
 def _claim_stage_dir(stage_dir, identity):
@@ -547,11 +557,12 @@ def _refuse_orphans(workdir, directories, name, index):
   stages = _stages_of(directories, name)
   for later in stages[index + 1:]:
     if (epath.Path(workdir) / later / STAGE_FILE).exists():
-      raise ValueError(f'{os.path.join(workdir, stages[index])} has no finished checkpoint, but '
-                       f'{os.path.join(workdir, later)}, a later stage of pipeline {name!r}, was '
-                       'trained from it: retraining the earlier stage would leave the later one '
-                       'built on other params. Delete the later stage directories too (or '
-                       'restore the missing one), then rerun.')
+      raise errors.UserError(
+          f'{os.path.join(workdir, stages[index])} has no finished checkpoint, but '
+          f'{os.path.join(workdir, later)}, a later stage of pipeline {name!r}, was '
+          'trained from it: retraining the earlier stage would leave the later one '
+          'built on other params. Delete the later stage directories too (or '
+          'restore the missing one), then rerun.')
 
 
 def _stages_of(directories, name):
@@ -559,20 +570,28 @@ def _stages_of(directories, name):
           if pipeline == name]
 
 
-def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=True):
+def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=True,
+                   run_pipelines=None):
   """Runs the unfinished stages of pipeline `name` in order; returns (model, its final params).
 
   directories: `stage_directories(config)`. A finished stage (its final checkpoint is on disk,
   trained earlier or by another pipeline that shares it) is not run again, and only the params
   of the last finished stage before one that trains are restored, so that the devices hold the
   params of one pipeline at a time. train_missing=False (evaluate-only) trains nothing: a stage
-  without its final checkpoint is an error naming it.
+  without its final checkpoint is an error naming it. run_pipelines: the pipelines the run trains,
+  in order (None: `name` alone), for the progress lines' positions and the run's ETA.
+  Writes the config into the pipeline's TensorBoard run (`tensorboard_dir`), at the step its
+  stages' checkpoints have reached.
   """
   pipeline = config.pipelines[name]
   model_cfg = model_config(config, pipeline)
   model = mmg.MMGModel(config=model_cfg)
   params, finished = None, None
   stages = ordered_stages(pipeline)
+  reached = sum(_checkpoint_steps(os.path.join(workdir, directories[name, i])) or 0
+                for i in range(len(stages)))
+  train.write_events(tensorboard_dir(workdir, name), reached,
+                     texts={'config': textwrap.indent(config_json(config), '    ')})
   for i, stage in enumerate(stages):
     directory = directories[name, i]
     stage_dir = os.path.join(workdir, directory)
@@ -586,15 +605,16 @@ def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=Tr
       params, finished = None, (stage, directory)
       continue
     if not train_missing:
-      raise ValueError(_unfinished_message([(stage, stage_dir, step)]))
+      raise errors.UserError(_unfinished_message([(stage, stage_dir, step)]))
     _refuse_orphans(workdir, directories, name, i)
     if params is None:
       params = (_restore(config, model, *finished, workdir, mesh) if finished else
                 init_params(model, example_batch(config.dataset), config.seed)
                 | pretrained_encoders(name, model_cfg))
     params = jax.device_get(params)  # while the stage trains, its state is the only device copy
-    params = _run_stage(config, model, stage, index=i, workdir=workdir,
-                        stage_dir=stage_dir, identity=identity, init=params, mesh=mesh)
+    context = _stage_context(config, name, i, workdir, directories, run_pipelines or [name])
+    params = _run_stage(config, model, stage, index=i, workdir=workdir, stage_dir=stage_dir,
+                        identity=identity, init=params, mesh=mesh, context=context)
     finished = None
   if params is None:  # every stage had finished
     params = _restore(config, model, *finished, workdir, mesh)
@@ -621,21 +641,64 @@ def _unfinished_message(unfinished):
           + '\n'.join(lines) + '\nrun the same command without --mode=evaluate to train them.')
 
 
-def _run_stage(config, model, stage, *, index, workdir, stage_dir, identity, init, mesh):
+def check_inputs(config, workdir, *, train_missing=True):
+  """What a run checks before it reads a clip or writes to `workdir` (main, before it locks the
+  workdir): the config (`validate`); with train_missing=False (--mode=evaluate) that the stages
+  of the selected rows have finished; that the dataset is built or can be (loaders).
+  `check_feasible` checks the rest once the data and the devices are at hand."""
+  validate(config)
+  if not train_missing:
+    names = sorted({config.eval.rows[i].pipeline for i in select_rows(config)})
+    if unfinished := unfinished_stages(config, names, workdir, stage_directories(config)):
+      raise errors.UserError(_unfinished_message(unfinished))
+  loaders.check_buildable(config.dataset)
+
+
+def tensorboard_dir(workdir, name):
+  """W/tensorboard/<pipeline>: the TensorBoard run of pipeline `name`. Its stages (a shared one
+  too: it writes into each pipeline's run) on one step axis (train.StageContext), their
+  validations, the config of each command that ran it and its evaluated rows (`eval/...`)."""
+  return os.path.join(workdir, 'tensorboard', name)
+
+
+def _position(name, run_pipelines):
+  """'full_meta 3/10': pipeline `name` and its place among the run's pipelines."""
+  return f'{name} {run_pipelines.index(name) + 1}/{len(run_pipelines)}'
+
+
+def _stage_context(config, name, index, workdir, directories, run_pipelines):
+  """The train.StageContext of stage `index` of pipeline `name`, in a run that trains
+  `run_pipelines` in that order: the steps of the stages before it in its pipeline, the
+  TensorBoard run of every pipeline that shares it, and the steps the run trains after it."""
+  stages = ordered_stages(config.pipelines[name])
+  directory = directories[name, index]
+  later = unfinished_stages(config, run_pipelines[run_pipelines.index(name):], workdir,
+                            directories)
+  return train.StageContext(
+      f'{_position(name, run_pipelines)} | {stages[index].name} {index + 1}/{len(stages)}',
+      step_offset=sum(stage.num_steps for stage in stages[:index]),
+      event_dirs=tuple(tensorboard_dir(workdir, p) for p in sorted(
+          {p for (p, _), d in directories.items() if d == directory})),
+      later_steps=sum(stage.num_steps - (step or 0) for stage, stage_dir, step in later
+                      if stage_dir != os.path.join(workdir, directory)))
+
+
+def _run_stage(config, model, stage, *, index, workdir, stage_dir, identity, init, mesh,
+               context):
   """train.run_stage of the stage at `index` of its pipeline in `stage_dir`, claimed for
-  `identity`; a claim this call made is dropped again if the stage fails before its first
-  checkpoint (nothing trained there)."""
+  `identity`, logging as `context` (a train.StageContext) says; a claim this call made is
+  dropped again if the stage fails before its first checkpoint (nothing trained there)."""
   seeds = {stream: stream_seed(config.seed, index, stream) for stream in ('train', 'loader')}
   claimed = _claim_stage_dir(stage_dir, identity)
   try:
-    source = _feature_cache(config, model, stage, init, workdir, mesh)
+    source = _feature_cache(config, model, stage, init, workdir, mesh, context.label)
     return train.run_stage(
         os.path.basename(stage_dir), workdir=os.path.dirname(stage_dir), model=model,
         loss_fn=make_loss_fn(model, stage, encoded=source is not None), init_params=init,
         loader=make_loader(config.dataset, stage, seeds['loader'], source),
         optimizer=stage.optimizer, num_steps=stage.num_steps, mesh=mesh, seed=seeds['train'],
         log_every=stage.log_every, checkpoint_every=stage.checkpoint_every,
-        validation=_stage_validation(config, model, stage, mesh))
+        validation=_stage_validation(config, model, stage, mesh), context=context)
   except BaseException:
     if claimed and _checkpoint_steps(stage_dir) is None:
       (epath.Path(stage_dir) / STAGE_FILE).unlink()
@@ -661,15 +724,16 @@ def _stage_validation(config, model, stage, mesh):
                           select_best=metric if spec.select_best else None)
 
 
-def _feature_cache(config, model, stage, params, workdir, mesh):
+def _feature_cache(config, model, stage, params, workdir, mesh, label):
   """The cached features of a stage whose encoders are all frozen (`config.feature_cache`),
-  as a data source for its loader; None for a stage that runs its encoders."""
+  as a data source for its loader; None for a stage that runs its encoders. label: the stage's
+  progress lines' (train.StageContext)."""
   if not (config.feature_cache and feature_cache.applies(stage)):
     return None
   return feature_cache.load_or_compute(
       model, params, config.dataset, stage.split, _subset(stage), workdir=workdir,
       batch_size=config.eval.batch_size, mesh=mesh,
-      progress=lambda text: _say(stage.name, text))
+      progress=lambda text: _say(label, text))
 
 
 def _restore(config, model, stage, directory, workdir, mesh):
@@ -738,8 +802,8 @@ def select_rows(config):
   unknown = [s for s in selectors if not any(s in k for k in keys)]
   if unknown or not selectors:
     known = sorted(set().union(*keys))
-    raise ValueError(f'eval.only={config.eval.only!r}: {unknown or "no selector"} matches no '
-                     f'row; use a comma-separated list of: {", ".join(known)}.')
+    raise errors.UserError(f'eval.only={config.eval.only!r}: {unknown or "no selector"} matches no '
+                           f'row; use a comma-separated list of: {", ".join(known)}.')
   return [i for i, k in enumerate(keys) if k & set(selectors)]
 
 
@@ -763,7 +827,7 @@ def run(config, workdir, *, train_missing=True):
   train_missing=False evaluates finished checkpoints only (main's --mode=evaluate). Results go
   to `results_dir`: the workdir, or workdir/val for eval.target 'val'.
   """
-  validate(config)
+  check_inputs(config, workdir, train_missing=train_missing)
   config = for_target(config)
   selected = select_rows(config)
   config_rows = [config.eval.rows[i] for i in selected]
@@ -771,54 +835,62 @@ def run(config, workdir, *, train_missing=True):
   directories = stage_directories(config)
   mesh = sharding.make_mesh()
   check_feasible(config, names, mesh)
-  if not train_missing and (unfinished := unfinished_stages(config, names, workdir, directories)):
-    raise ValueError(_unfinished_message(unfinished))
   write_config(config, results_dir(config, workdir))
+  inference_info.write(config, results_dir(config, workdir))  # for mmg_jax.api
   forwards, episode_cache, results, unimodal = {}, {}, {}, None
   for name in names:
     model, params = train_pipeline(config, name, workdir, mesh, directories,
-                                   train_missing=train_missing)
+                                   train_missing=train_missing, run_pipelines=names)
+    progress = functools.partial(_say, f'{_position(name, names)} | eval')
     forward = forwards.setdefault(model_config(config, config.pipelines[name]).to_json(),
                                   evaluate.make_forward(model))
     if name == config.eval.unimodal_baselines:
-      _say(name, 'evaluating the unimodal baselines.')
+      progress('evaluating the unimodal baselines.')
       unimodal = _unimodal_baselines(
           config, forward, _unimodal_params(config, name, model, workdir, mesh, directories),
-          mesh, episode_cache)
+          mesh, episode_cache, progress)
     indices = [i for i, row in enumerate(config_rows) if row.pipeline == name]
-    _say(name, f'evaluating {len(indices)} rows.')
+    progress(f'evaluating {len(indices)} rows.')
     predictions = {}
 
-    def predict(split, subsets, params=params, forward=forward, predictions=predictions):
+    def predict(split, subsets, params=params, forward=forward, predictions=predictions,
+                progress=progress):
       predictions[split] = evaluate.predict_split(forward, params, config.dataset, split, subsets,
-                                                  batch_size=config.eval.batch_size, mesh=mesh)
+                                                  batch_size=config.eval.batch_size, mesh=mesh,
+                                                  progress=progress)
       return predictions[split]
 
     checkpoint_used = evaluated_checkpoint(config, name, workdir, directories)
     rows = [_result_row(config_rows[i]) | {'checkpoint': checkpoint_used} for i in indices]
-    results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache),
-                       strict=True))
-    if name == config_rows[0].pipeline:
-      _save_embeddings(config, name, results_dir(config, workdir), predictions)
+    results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache,
+                                                       progress), strict=True))
+    _write_results(config, config_rows, results, results_dir(config, workdir), unimodal,
+                   predictions if name == config_rows[0].pipeline else None)
+    with report.optional_output(f'the evaluation events in {tensorboard_dir(workdir, name)}'):
+      _log_evaluation(config, name, workdir, [results[i] for i in indices] + (
+          unimodal if name == config.eval.unimodal_baselines else []))
     del params, predict, predictions  # the next pipeline trains with only its own params
-    _write_results(config, config_rows, results, results_dir(config, workdir), unimodal)
   return [results[i] for i in range(len(config_rows))]
 
 
 def _save_embeddings(config, name, workdir, predictions):
   """W/embeddings.npz (mmg_jax.plots) of the first row's pipeline: its fused embeddings on the
-  few-shot split if it was evaluated there, else on the many-shot split."""
+  few-shot split if it was evaluated there, else on the many-shot split. Optional: a failed
+  write is a warning line (report.optional_output)."""
   from mmg_jax import plots  # matplotlib: only once there is something to plot
   split = (config.eval.fewshot_split if config.eval.fewshot_split in predictions else
            config.eval.manyshot_split)
+  outputs, labels = predictions[split]
+  path = os.path.join(workdir, plots.EMBEDDINGS_FILE)
   if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    plots.save_embeddings(os.path.join(workdir, plots.EMBEDDINGS_FILE), *predictions[split],
-                          pipeline=name, split=split)
+    with report.optional_output(path):
+      plots.save_embeddings(path, outputs, labels, pipeline=name, split=split)
 
 
-def _write_results(config, config_rows, results, workdir, unimodal):
-  """results.md/json and the plots of the rows evaluated so far; the others are pending."""
+def _write_results(config, config_rows, results, workdir, unimodal, predictions=None):
+  """results.json/md of the rows evaluated so far (the others are pending), then what is
+  optional: the embeddings of `predictions` (the first row's pipeline's: `_save_embeddings`)
+  and the plots. The results come first, so that no failed optional output loses them."""
   episodes = {'n_way': config.eval.fewshot.n_way, 'k_shot': config.eval.fewshot.k_shot}
   rows = [(results.get(i) or _result_row(row) | {'mean': None, 'ci95': None, 'n': None})
           | (episodes if row['metric'] == '5w5s_acc' else {})  # what the table header reads
@@ -827,7 +899,11 @@ def _write_results(config, config_rows, results, workdir, unimodal):
                            for row in unimodal]
   rows = [row | {'gflops': _gflops(config, row)} for row in rows]
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
-               unimodal=unimodal)
+               unimodal=unimodal, plots=False)
+  if predictions is not None:
+    _save_embeddings(config, config_rows[0].pipeline, workdir, predictions)
+  if jax.process_index() == 0:
+    report.draw(workdir)
 
 
 def _gflops(config, row):
@@ -836,7 +912,7 @@ def _gflops(config, row):
   return costs.subset_gflops(model)[modalities.short_name(row['test'])]
 
 
-def _unimodal_baselines(config, forward, params, mesh, episode_cache):
+def _unimodal_baselines(config, forward, params, mesh, episode_cache, progress):
   """Each encoder with what unimodal pre-training gave it: top-1 of its own head on the
   many-shot split, or for a few-shot table the fixed episodes on its pooled features."""
   evaluation = config.eval
@@ -844,7 +920,8 @@ def _unimodal_baselines(config, forward, params, mesh, episode_cache):
   split = evaluation.fewshot_split if fewshot else evaluation.manyshot_split
   outputs, labels = evaluate.predict_split(forward, params, config.dataset, split,
                                            [modalities.MODALITIES],
-                                           batch_size=evaluation.batch_size, mesh=mesh)
+                                           batch_size=evaluation.batch_size, mesh=mesh,
+                                           progress=progress)
   if fewshot:
     rows = evaluate.unimodal_fewshot_rows(
         outputs, *evaluate.fixed_episodes(episode_cache, labels, evaluation.fewshot, split),
@@ -865,6 +942,18 @@ def _unimodal_params(config, name, model, workdir, mesh, directories):
   stages = ordered_stages(config.pipelines[name])
   index = next(i for i, stage in enumerate(stages) if _is_mmg_unimodal(stage))
   return _restore(config, model, stages[index], directories[name, index], workdir, mesh)
+
+
+def _log_evaluation(config, name, workdir, rows):
+  """Result rows of pipeline `name` (with its unimodal baselines) in its TensorBoard run, at its
+  last step: eval/<split>/<metric>/<setting>_<train>_to_<test>, or .../unimodal_<modality>."""
+  scalars = {}
+  for row in rows:
+    what = (f'unimodal_{row["modality"]}' if 'modality' in row else row['setting'] + '_' +
+            '_to_'.join(modalities.short_name(row[k]).replace(' ', '') for k in ('train', 'test')))
+    scalars[f'eval/{row["split"]}/{row["metric"]}/{what}'] = row['mean']
+  step = sum(stage.num_steps for stage in ordered_stages(config.pipelines[name]))
+  train.write_events(tensorboard_dir(workdir, name), step, scalars=scalars)
 
 
 def _say(name, text):

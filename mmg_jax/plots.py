@@ -44,6 +44,7 @@ Every figure is drawn with matplotlib's Agg canvas (no display), each `*_figure`
 returning its Figure and each `draw_*` writing it. The workdir may be any etils.epath path
 (gs://...): every file is read and written through epath.
 """
+import io
 import json
 import math
 import os
@@ -57,8 +58,9 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
+import mmg_jax.workdir
 from data_pipeline import modalities, preprocess
-from mmg_jax import paper, results
+from mmg_jax import errors, paper, results
 
 PLOTS_DIR = 'plots'
 EMBEDDINGS_FILE = 'embeddings.npz'
@@ -154,8 +156,9 @@ def _unique_cells(rows, key_of, what):
   for row in rows:
     key = key_of(row)
     if key in cells:
-      raise ValueError(f'two result rows fill the same cell {key} of the {what}; a matrix holds '
-                       'one row per cell: plot one kind of results (and one metric) at a time.')
+      raise errors.UserError(
+          f'two result rows fill the same cell {key} of the {what}; a matrix holds '
+          'one row per cell: plot one kind of results (and one metric) at a time.')
     cells[key] = row
   return cells
 
@@ -558,19 +561,21 @@ def draw_cost(points, path, bars='95% interval', *, dataset=None):
 
 
 def save_embeddings(path, outputs, labels, *, pipeline, split):
-  """Writes the embeddings file of `draw_embeddings` from `evaluate.predict_split` outputs.
+  """Writes the embeddings file of `draw_embeddings` from `evaluate.predict_split` outputs,
+  atomically (mmg_jax.workdir): a failed write leaves the old file, or none.
 
   outputs: {subset: {'fused': [n, D], ...}}; labels: [n].
   """
   subsets = [modalities.check(s) for s in outputs]
-  with epath.Path(path).open('wb') as f:
-    np.savez(f,
-             embeddings=np.concatenate([np.asarray(outputs[s]['fused'], np.float32)
-                                        for s in subsets]),
-             labels=np.concatenate([np.asarray(labels)] * len(subsets)),
-             subset=np.array([modalities.short_name(s) for s in subsets
-                              for _ in range(len(labels))]),
-             pipeline=np.array(pipeline), split=np.array(split))
+  data = io.BytesIO()
+  np.savez(data,
+           embeddings=np.concatenate([np.asarray(outputs[s]['fused'], np.float32)
+                                      for s in subsets]),
+           labels=np.concatenate([np.asarray(labels)] * len(subsets)),
+           subset=np.array([modalities.short_name(s) for s in subsets
+                            for _ in range(len(labels))]),
+           pipeline=np.array(pipeline), split=np.array(split))
+  mmg_jax.workdir.atomic_write_bytes(path, data.getvalue())
 
 
 def load_embeddings(path):
@@ -582,9 +587,9 @@ def load_embeddings(path):
   n = len(arrays.get('embeddings', ()))
   if missing or arrays['embeddings'].ndim != 2 or any(
       len(arrays[k]) != n for k in ('labels', 'subset')):
-    raise ValueError(f'{path} is not an embeddings file: it needs arrays embeddings [N, D], '
-                     f'labels [N] and subset [N] (missing: {sorted(missing)}); write it with '
-                     'mmg_jax.plots.save_embeddings.')
+    raise errors.UserError(f'{path} is not an embeddings file: it needs arrays embeddings [N, D], '
+                           f'labels [N] and subset [N] (missing: {sorted(missing)}); write it with '
+                           'mmg_jax.plots.save_embeddings.')
   return {'pipeline': '', 'split': ''} | arrays
 
 
@@ -700,13 +705,14 @@ def draw_run(workdir, dataset=None):
 
 
 def _clip_array(example, modality, where):
-  """example[modality] as an array, checked against _CLIP_AXES; a ValueError if it is not."""
+  """example[modality] as an array, checked against _CLIP_AXES; a UserError if it is not."""
   data = np.asarray(example[modality]) if modality in example else None
   ndim, channels, axes = _CLIP_AXES[modality]
   if data is None or data.ndim != ndim or (channels and data.shape[-1] != channels):
     shape = 'missing' if data is None else f'of shape {data.shape}'
-    raise ValueError(f'{where} has {modality} {shape}, but a clip holds {modality} {axes} (an '
-                     'example of data_pipeline.loaders.data_source); pass such an example.')
+    raise errors.UserError(
+        f'{where} has {modality} {shape}, but a clip holds {modality} {axes} (an '
+        'example of data_pipeline.loaders.data_source); pass such an example.')
   return data
 
 
@@ -773,8 +779,9 @@ def _episode_arrays(support_idx, query_idx, predicted):
   n_way = support_idx.shape[0] if support_idx.ndim == 2 else None
   if (n_way is None or query_idx.ndim != 2 or query_idx.shape[0] != n_way
       or predicted.shape != query_idx.shape or predicted.min() < 0 or predicted.max() >= n_way):
-    raise ValueError(f'an episode needs support_idx [N, K], query_idx [N, Q] and predicted [N, Q] '
-                     f'class rows in [0, N); got shapes {support_idx.shape}, {query_idx.shape} '
+    raise errors.UserError(
+        f'an episode needs support_idx [N, K], query_idx [N, Q] and predicted [N, Q] '
+        f'class rows in [0, N); got shapes {support_idx.shape}, {query_idx.shape} '
                      f'and {predicted.shape} (values {predicted.min()}..{predicted.max()}). Pass '
                      'one episode: index [e] of the arrays of evaluate.sample_eval_episodes and '
                      'evaluate.episode_predictions.')

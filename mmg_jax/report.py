@@ -12,18 +12,22 @@ come from mmg_jax/paper.py.
 
   python -m mmg_jax.report --workdir=runs/fewshot    # redraws the plots of a finished run
 
-results.md links the plots (mmg_jax/plots.py) that `write` draws in workdir/plots/.
+results.md links the plots (mmg_jax/plots.py) that `write` draws in workdir/plots/. The results
+come first: results.json and results.md are written (each atomically) before anything optional,
+and an optional output that fails (`optional_output`: the plots, the embeddings of
+mmg_jax/pipeline.py) is a warning line, not a lost table.
 """
+import contextlib
 import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
 import mmg_jax.workdir
 from data_pipeline import modalities
-from mmg_jax import paper, results
+from mmg_jax import errors, paper, results
 
 METRICS = ('top1', '5w5s_acc')
 KINDS = ('few-shot', 'many-shot', 'ablation')
@@ -131,7 +135,7 @@ def markdown(kind, rows, unimodal=None, *, seeds=None, num_seeds=None):
   seeds, num_seeds: of an aggregate over seeds (`aggregate`); None for a single run.
   """
   if kind not in KINDS:
-    raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
+    raise errors.UserError(f'results kind {kind!r} is not one of {KINDS}')
   table = ablation_table(rows) if kind == 'ablation' else matrix_table(kind, rows, seeds)
   if unimodal:
     how = ('its own head' if unimodal[0]['metric'] == 'top1' else
@@ -164,7 +168,7 @@ def to_json(kind, rows, unimodal=None):
   names, and 'unimodal' (rows with a 'modality') when there are unimodal baselines. While a run
   is under way, `complete` is False and the rows a later pipeline evaluates have `mean` None."""
   if kind not in KINDS:
-    raise ValueError(f'results kind {kind!r} is not one of {KINDS}')
+    raise errors.UserError(f'results kind {kind!r} is not one of {KINDS}')
   doc = {'kind': kind, 'complete': all(row['mean'] is not None for row in rows),
          'rows': [{**row, 'train': list(row['train']), 'test': list(row['test'])}
                   for row in rows]}
@@ -188,15 +192,16 @@ def aggregate(docs, num_seeds=None):
   between them. A row no seed has evaluated yet has `mean` None.
   """
   if not docs:
-    raise ValueError('no seed has results to aggregate yet.')
+    raise errors.UserError('no seed has results to aggregate yet.')
   seeds = sorted(docs)
   first = docs[seeds[0]]
   for seed in seeds:
     doc = docs[seed]
     if doc['kind'] != first['kind'] or len(doc['rows']) != len(first['rows']):
-      raise ValueError(f"seed {seed}'s results ({doc['kind']}, {len(doc['rows'])} rows) are not "
-                       f"those of seed {seeds[0]} ({first['kind']}, {len(first['rows'])} rows): "
-                       'aggregate the seeds of one config.')
+      raise errors.UserError(
+          f"seed {seed}'s results ({doc['kind']}, {len(doc['rows'])} rows) are not "
+          f"those of seed {seeds[0]} ({first['kind']}, {len(first['rows'])} rows): "
+          'aggregate the seeds of one config.')
   rows = [_aggregate_row([(seed, docs[seed]['rows'][i]) for seed in seeds])
           for i in range(len(first['rows']))]
   modalities_run = list(dict.fromkeys(row['modality'] for seed in seeds
@@ -222,8 +227,8 @@ def _aggregate_row(measured):
   seed, template = measured[0]
   for other, row in measured[1:]:
     if _row_name(row) != _row_name(template):
-      raise ValueError(f'seed {other} has row {_row_name(row)} where seed {seed} has '
-                       f'{_row_name(template)}: aggregate the seeds of one config.')
+      raise errors.UserError(f'seed {other} has row {_row_name(row)} where seed {seed} has '
+                             f'{_row_name(template)}: aggregate the seeds of one config.')
   evaluated = [(s, row) for s, row in measured if row['mean'] is not None]
   rows = [row for _, row in evaluated] or [template]
   keys = dict.fromkeys(k for row in rows for k in row if k not in ('mean', 'ci95', 'n'))
@@ -249,7 +254,39 @@ def plot_links(paths, workdir):
 
 
 def _write_markdown(workdir, text):
-  mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.md'), text)
+  _write_result(os.path.join(workdir, 'results.md'), text)
+
+
+def _write_result(path, text):
+  """atomic_write_text of a results file (its directory made if missing), which is not
+  optional: a failure is an error naming the file and what to do."""
+  try:
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    mmg_jax.workdir.atomic_write_text(path, text)
+  except OSError as e:
+    raise errors.UserError(
+        f'could not write the results file {path} ({_reason(e)}). Free space on that disk or '
+        'make it writable (or use another --workdir), then rerun the same command (a run does '
+        'not train its finished stages again).') from e
+
+
+def _reason(error):
+  """'OSError: [Errno 28] No space left on device': an error's type and first line."""
+  lines = str(error).splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
+@contextlib.contextmanager
+def optional_output(what):
+  """Runs the block that writes the optional output `what` (the plots, the embeddings), once the
+  results are written: any error there (a full disk, matplotlib) prints one warning line naming
+  `what` and the reason, and the run goes on. --verbosity=1 logs the traceback."""
+  try:
+    yield
+  except Exception as e:  # an OSError, or whatever a plotting library raises
+    print(f'[results] warning: could not write {what} ({_reason(e)}); the results are written, '
+          'the run goes on.', flush=True)
+    logging.debug('could not write %s', what, exc_info=True)
 
 
 def redraw(workdir):
@@ -265,10 +302,18 @@ def redraw(workdir):
   return paths
 
 
+def draw(workdir):
+  """`redraw` as an optional output of a run (`optional_output`): the results stay as written
+  when a plot cannot be drawn or written."""
+  with optional_output(f'the plots in {os.path.join(workdir, "plots")}'):
+    redraw(workdir)
+
+
 def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
-  """Writes workdir/results.md and workdir/results.json (process 0 only), then, with `plots`,
-  the plots in workdir/plots/ and their links in results.md. Rows with `mean` None are pending
-  (a later pipeline evaluates them): the table is printed once no row is pending."""
+  """Writes workdir/results.json and workdir/results.md (process 0 only), then, with `plots`,
+  the plots in workdir/plots/ and their links in results.md (`draw`). Rows with `mean` None are
+  pending (a later pipeline evaluates them): the table is printed once no row is pending. A
+  results file that cannot be written is a UserError naming it."""
   return write_doc(to_json(kind, rows, unimodal), workdir, process_index=process_index,
                    plots=plots)
 
@@ -289,12 +334,10 @@ def write_doc(doc, workdir, *, process_index, plots=True):
     evaluated = sum(row['mean'] is not None for row in doc['rows'])
     print(f'[results] {evaluated} of {len(doc["rows"])} rows evaluated, written to '
           f'{results_md}.', flush=True)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _write_result(os.path.join(workdir, 'results.json'), json.dumps(doc, indent=2) + '\n')
   _write_markdown(workdir, text)
-  mmg_jax.workdir.atomic_write_text(os.path.join(workdir, 'results.json'),
-                                    json.dumps(doc, indent=2) + '\n')
   if plots:
-    redraw(workdir)
+    draw(workdir)
   return text
 
 
@@ -303,7 +346,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     redraw(flags.FLAGS.workdir)
-  except ValueError as e:
+  except errors.USER_ERRORS as e:
     raise SystemExit(f'error: {e}') from e
 
 

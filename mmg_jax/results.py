@@ -6,6 +6,8 @@ import os
 
 from etils import epath
 
+from mmg_jax import errors
+
 CONFIG_FILE = 'config.json'  # a run's resolved config, beside its results (pipeline.write_config)
 
 
@@ -14,9 +16,10 @@ def read(workdir):
   aggregate over seeds also has 'seeds' and 'num_seeds')."""
   path = os.path.join(workdir, 'results.json')
   if not epath.Path(path).exists():
-    raise ValueError(f'{path} does not exist: no pipeline of {workdir} has been evaluated yet '
-                     '(results.json is written after each pipeline); run its training command '
-                     'first, or give the workdir of a run.')
+    raise errors.UserError(
+        f'{path} does not exist: no pipeline of {workdir} has been evaluated yet '
+        '(results.json is written after each pipeline); run its training command '
+        'first, or give the workdir of a run.')
   return json.loads(epath.Path(path).read_text())
 
 

@@ -15,16 +15,16 @@ import json
 import jax
 from etils import epath
 
-from mmg_jax import pipeline, report, results
+from mmg_jax import errors, pipeline, report, results
 
 
 def num_seeds(config):
   """config.num_seeds (1 where the config has no such field), checked."""
   value = config.get('num_seeds', 1)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'config.num_seeds={value!r} must be a whole number of at least 1: the '
-                     'number of seeds to run, config.seed, config.seed + 1, ... (e.g. '
-                     '--config.num_seeds=3).')
+    raise errors.UserError(f'config.num_seeds={value!r} must be a whole number of at least 1: the '
+                           'number of seeds to run, config.seed, config.seed + 1, ... (e.g. '
+                           '--config.num_seeds=3).')
   return value
 
 
@@ -34,6 +34,17 @@ def seed_config(config, seed):
   config.seed = seed
   config.num_seeds = 1
   return config
+
+
+def check_inputs(config, workdir, *, train_missing=True):
+  """pipeline.check_inputs of the run of each seed, in the workdir `run` gives it."""
+  count = num_seeds(config)
+  if count == 1:
+    pipeline.check_inputs(config, workdir, train_missing=train_missing)
+    return
+  for seed in range(config.seed, config.seed + count):
+    pipeline.check_inputs(seed_config(config, seed), results.seed_workdir(workdir, seed),
+                          train_missing=train_missing)
 
 
 def run(config, workdir, *, train_missing=True):

@@ -13,6 +13,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from mmg_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -57,11 +59,11 @@ def check_batch_size(global_batch_size, mesh, *, accumulate_steps=1):
   """Raises if a global batch cannot be split over processes, devices and micro-batches."""
   num_processes, num_devices = jax.process_count(), mesh.size
   if global_batch_size % num_processes:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
-                     f'{num_processes} processes; pick a multiple of {num_processes}.')
+    raise errors.UserError(f'global batch size {global_batch_size} is not divisible by the '
+                           f'{num_processes} processes; pick a multiple of {num_processes}.')
   unit = num_devices * accumulate_steps
   if global_batch_size % unit:
-    raise ValueError(
+    raise errors.UserError(
         f'global batch size {global_batch_size} must be divisible by {num_devices} devices x '
         f'{accumulate_steps} accumulation steps = {unit}; pick a multiple of {unit} or change '
         f'optimizer.accumulate_steps.')
@@ -70,8 +72,8 @@ def check_batch_size(global_batch_size, mesh, *, accumulate_steps=1):
 def local_batch_size(global_batch_size):
   """This process's share of a global batch."""
   if global_batch_size % jax.process_count():
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
-                     f'{jax.process_count()} processes; pick a multiple of them.')
+    raise errors.UserError(f'global batch size {global_batch_size} is not divisible by the '
+                           f'{jax.process_count()} processes; pick a multiple of them.')
   return global_batch_size // jax.process_count()
 
 
@@ -92,9 +94,9 @@ def shard_batch(host_batch, mesh):
     raise ValueError(f'batch leaves disagree on the batch size: {sizes}')
   num_local_devices = len(mesh.local_devices)
   if local_size % num_local_devices:
-    raise ValueError(f'host-local batch of {local_size} rows cannot be split over this '
-                     f"process's {num_local_devices} devices; make the global batch size a "
-                     f'multiple of the {mesh.size} devices.')
+    raise errors.UserError(f'host-local batch of {local_size} rows cannot be split over this '
+                           f"process's {num_local_devices} devices; make the global batch size a "
+                           f'multiple of the {mesh.size} devices.')
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
 

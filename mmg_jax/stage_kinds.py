@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from data_pipeline import episodes, loaders, modalities
-from mmg_jax import episode_modalities, evaluate, losses
+from mmg_jax import episode_modalities, errors, evaluate, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +154,11 @@ def _num_episodes(stage, batch_size):
   """The whole episodes in a (micro-)batch of `batch_size` rows of a meta stage."""
   per_episode = stage.n_way * (stage.k_shot + stage.q_query)
   if batch_size % per_episode:
-    raise ValueError(f'meta stage {stage.name!r} got a batch of {batch_size} rows, which is not '
-                     f'whole {stage.n_way}-way {stage.k_shot}-shot {stage.q_query}-query episodes '
-                     f'of {per_episode} rows; episodes_per_batch must be a multiple of '
-                     'optimizer.accumulate_steps.')
+    raise errors.UserError(
+        f'meta stage {stage.name!r} got a batch of {batch_size} rows, which is not '
+        f'whole {stage.n_way}-way {stage.k_shot}-shot {stage.q_query}-query episodes '
+        f'of {per_episode} rows; episodes_per_batch must be a multiple of '
+        'optimizer.accumulate_steps.')
   return batch_size // per_episode
 
 
@@ -170,8 +171,8 @@ def _check_clip_split(stage, num_clips, labels):
   del labels  # shuffled clips need no class counts
   batch_size = stage.batch_size
   if num_clips // jax.process_count() < batch_size // jax.process_count():
-    raise ValueError(f'batch_size={batch_size} is larger than its split {stage.split!r} '
-                     f'({num_clips} clips); lower batch_size.')
+    raise errors.UserError(f'batch_size={batch_size} is larger than its split {stage.split!r} '
+                           f'({num_clips} clips); lower batch_size.')
   return None
 
 
@@ -189,10 +190,11 @@ def _episode_batches(dataset, stage, seed, source):
 def _check_whole_episodes(where, stage):
   accumulate_steps = stage.optimizer.accumulate_steps
   if stage.episodes_per_batch % accumulate_steps:
-    raise ValueError(f'{where} cuts its {stage.episodes_per_batch} episodes per batch into '
-                     f'optimizer.accumulate_steps={accumulate_steps} micro-batches, but an '
-                     'episode (its prototypes and queries) must lie whole inside one micro-batch; '
-                     'make episodes_per_batch a multiple of accumulate_steps.')
+    raise errors.UserError(
+        f'{where} cuts its {stage.episodes_per_batch} episodes per batch into '
+        f'optimizer.accumulate_steps={accumulate_steps} micro-batches, but an '
+        'episode (its prototypes and queries) must lie whole inside one micro-batch; '
+        'make episodes_per_batch a multiple of accumulate_steps.')
 
 
 def _check_episode_split(stage, num_clips, labels):
@@ -222,5 +224,5 @@ STAGE_KINDS = {
 def get(kind, where):
   """The StageKind named `kind`; `where` names the stage in the error for an unknown kind."""
   if kind not in STAGE_KINDS:
-    raise ValueError(f'{where} has kind {kind!r}; use one of {tuple(STAGE_KINDS)}.')
+    raise errors.UserError(f'{where} has kind {kind!r}; use one of {tuple(STAGE_KINDS)}.')
   return STAGE_KINDS[kind]

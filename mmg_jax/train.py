@@ -33,7 +33,7 @@ from etils import epath
 from flax import struct
 
 import mmg_jax.workdir
-from mmg_jax import checkpoint, sharding
+from mmg_jax import checkpoint, errors, sharding
 
 
 @struct.dataclass
@@ -68,15 +68,15 @@ def learning_rate_schedule(config, num_steps):
   """Linear warmup from 0 to `learning_rate`, then cosine decay to 0 or constant."""
   warmup_steps = config.warmup_steps
   if not 0 <= warmup_steps < num_steps:
-    raise ValueError(f'optimizer.warmup_steps={warmup_steps} must be in [0, num_steps='
-                     f'{num_steps}); lower the warmup or train longer.')
+    raise errors.UserError(f'optimizer.warmup_steps={warmup_steps} must be in [0, num_steps='
+                           f'{num_steps}); lower the warmup or train longer.')
   warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
   if config.schedule == 'cosine':
     after = optax.cosine_decay_schedule(config.learning_rate, num_steps - warmup_steps)
   elif config.schedule == 'constant':
     after = optax.constant_schedule(config.learning_rate)
   else:
-    raise ValueError(f"optimizer.schedule={config.schedule!r}: use 'cosine' or 'constant'.")
+    raise errors.UserError(f"optimizer.schedule={config.schedule!r}: use 'cosine' or 'constant'.")
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
@@ -106,21 +106,22 @@ def _optax_optimizer(config, schedule):
   """optax.<config.name>(schedule, **config.kwargs), with matrix-only weight decay."""
   make = getattr(optax, config.name, None)
   if not callable(make) or config.name.startswith('_'):
-    raise ValueError(f'optimizer.name={config.name!r} is not an optax optimizer; use e.g. '
-                     "'adamw', 'adam', 'lion', 'adafactor' or 'sgd'.")
+    raise errors.UserError(f'optimizer.name={config.name!r} is not an optax optimizer; use e.g. '
+                           "'adamw', 'adam', 'lion', 'adafactor' or 'sgd'.")
   kwargs = dict(config.get('kwargs') or {})
   arguments = inspect.signature(make).parameters
   unknown = sorted(set(kwargs) - set(arguments))
   if unknown:
-    raise ValueError(f'optimizer.kwargs {unknown} are not arguments of optax.{config.name} '
-                     f'(its arguments: {", ".join(arguments)}).')
+    raise errors.UserError(f'optimizer.kwargs {unknown} are not arguments of optax.{config.name} '
+                           f'(its arguments: {", ".join(arguments)}).')
   if 'weight_decay' in arguments:
     kwargs['weight_decay'] = config.weight_decay
     if 'mask' in arguments:
       kwargs['mask'] = _matrices
   elif config.weight_decay:
-    raise ValueError(f'optax.{config.name} takes no weight_decay; set optimizer.weight_decay=0 '
-                     f'(it is {config.weight_decay}).')
+    raise errors.UserError(
+        f'optax.{config.name} takes no weight_decay; set optimizer.weight_decay=0 '
+        f'(it is {config.weight_decay}).')
   return make(schedule, **kwargs)
 
 
@@ -136,8 +137,9 @@ def frozen_names(params, trainable):
     return set()
   unknown = set(trainable) - set(params)
   if unknown:
-    raise ValueError(f'optimizer.trainable names {sorted(unknown)}, which are not params of the '
-                     f'model; its params are {sorted(params)}.')
+    raise errors.UserError(
+        f'optimizer.trainable names {sorted(unknown)}, which are not params of the '
+        f'model; its params are {sorted(params)}.')
   return set(params) - set(trainable)
 
 
@@ -242,22 +244,43 @@ def init_state(params, optimizer):
                     opt_state=optimizer.init(params))
 
 
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+  """Where a stage sits in its run, for its logs (pipeline.py makes one for each stage).
+
+  label: the prefix of its console lines, e.g. 'full_meta 3/10 | meta 3/3': pipeline 3 of the
+    run's 10, stage 3 of its 3.
+  step_offset: the steps of the earlier stages of its pipeline. Stage step s is TensorBoard step
+    step_offset + s, so that a pipeline's stages follow one another on one axis.
+  event_dirs: the TensorBoard runs it writes to (a stage that several pipelines share goes into
+    each of theirs); empty: the stage directory.
+  later_steps: the steps the run trains after this stage, for the run's ETA; None: no run ETA.
+  """
+  label: str
+  step_offset: int = 0
+  event_dirs: tuple[str, ...] = ()
+  later_steps: int | None = None
+
+
 class StageLog:
   """metrics.jsonl, TensorBoard events and a console progress line; only process 0 writes.
 
   stage_dir may be any epath path (gs://...): metrics.jsonl is written through epath, the
-  events as `EventFiles` write them.
+  events as `EventFiles` write them. metrics.jsonl counts the stage's own steps, TensorBoard
+  those of its pipeline (`StageContext`); events past the first step logged now, from an
+  interrupted or deleted earlier attempt, are purged from TensorBoard's view.
   """
 
-  def __init__(self, stage_dir, name, *, start_step, num_steps):
-    self.name, self.num_steps = name, num_steps
+  def __init__(self, stage_dir, context, *, start_step, num_steps):
+    self.context, self.num_steps = context, num_steps
     self.active = jax.process_index() == 0
     if not self.active:
       return
     epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
     self.jsonl_path = epath.Path(stage_dir) / 'metrics.jsonl'
     self._drop_records_after(start_step)
-    self.tensorboard = EventFiles(stage_dir)
+    self.tensorboard = [EventFiles(d, purge_step=context.step_offset + start_step + 1)
+                        for d in context.event_dirs or (stage_dir,)]
     self.start_time = time.perf_counter()
     self.last_step, self.last_time = start_step, self.start_time
 
@@ -271,7 +294,7 @@ class StageLog:
     mmg_jax.workdir.atomic_write_text(self.jsonl_path, ''.join(records))
 
   def message(self, text):
-    _message(self.name, text)
+    _message(self.context.label, text)
 
   def restart_clock(self, step):
     """Called once the first step is done: later rates and ETAs leave compilation out."""
@@ -289,30 +312,32 @@ class StageLog:
     self.last_step, self.last_time = step, now
     record = {'step': step, **metrics, 'examples_per_sec': steps_per_sec * global_batch_size}
     mmg_jax.workdir.append_text(self.jsonl_path, json.dumps(record) + '\n')
-    for key, value in record.items():
-      if key != 'step':
-        self.tensorboard.add_scalar(key, value, step)
-    self.tensorboard.flush()
-    eta = int((self.num_steps - step) / max(steps_per_sec, 1e-9))
+    self._add_scalars(step, {k: v for k, v in record.items() if k != 'step'})
+    eta = eta_text(self.num_steps - step, self.context.later_steps, steps_per_sec)
     parts = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items())
     self.message(f'step {step}/{self.num_steps} ({100 * step // self.num_steps}%) | {parts} | '
-                 f'{steps_per_sec:.2f} steps/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:'
-                 f'{eta % 60:02d}')
+                 f'{steps_per_sec:.2f} steps/s | {eta}')
 
   def write_validation(self, step, values):
     """Logs validation values (percent) of `step`: a record of their own, with the step."""
     if not self.active:
       return
     mmg_jax.workdir.append_text(self.jsonl_path, json.dumps({'step': step, **values}) + '\n')
-    for key, value in values.items():
-      self.tensorboard.add_scalar(key, value, step)
-    self.tensorboard.flush()
+    self._add_scalars(step, values)
     self.message(f'step {step}/{self.num_steps} | ' +
                  ' '.join(f'{k} {v:.2f}' for k, v in values.items()))
 
+  def _add_scalars(self, step, values):
+    """values at the stage's `step`, on its pipeline's step axis, in every run it writes to."""
+    for events in self.tensorboard:
+      for key, value in values.items():
+        events.add_scalar(key, value, self.context.step_offset + step)
+      events.flush()
+
   def close(self):
     if self.active:
-      self.tensorboard.close()
+      for events in self.tensorboard:
+        events.close()
 
   def __enter__(self):
     return self
@@ -331,16 +356,27 @@ class EventFiles:
   client beside epath's, in no requirements file). So off a local disk the events go to a local
   temporary directory, and every `flush` and `close` copies the event file over through epath,
   whole (an object store cannot append): TensorBoard pointed at the workdir sees each log step.
+  purge_step: the file starts with tensorboardX's purge event, so that TensorBoard hides the
+  run's earlier events at that step and after (those of an interrupted attempt).
+  A file's name ends in its creation time in nanoseconds: TensorBoard reads a run's files in name
+  order, and tensorboardX names them by the second only, so that two files of a run made within
+  a second (a stage, the evaluation after it) would otherwise share a name, the later one
+  overwriting the earlier.
   """
 
-  def __init__(self, directory):
+  def __init__(self, directory, purge_step=None):
     self.directory = directory
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
     self.staging = (None if mmg_jax.workdir.is_local(directory) else
                     tempfile.mkdtemp(prefix='mmg-events-'))
-    self.writer = tensorboardX.SummaryWriter(self.staging or directory)
+    self.writer = tensorboardX.SummaryWriter(self.staging or directory, purge_step=purge_step,
+                                             filename_suffix=f'.{time.time_ns()}')
 
   def add_scalar(self, tag, value, step):
     self.writer.add_scalar(tag, value, step)
+
+  def add_text(self, tag, text, step):
+    self.writer.add_text(tag, text, step)
 
   def flush(self):
     self.writer.flush()
@@ -361,6 +397,36 @@ class EventFiles:
     for name in os.listdir(self.staging):
       with open(os.path.join(self.staging, name), 'rb') as f:
         (epath.Path(self.directory) / name).write_bytes(f.read())
+
+
+def write_events(directory, step, *, scalars=None, texts=None):
+  """Adds {tag: value} scalars and {tag: markdown} texts at `step` to the TensorBoard run in
+  `directory`, in an event file of their own (process 0 writes)."""
+  if jax.process_index() != 0:
+    return
+  with contextlib.closing(EventFiles(directory)) as events:
+    for tag, value in (scalars or {}).items():
+      events.add_scalar(tag, value, step)
+    for tag, text in (texts or {}).items():
+      events.add_text(tag, text, step)
+
+
+def eta_text(steps_left, later_steps, steps_per_sec):
+  """'ETA stage H:MM:SS, run ~H:MM:SS' at `steps_per_sec`: the stage's `steps_left`, and with
+  the run's `later_steps` (None: 'ETA H:MM:SS', the stage alone) an estimate for the run, which
+  assumes its later stages step at this rate and leaves out compilation, validation and
+  evaluation. No rate yet (a log at the first step, whose time is compilation's): no ETA."""
+  if steps_per_sec <= 0:
+    return 'ETA after the next log'
+  stage = _duration(steps_left / steps_per_sec)
+  if later_steps is None:
+    return f'ETA {stage}'
+  return f'ETA stage {stage}, run ~{_duration((steps_left + later_steps) / steps_per_sec)}'
+
+
+def _duration(seconds):
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 def _message(name, text):
@@ -496,8 +562,9 @@ def _restore_best(name, stage_dir, abstract_state):
   """The params of the stage's selected checkpoint (`Validation.select_best`)."""
   record = read_best(stage_dir)
   if record is None:
-    raise ValueError(f'stage {name!r} selects its checkpoint by validation, but {stage_dir} has '
-                     f'no {BEST_FILE}: delete the stage directory to retrain it.')
+    raise errors.UserError(
+        f'stage {name!r} selects its checkpoint by validation, but {stage_dir} has '
+        f'no {BEST_FILE}: delete the stage directory to retrain it.')
   with checkpoint.Checkpointer(os.path.join(stage_dir, BEST_DIR), keep=None) as ckpt:
     _message(name, f'restoring the params of step {record["step"]}, its best '
                    f'{record["metric"]} ({record["value"]:.2f}).')
@@ -505,7 +572,8 @@ def _restore_best(name, stage_dir, abstract_state):
 
 
 def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, num_steps,
-              mesh, seed, log_every=50, checkpoint_every=1000, keep=2, validation=None):
+              mesh, seed, log_every=50, checkpoint_every=1000, keep=2, validation=None,
+              context=None):
   """Trains one stage to num_steps; resumable; returns the final params (replicated).
 
   loss_fn(params, batch, rng) -> (scalar loss, dict of scalar metrics): pure, applies `model`
@@ -519,8 +587,9 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   on SIGTERM (then `Preempted` is raised); the last `keep` are kept. A stage whose final
   checkpoint exists is not trained again: its params are restored and returned. A latest
   checkpoint that cannot be read is set aside, with a warning, for the one before it. Logs:
-  workdir/<name>/metrics.jsonl, TensorBoard events in workdir/<name>, a console line every
-  `log_every` steps.
+  workdir/<name>/metrics.jsonl, TensorBoard events, a console line every `log_every` steps;
+  `context` (a `StageContext`; None: the stage alone) says where the stage sits in its run: the
+  lines' label, the TensorBoard runs (default workdir/<name>) and its steps there.
 
   validation: a `Validation`, or None. With its `select_best`, the stage returns the params of
   its best validation step instead of the last.
@@ -532,8 +601,9 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
   save or at the end of the stage, the same step on every process.
   """
   if num_steps < 1:
-    raise ValueError(f'stage {name!r}: num_steps={num_steps} must be at least 1.')
+    raise errors.UserError(f'stage {name!r}: num_steps={num_steps} must be at least 1.')
   stage_dir = os.path.join(workdir, name)
+  context = context or StageContext(name)
   tx = make_optimizer(optimizer, num_steps)
   replicated = sharding.replicated(mesh)
   state_init = jax.jit(functools.partial(init_state, optimizer=tx), out_shardings=replicated)
@@ -543,21 +613,21 @@ def run_stage(name, *, workdir, model, loss_fn, init_params, loader, optimizer, 
         checkpoint.Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=keep) as ckpt):
     latest = ckpt.latest_step()
     if latest is not None and latest > num_steps:
-      raise ValueError(f'stage {name!r} has a checkpoint at step {latest}, past num_steps='
-                       f'{num_steps}: use a fresh --workdir for a shorter run.')
+      raise errors.UserError(f'stage {name!r} has a checkpoint at step {latest}, past num_steps='
+                             f'{num_steps}: use a fresh --workdir for a shorter run.')
     select_best = validation is not None and validation.select_best is not None
     if latest == num_steps:
       if select_best:
         return _restore_best(name, stage_dir, abstract_state)
       step, state = ckpt.restore_latest(abstract_state)
       if step == num_steps:
-        _message(name, f'finished earlier ({num_steps} steps); restoring its params.')
+        _message(context.label, f'finished earlier ({num_steps} steps); restoring its params.')
         return state.params
 
     data_iterator = iter(loader)
     start_step, state = ckpt.restore_latest(abstract_state, data_iterator)
     start_step = start_step or 0
-    with (StageLog(stage_dir, name, start_step=start_step, num_steps=num_steps) as log,
+    with (StageLog(stage_dir, context, start_step=start_step, num_steps=num_steps) as log,
           SigtermFlag() as sigterm):
       if start_step:
         log.message(f'resuming from the checkpoint at step {start_step}/{num_steps}.')
@@ -639,9 +709,9 @@ def final_params(name, *, workdir, params_shape, optimizer, num_steps, mesh, sel
   directory = os.path.join(workdir, name, 'checkpoints')
   with _checkpoint_errors(name), checkpoint.Checkpointer(directory, keep=None) as ckpt:
     if ckpt.latest_step() != num_steps:
-      raise ValueError(f'stage {name!r} has no final checkpoint (step {num_steps}) in '
-                       f'{directory} (latest: {ckpt.latest_step()}); rerun the command to '
-                       'finish the stage.')
+      raise errors.UserError(f'stage {name!r} has no final checkpoint (step {num_steps}) in '
+                             f'{directory} (latest: {ckpt.latest_step()}); rerun the command to '
+                             'finish the stage.')
     if select_best:
       return _restore_best(name, os.path.join(workdir, name), abstract_state)
     _message(name, f'restoring its final params (step {num_steps}).')

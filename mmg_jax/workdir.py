@@ -10,7 +10,8 @@ one's checkpoints. The lock is fcntl.flock on the open file: the kernel releases
 holding process dies, however it dies, so a run killed without cleanup never blocks the next
 one. The file names the holder (host and pid) for the error message. It works on local disks
 and NFS; on filesystems without flock (some FUSE mounts) it does not exclude anything.
-`atomic_write_text` writes a temporary file and renames it over the old one.
+`atomic_write_text` (`atomic_write_bytes`) writes a temporary file and renames it over the old
+one.
 
 Object-store workdir (gs://): there is no lock, and a rename is a copy then a delete. So
 - `lock` excludes nothing: two runs started on one gs:// workdir both train, over the same
@@ -32,6 +33,8 @@ import warnings
 
 from etils import epath
 
+from mmg_jax import errors
+
 LOCK_FILE = 'run.lock'
 
 
@@ -39,7 +42,7 @@ class WorkdirBusy(Exception):
   """Another run holds the workdir's lock."""
 
 
-class WorkdirUnreachable(ValueError):
+class WorkdirUnreachable(errors.UserError):
   """The workdir cannot be written (no filesystem for its scheme, no credentials)."""
 
 
@@ -147,17 +150,22 @@ def _write_holder(f):
 
 
 def atomic_write_text(path, text):
-  """Writes `text` to `path` so that readers, and a crash, see the old file or the new one,
+  """`atomic_write_bytes` of `text` as UTF-8, encoded first: a bad text writes nothing."""
+  atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_write_bytes(path, data):
+  """Writes `data` to `path` so that readers, and a crash, see the old file or the new one,
   never a part: locally a temporary file in the same directory, synced, then renamed over
-  `path`; on an object store one upload of the encoded text."""
+  `path`; on an object store one upload."""
   if not is_local(path):
-    epath.Path(path).write_bytes(text.encode('utf-8'))  # encoded first: a bad text uploads nothing
+    epath.Path(path).write_bytes(data)
     return
   directory, name = os.path.split(os.path.abspath(path))
   temporary = os.path.join(directory, f'.{name}.{uuid.uuid4().hex}.tmp')
   try:
-    with open(temporary, 'x', encoding='utf-8') as f:  # 'x': new, with the umask's mode
-      f.write(text)
+    with open(temporary, 'xb') as f:  # 'x': new, with the umask's mode
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(temporary, path)

@@ -102,6 +102,38 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
     np.testing.assert_array_equal(out[key], value)
 
 
+@pytest.mark.parametrize('kept', [4, 40, -10], ids=['size', 'header', 'data'])
+def test_a_truncated_safetensors_file_is_named_with_what_to_do(tmp_path, kept):
+  """A download cut short in the header's size, in the header or in the data: the converter
+  names the file as truncated (no numpy reshape error)."""
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  path = tmp_path / 'model.safetensors'
+  safetensors_numpy.save_file({'a.weight': np.ones((3, 4), np.float32)}, str(path))
+  path.write_bytes(path.read_bytes()[:kept])
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(path))} is truncated or corrupt \(.*'
+                                       r'download it again'):
+    convert_weights.convert('hf_ast', str(path))
+
+
+@pytest.mark.parametrize('damage', ['cut', 'flipped'])
+def test_a_truncated_or_damaged_torch_file_is_named_with_what_to_do(tmp_path, damage):
+  """Cut in half (no zip directory at its end) or one byte of a tensor flipped (its CRC fails):
+  truncated or corrupt, not 'legacy format, re-save it with torch'."""
+  torch = pytest.importorskip('torch')
+  path = tmp_path / 'MVIT_B_16x4.pyth'
+  torch.save({'model_state': {'w': torch.ones(32, 32)}}, path)
+  data = bytearray(path.read_bytes())
+  if damage == 'cut':
+    data = data[:len(data) // 2]
+  else:
+    data[data.index(np.ones(32, np.float32).tobytes()) + 5] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(path))} is truncated or corrupt \(.*'
+                                       r'download it again') as error:
+    convert_weights.convert('pytorchvideo_mvit_b_16x4', str(path))
+  assert 're-save' not in str(error.value)
+
+
 def _toy_layout(**overrides):
   fields = dict(
       name='toy', modality='imu', reference='a toy reference',
@@ -191,6 +223,16 @@ def test_loading_into_another_encoder_config_names_the_differing_keys(tmp_path):
     pretrained.load(str(tmp_path), encoder_config=common.imu_config('small'))
   with pytest.raises(ValueError, match='not a converted checkpoint'):
     pretrained.load(str(tmp_path / 'nothing'))
+
+
+def test_a_truncated_converted_checkpoint_is_named_with_what_to_do(tmp_path):
+  _, params = _random_encoder_params('imu', 'tiny')
+  pretrained.save(str(tmp_path), params, {'modality': 'imu', 'source': 'test', 'sha256': '00'})
+  path = tmp_path / pretrained.PARAMS_FILE
+  path.write_bytes(path.read_bytes()[:-100])
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(path))} is truncated or corrupt .*'
+                                       'convert the checkpoint again'):
+    pretrained.load(str(tmp_path))
 
 
 def test_provenance_must_say_what_the_params_are(tmp_path):

@@ -304,6 +304,22 @@ def test_encoding_once_equals_the_model_on_each_restricted_batch(fusion_kind):
   np.testing.assert_array_equal(got['label'], batch['label'])
 
 
+def test_a_split_reports_its_progress_once_progress_seconds_have_passed(monkeypatch):
+  """over_split's progress(clips done) comes after a batch once PROGRESS_SECONDS have passed
+  since the last report: at 0, after every batch of the split."""
+  from configs import common
+  from data_pipeline import loaders
+  from mmg_jax import sharding
+  dataset, said = common.dataset_config('tiny'), []
+  monkeypatch.setattr(evaluate, 'PROGRESS_SECONDS', 0)
+  out = evaluate.over_split(lambda batch: {'label': batch['label'], 'mask': batch['mask']},
+                            dataset, 'novel', batch_size=8, mesh=sharding.make_mesh(),
+                            progress=said.append)
+  labels = loaders.split_labels(loaders.data_source(dataset, 'novel'))
+  np.testing.assert_array_equal(out['label'], labels)
+  assert said == [8 * (i + 1) for i in range(-(-len(labels) // 8))]
+
+
 def test_episode_accuracy_agrees_with_the_meta_training_loss():
   """The Gram-matrix evaluation and losses.proto_loss (which meta-training minimizes) score the
   same queries right, with and without invalid clips."""

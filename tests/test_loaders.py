@@ -222,6 +222,31 @@ def test_clear_errors(dataset):
                           process_count=2)
 
 
+def test_a_truncated_dataset_file_is_an_error_naming_dataset_split_file_and_the_rebuild(
+    dataset, tmp_path):
+  """A copy of the built dataset with a file of 'val' cut in half: reading that split names the
+  dataset, the split and the file and says how to rebuild; the other splits still read."""
+  import shutil
+
+  import tensorflow_datasets as tfds
+
+  shutil.copytree(dataset.data_dir, tmp_path / 'tfds')
+  copy = ml_collections.ConfigDict(dataset.to_dict() | {'data_dir': str(tmp_path / 'tfds')})
+  builder = tfds.builder(copy.name, data_dir=copy.data_dir)
+  path = builder.info.splits['val'].filepaths[-1]
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError) as error:
+    loaders.data_source(copy, 'val')
+  message = str(error.value)
+  assert message.startswith(f"{path}, a file of split 'val' of the dataset "
+                            f'{builder.info.full_name}, cannot be read: it is missing, '
+                            'truncated or damaged (')
+  assert message.endswith(f'Rebuild the dataset: delete {builder.data_path} and run the same '
+                          'command again.')
+  assert len(read_all(copy, 'train')['label']) == len(read_all(dataset, 'train')['label'])
+
+
 def test_episode_batches_of_worker_processes_are_those_of_the_calling_process(dataset):
   """Two grain workers (each draws episodes with JAX on its CPU) yield the same batches."""
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags

@@ -508,6 +508,38 @@ def test_manifests_that_would_lose_a_split_stop_the_build(faulty_dir, tmp_path, 
   assert not builder.is_prepared()
 
 
+@pytest.mark.parametrize('novel_imu', [True, False], ids=['novel-has-imu', 'no-imu-anywhere'])
+def test_no_train_imu_stops_a_build_whose_other_splits_have_imu(faulty_dir, tmp_path,
+                                                                novel_imu):
+  """Without vt.csv no train clip written has IMU (t1 is the only one written): a novel clip
+  with IMU could not be standardized, so the build stops naming it before writing anything; a
+  build with IMU nowhere (vs.csv and vs2.csv hold no rows) goes on, IMU absent."""
+  import shutil
+
+  import tensorflow_datasets as tfds
+
+  from data_pipeline.mmg_ego4d import mmg_ego4d_dataset_builder
+
+  root = tmp_path / 'raw'
+  shutil.copytree(faulty_dir, root)
+  (root / 'imu' / 'vt.csv').unlink()
+  if novel_imu:
+    media.write_imu_csv(root / 'imu' / 'vn.csv', np.arange(0, 6000, 5.0))
+  builder = mmg_ego4d_dataset_builder.MmgEgo4d(config='small', data_dir=tmp_path / 'tfds',
+                                               num_workers=0)
+  download_config = tfds.download.DownloadConfig(manual_dir=root)
+  if novel_imu:
+    with pytest.raises(ValueError, match=r"no train clip written has IMU.*clip 'n1' of split "
+                                         r"'novel' has IMU .*vn\.csv"):
+      builder.download_and_prepare(download_config=download_config)
+    assert not builder.is_prepared()
+    assert not list(builder.data_dir_root.glob('mmg_ego4d_train_*')), 'train cache left behind'
+  else:
+    builder.download_and_prepare(download_config=download_config)
+    examples = [ex for split in features.SPLITS for ex in builder.as_data_source(split=split)]
+    assert examples and not any(ex['present'][2] for ex in examples)
+
+
 def test_imu_statistics_come_from_written_train_clips_only(faulty_build, faulty_dir):
   """t2 (past the video's end) and t3 (video missing) have recorded IMU windows: not counted."""
   _, report, _, builder = faulty_build

@@ -2,9 +2,8 @@
 import functools
 import json
 import os
+import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +16,7 @@ from configs import common, fewshot, manyshot
 from data_pipeline import modalities
 from mmg_jax import costs, paper, pipeline, report, sharding, train
 from mmg_jax.models import mmg, pretrained
-from tests import cli
+from tests import cli, tensorboard_runs
 
 
 def _leak_message(stage, pipeline_name, leaked):
@@ -383,6 +382,42 @@ def _metrics_lines(workdir):
   return lines
 
 
+def _check_tensorboard_run(workdir, config, name, doc):
+  """Pipeline `name`'s TensorBoard run holds the records of its stages' metrics.jsonl (a shared
+  stage's from the directory that trained it) one stage after another on one step axis, its
+  result rows (`doc`: results.json) at its last step, and the config of each command that ran it
+  at the step it had reached. Returns those steps."""
+  directories = pipeline.stage_directories(config)
+  scalars, texts = tensorboard_runs.read(pipeline.tensorboard_dir(workdir, name))
+  offset, expected = 0, {}
+  for i, stage in enumerate(pipeline.ordered_stages(config.pipelines[name])):
+    with open(os.path.join(workdir, directories[name, i], 'metrics.jsonl')) as f:
+      for record in map(json.loads, f):
+        for key in record.keys() - {'step'}:
+          expected.setdefault(key, []).append((offset + record['step'], record[key]))
+    offset += stage.num_steps
+  logged = {k: v for k, v in scalars.items() if not k.startswith('eval/')}
+  assert {k: [s for s, _ in v] for k, v in logged.items()} == {
+      k: [s for s, _ in v] for k, v in expected.items()}
+  for key, values in logged.items():
+    assert [v for _, v in values] == pytest.approx([v for _, v in expected[key]], rel=1e-6)
+  assert logged['loss'][-1][0] == offset
+  rows = [row for row in doc['rows'] if row['pipeline'] == name]
+  tags = {f'eval/{row["split"]}/{row["metric"]}/{row["setting"]}_'
+          f'{modalities.short_name(row["train"]).replace(" ", "")}_to_'
+          f'{modalities.short_name(row["test"]).replace(" ", "")}': row['mean'] for row in rows}
+  if name == config.eval.unimodal_baselines:
+    tags |= {f'eval/{row["split"]}/{row["metric"]}/unimodal_{row["modality"]}': row['mean']
+             for row in doc['unimodal']}
+  assert sorted(scalars.keys() - logged.keys()) == sorted(tags)
+  for tag, mean in tags.items():  # once for each command that evaluated the pipeline
+    assert [v for _, v in scalars[tag]] == pytest.approx([mean] * len(scalars[tag]), rel=1e-6)
+    assert {s for s, _ in scalars[tag]} == {offset}
+  with open(os.path.join(workdir, 'config.json')) as f:  # the last command's
+    assert json.loads(texts['config'][-1][1]) == json.load(f)
+  return [step for step, _ in texts['config']]
+
+
 def test_tiny_fewshot_runs_end_to_end_and_resumes(fewshot_tiny_run):
   """conftest.py's run of the tiny few-shot config (10 episodes a row), then the same command
   again in its workdir."""
@@ -394,11 +429,20 @@ def test_tiny_fewshot_runs_end_to_end_and_resumes(fewshot_tiny_run):
     assert json.load(f)['eval']['fewshot']['num_episodes'] == 10
   trained = _metrics_lines(workdir)
   assert sorted(trained) == ['train_VAI/meta', 'train_VAI/multimodal', 'train_VAI/unimodal']
+  config = fewshot.get_config('tiny')
+  assert _check_tensorboard_run(workdir, config, 'train_VAI', doc) == [0]
+  for i, stage in enumerate(('unimodal', 'multimodal', 'meta')):
+    assert re.search(rf'^\[train_VAI 1/1 \| {stage} {i + 1}/3\] step 2/2 \(100%\) \| .* \| '
+                     r'ETA stage 0:00:00, run ~\d+:\d\d:\d\d$', out, re.M)
+  for line in ("[train_VAI 1/1 | eval] predicted 'novel': ", '[train_VAI 1/1 | eval] row 1/13: ',
+               '[train_VAI 1/1 | eval] row 13/13: '):
+    assert line in out
   # Re-running the same command trains nothing again and reproduces the results.
   out = cli.run_main(fewshot_tiny_run.config, workdir, *fewshot_tiny_run.flags)
   assert out.count('finished earlier') == 3  # train_pipeline's word for a stage it skips
   assert _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'few-shot', paper.FEWSHOT, '5w5s_acc') == doc
+  assert _check_tensorboard_run(workdir, config, 'train_VAI', doc) == [0, 6]
 
 
 def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_path):
@@ -408,6 +452,7 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
   out = cli.run_main('configs/manyshot.py:tiny', workdir, '--config.eval.only=AI:V')
   doc = _check_results(workdir, 'many-shot', [paper.MANYSHOT[6]], 'top1')
   assert doc['complete'] and 'unimodal' not in doc
+  assert '[zeroshot_train_AI 1/1 | pretrain 1/3] step 2/2 (100%)' in out
   one_row = _metrics_lines(workdir)
   assert sorted(one_row) == ['zeroshot_train_A/align', 'zeroshot_train_A/pretrain',
                              'zeroshot_train_AI/multimodal']
@@ -429,21 +474,17 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
                                  for stage in ('pretrain', 'align', 'multimodal'))
   _assert_only_changed(pretrain, align, 'fusion')
   _assert_only_changed(align, supervised, 'head')
+  assert '[zeroshot_train_A 2/5 | multimodal 3/3] step 2/2 (100%)' in out
   out = cli.run_main('configs/manyshot.py:tiny', workdir, '--mode=evaluate')
   assert 'training MMGModel' not in out and _metrics_lines(workdir) == trained
   assert _check_results(workdir, 'many-shot', paper.MANYSHOT, 'top1') == doc
-
-
-def test_evaluate_only_names_every_unfinished_stage(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'mmg_jax.main', '--config=configs/fewshot.py:tiny',
-       f'--workdir={tmp_path}', '--mode=evaluate'], cwd=cli.ROOT,
-      capture_output=True, text=True, check=False)
-  assert result.returncode == 1 and 'Traceback' not in result.stderr
-  for stage in ('unimodal', 'multimodal', 'meta'):
-    assert f'{tmp_path}/train_VAI/{stage}: no checkpoint' in result.stderr
-  assert 'without --mode=evaluate' in result.stderr
-  assert os.listdir(tmp_path) == ['run.lock']  # main's lock; no stage directory
+  # Every pipeline's TensorBoard run holds the stages it shares, trained in an earlier pipeline
+  # and an earlier command, and the config of each command that ran it, where it had got to.
+  config = manyshot.get_config('tiny')
+  config_steps = {name: _check_tensorboard_run(workdir, config, name, doc)
+                  for name in config.pipelines}
+  assert config_steps['zeroshot_train_AI'] == [0, 6, 6]
+  assert config_steps['zeroshot_train_A'] == [4, 6]
 
 
 def test_only_selects_rows_by_setting_pipeline_or_modalities():
@@ -570,7 +611,10 @@ def test_a_stage_resumes_after_its_run_fields_change(tmp_path, monkeypatch, caps
   assert pipeline.stage_directories(config) == directories
   capsys.readouterr()
   pipeline.train_pipeline(config, 'a', str(tmp_path / 'run'), mesh, directories)
-  assert '[unimodal] resuming from the checkpoint at step 2/4.' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert '[a 1/1 | unimodal 1/1] resuming from the checkpoint at step 2/4.' in out
   with open(tmp_path / 'run' / 'a' / 'unimodal' / 'metrics.jsonl') as f:
     assert [json.loads(line)['step'] for line in f] == [2, 3, 4]
+  scalars, _ = tensorboard_runs.read(pipeline.tensorboard_dir(str(tmp_path / 'run'), 'a'))
+  assert [step for step, _ in scalars['loss']] == [2, 3, 4]
   assert pipeline._checkpoint_steps(str(tmp_path / 'run' / 'a' / 'unimodal')) == 4

@@ -29,7 +29,7 @@ from tensorboardX.proto import event_pb2
 import mmg_jax.workdir
 from configs import common, fewshot
 from mmg_jax import checkpoint, feature_cache, pipeline, plots, sharding
-from tests import toy_task
+from tests import tensorboard_runs, toy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = 'gs://bucket/run'
@@ -112,6 +112,8 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
   claim = epath.Path(stage_dir) / pipeline.STAGE_FILE
   assert json.loads(claim.read_text())['stages'][0]['name'] == 'unimodal'
   assert (epath.Path(stage_dir) / 'metrics.jsonl').read_text()
+  scalars, texts = tensorboard_runs.read(fake_gcs / 'bucket' / 'run' / 'tensorboard' / 'a')
+  assert [step for step, _ in scalars['loss']] == [1, 2] and [s for s, _ in texts['config']] == [0]
 
   rows = config.eval.rows[:2]
   for row in rows:

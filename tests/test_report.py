@@ -98,6 +98,21 @@ def test_write_without_plots_writes_the_tables_only(tmp_path):
   assert (tmp_path / 'results.md').read_text() == report.markdown('many-shot', rows)
 
 
+def test_a_results_file_that_cannot_be_written_is_an_error_naming_it(tmp_path, capsys):
+  """results.json is not optional: a directory standing where it goes is an error that names
+  the file, why and what to do; the complete table was printed before it."""
+  (tmp_path / 'results.json').mkdir()
+  rows = _rows(paper.MANYSHOT, 'top1', 0)
+  with pytest.raises(ValueError) as error:
+    report.write('many-shot', rows, str(tmp_path), process_index=0, plots=False)
+  message = str(error.value)
+  assert f'could not write the results file {tmp_path / "results.json"} (IsADirectoryError' in (
+      message)
+  assert 'rerun the same command' in message and '\n' not in message
+  assert report.markdown('many-shot', rows) in capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']  # no temporary left
+
+
 def test_plot_links_are_images_relative_to_the_workdir(tmp_path):
   paths = [str(tmp_path / 'plots' / 'matrix.png'), str(tmp_path / 'plots' / 'curves_p.png')]
   assert report.plot_links(paths, str(tmp_path)) == (

@@ -17,8 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
-from mmg_jax import main, sharding, train
-from tests import toy_task
+from mmg_jax import sharding, train
+from tests import tensorboard_runs, toy_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,11 +281,43 @@ def test_logs_hold_every_metric_per_log_step(finished_run):
   assert 'ETA 0:00:00' in finished_run['console']
 
 
+def test_the_stages_of_a_pipeline_continue_one_tensorboard_step_axis(tmp_path):
+  """Stages 1 and 2 of pipeline 'p', toy stages of 4 steps: in the pipeline's run the second
+  continues the first from step 5, and what an earlier attempt at the second left there (step 7)
+  is hidden. The console lines name the pipeline and the stage, with the run's ETA."""
+  run_dir = tmp_path / 'tensorboard' / 'p'
+  mesh, console = sharding.make_mesh(), io.StringIO()
+  with contextlib.redirect_stdout(console):
+    for i, name in enumerate(('a', 'b')):
+      if name == 'b':
+        train.write_events(str(run_dir), 7, scalars={'loss': -1.0})
+      context = train.StageContext(f'p 1/1 | {name} {i + 1}/2', step_offset=4 * i,
+                                   event_dirs=(str(run_dir),), later_steps=4 - 4 * i)
+      toy_task.run(str(tmp_path), mesh, num_steps=4, log_every=2, checkpoint_every=4, name=name,
+                   context=context)
+  scalars, _ = tensorboard_runs.read(run_dir)
+  logged = [(4 * i + r['step'], r['loss']) for i, name in enumerate('ab')
+            for r in _metrics(str(tmp_path), name)]
+  assert [step for step, _ in scalars['loss']] == [step for step, _ in logged] == [2, 4, 6, 8]
+  assert [v for _, v in scalars['loss']] == pytest.approx([v for _, v in logged], rel=1e-6)
+  assert not list((tmp_path / 'a').glob('events.out.tfevents.*'))  # in the pipeline's run only
+  out = console.getvalue()
+  assert '[p 1/1 | a 1/2] step 2/4 (50%)' in out and '[p 1/1 | b 2/2] step 4/4 (100%)' in out
+  assert re.search(r'^\[p 1/1 \| a 1/2\] step 4/4 .* \| ETA stage 0:00:00, run ~\d+:\d\d:\d\d$',
+                   out, re.M)
+
+
+def test_the_run_eta_takes_the_later_stages_at_the_current_rate():
+  assert train.eta_text(10, None, 2.0) == 'ETA 0:00:05'
+  assert train.eta_text(10, 7190, 2.0) == 'ETA stage 0:00:05, run ~1:00:00'
+  assert train.eta_text(10, 7190, 0.0) == 'ETA after the next log'  # no step timed yet
+
+
 def test_a_resumed_stage_keeps_one_metrics_record_per_step(tmp_path):
   """Records past the checkpoint (logged again on resume) and a line cut by a kill go."""
   lines = [json.dumps({'step': step, 'loss': 1.0}) + '\n' for step in (1, 2, 3)]
   (tmp_path / 'metrics.jsonl').write_text(''.join(lines) + '{"step": 4, "lo')
-  train.StageLog(str(tmp_path), 'toy', start_step=2, num_steps=4).close()
+  train.StageLog(str(tmp_path), train.StageContext('toy'), start_step=2, num_steps=4).close()
   assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
 
 
@@ -349,7 +381,7 @@ def test_main_hands_the_overridden_config_and_default_workdir_to_the_pipeline(tm
 
 
 @pytest.mark.parametrize('flag,environ,expected', [
-    (None, None, os.path.join('runs', 'experiment_tiny', main.COMPILATION_CACHE)),
+    (None, None, os.path.join('runs', 'experiment_tiny', 'compilation_cache')),
     (None, '/elsewhere', '/elsewhere'),
     ('--compilation_cache=/mine', '/elsewhere', '/mine'),
     ('--compilation_cache=none', '/elsewhere', None)])

@@ -10,7 +10,7 @@ from configs import common, fewshot
 from data_pipeline import loaders, modalities
 from mmg_jax import evaluate, pipeline, sharding, train
 from mmg_jax.models import mmg
-from tests import toy_task
+from tests import tensorboard_runs, toy_task
 from tests.test_evaluate import _numpy_episode_accuracy
 
 TINY = common.dataset_config('tiny')
@@ -21,19 +21,20 @@ def _tree_equal(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def _toy_stage(workdir, validation, num_steps=8):
+def _toy_stage(workdir, validation, num_steps=8, context=None):
   mesh = sharding.make_mesh()
   model = toy_task.ToyMLP()
   return train.run_stage(
       'toy', workdir=workdir, model=model, loss_fn=toy_task.make_loss_fn(model),
       init_params=toy_task.init_params(model), loader=toy_task.make_loader(8),
       optimizer=toy_task.optimizer_config(), num_steps=num_steps, mesh=mesh, seed=0,
-      log_every=4, checkpoint_every=4, validation=validation)
+      log_every=4, checkpoint_every=4, validation=validation, context=context)
 
 
 def test_a_stage_returns_and_keeps_its_best_validation_step(tmp_path):
   """Values 50, 70, 60, 70 at steps 2, 4, 6, 8: step 4 is selected (a tie keeps the earlier),
-  returned, restored by final_params and by a rerun, and every value is logged."""
+  returned, restored by final_params and by a rerun, and every value is logged (in TensorBoard
+  on the pipeline's axis: the stage follows 10 steps of earlier stages)."""
   values, seen = iter([50.0, 70.0, 60.0, 70.0]), []
 
   def evaluate_fn(params):
@@ -41,7 +42,9 @@ def test_a_stage_returns_and_keeps_its_best_validation_step(tmp_path):
     return {'val_toy_accuracy': next(values)}
 
   validation = train.Validation(evaluate_fn, every=2, select_best='val_toy_accuracy')
-  params = _toy_stage(str(tmp_path), validation)
+  context = train.StageContext('p 1/1 | toy 2/2', step_offset=10,
+                               event_dirs=(str(tmp_path / 'tensorboard'),))
+  params = _toy_stage(str(tmp_path), validation, context=context)
   assert len(seen) == 4 and not _tree_equal(seen[1], seen[3])
   assert _tree_equal(params, seen[1])
   assert train.read_best(tmp_path / 'toy') == {'step': 4, 'metric': 'val_toy_accuracy',
@@ -50,8 +53,8 @@ def test_a_stage_returns_and_keeps_its_best_validation_step(tmp_path):
     logged = [r for r in map(json.loads, f) if 'val_toy_accuracy' in r]
   assert [(r['step'], r['val_toy_accuracy']) for r in logged] == [(2, 50.0), (4, 70.0),
                                                                   (6, 60.0), (8, 70.0)]
-  events = b''.join(p.read_bytes() for p in (tmp_path / 'toy').glob('events.out.tfevents.*'))
-  assert b'val_toy_accuracy' in events
+  scalars, _ = tensorboard_runs.read(tmp_path / 'tensorboard')
+  assert scalars['val_toy_accuracy'] == [(12, 50.0), (14, 70.0), (16, 60.0), (18, 70.0)]
   restored = train.final_params('toy', workdir=str(tmp_path), params_shape=params,
                                 optimizer=toy_task.optimizer_config(), num_steps=8,
                                 mesh=sharding.make_mesh(), select_best=True)

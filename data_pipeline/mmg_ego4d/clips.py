@@ -84,10 +84,18 @@ def frame_targets(clip, spec):
           for i in range(spec.num_frames)]
 
 
-@functools.lru_cache(maxsize=2)
-def _cleaned_imu(path):
+def cleaned_imu(path):
   """Cleaned (timestamps_ms, values) of an IMU CSV; None when no row has a timestamp and all
-  six values (all NULL, or a header only)."""
+  six values (all NULL, or a header only). The clips of a chunk share one read of their file."""
+  stat = os.stat(path)
+  return _cleaned_imu(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cleaned_imu(path, mtime_ns, size):
+  """`cleaned_imu`, keyed by the file's modification time and size too: a file rewritten in
+  place is read again."""
+  del mtime_ns, size  # the cache key only
   timestamps_ms, values = decode.read_imu_csv(path)
   recorded = np.isfinite(timestamps_ms) & np.isfinite(values).all(axis=1)
   if not recorded.any():
@@ -95,17 +103,43 @@ def _cleaned_imu(path):
   return preprocess.clean_imu(timestamps_ms[recorded], values[recorded])
 
 
-def _imu_window(chunk, clip, spec):
-  """(grid, covered) of the clip's window, or (None, reason) when IMU is absent."""
-  if chunk.imu_path is None:
-    return None, 'metadata says has_imu false'
-  if not os.path.exists(chunk.imu_path):
+def clip_video(container, clip, spec):
+  """The clip's frames, uint8 `spec.video_shape`: nearest to `frame_targets`, short side
+  resized, center-cropped; None when its window holds no frame."""
+  frames = decode.read_frames(container, frame_targets(clip, spec),
+                              short_side=spec.resize_short_side,
+                              window_start=clip.window(spec.clip_seconds)[0])
+  return None if frames is None else preprocess.center_crop(frames, spec.crop_size)
+
+
+def clip_audio(container, clip, spec):
+  """(AST input `spec.audio_shape`, None) of the clip's audio window in the container's first
+  audio stream, or (None, why it is absent): no audio there, or a silent window (Ego4D's
+  redacted audio)."""
+  audio_start, _ = clip.window(spec.num_audio_samples / preprocess.AUDIO_SAMPLE_RATE)
+  waveform = decode.read_audio(container, start_s=audio_start, num_samples=spec.num_audio_samples)
+  if waveform is None:
+    return None, 'no audio track or no audio in the window'
+  if not np.any(waveform):
+    return None, 'silent window (redacted audio)'
+  return preprocess.audio_features(waveform, spec), None
+
+
+def clip_imu(imu_path, clip, spec):
+  """((grid, covered), None): the clip's IMU window on the `spec` grid, not yet standardized
+  (`standardized`); or (None, why it is absent): no file, no usable row, or less than
+  IMU_MIN_COVERAGE of the window recorded."""
+  if not os.path.exists(imu_path):
     return None, 'no IMU file'
-  cleaned = _cleaned_imu(chunk.imu_path)
+  cleaned = cleaned_imu(imu_path)
   if cleaned is None:
-    return None, f'{chunk.imu_path} holds no row with a timestamp and all six values'
-  return preprocess.resample_imu(*cleaned, start_s=clip.window(spec.clip_seconds)[0],
-                                 num_samples=spec.imu_shape[0], rate_hz=spec.imu_rate_hz)
+    return None, f'{imu_path} holds no row with a timestamp and all six values'
+  grid, covered = preprocess.resample_imu(*cleaned, start_s=clip.window(spec.clip_seconds)[0],
+                                          num_samples=spec.imu_shape[0],
+                                          rate_hz=spec.imu_rate_hz)
+  if covered.mean() < preprocess.IMU_MIN_COVERAGE:
+    return None, f'only {covered.mean():.0%} of the window recorded'
+  return (grid, covered), None
 
 
 @contextlib.contextmanager
@@ -120,58 +154,86 @@ def _reading(modality, path):
     raise decode.CorruptMedia(modality, f'{path}: {type(e).__name__}: {e}') from e
 
 
-def _outcome(container, chunk, clip, spec):
-  """The example of one clip and the notes on its absent or flagged modalities, or its
-  quarantine when its window holds no data."""
+def _after_the_video(container, clip, spec, path):
+  """Why the clip's window lies after the end of the video in `container` (at `path`), or
+  None."""
   start, end = clip.window(spec.clip_seconds)
   video_end = decode.video_end(container)
   if video_end is not None and start >= video_end:
-    return Outcome(clip=clip, quarantine=('clip', (
-        f'window {start:.2f}-{end:.2f} s starts after the end of the video ({video_end:.2f} s, '
-        f'{chunk.video_path}); check the clip\'s times and video_uid')))
+    return (f'window {start:.2f}-{end:.2f} s starts after the end of the video '
+            f'({video_end:.2f} s, {path}); check the clip\'s times and video_uid')
+  return None
+
+
+def _outcome(container, chunk, clip, spec):
+  """The example of one clip and the notes on its absent or flagged modalities, or its
+  quarantine when its window holds no data."""
+  late = _after_the_video(container, clip, spec, chunk.video_path)
+  if late:
+    return Outcome(clip=clip, quarantine=('clip', late))
   notes = {}
   with _reading('video', chunk.video_path):
-    frames = decode.read_frames(container, frame_targets(clip, spec),
-                                short_side=spec.resize_short_side, window_start=start)
-  if frames is None:
+    video = clip_video(container, clip, spec)
+  if video is None:
     notes['video'] = 'no video frames in the window'
-    video = np.zeros(spec.video_shape, np.uint8)
-  else:
-    video = preprocess.center_crop(frames, spec.crop_size)
-
-  waveform = None
+  audio = None
   if chunk.audio_expected:
     with _reading('audio', chunk.video_path):
-      audio_start, _ = clip.window(spec.num_audio_samples / preprocess.AUDIO_SAMPLE_RATE)
-      waveform = decode.read_audio(container, start_s=audio_start,
-                                   num_samples=spec.num_audio_samples)
-    if waveform is None:
-      notes['audio'] = 'no audio track or no audio in the window'
-    elif not np.any(waveform):
-      notes['audio'], waveform = 'silent window (redacted audio)', None
+      audio, notes['audio'] = clip_audio(container, clip, spec)
   else:
     notes['audio'] = 'metadata says no audio'
-  audio = (np.zeros(spec.audio_shape, np.float32) if waveform is None
-           else preprocess.audio_features(waveform, spec))
+  imu, notes['imu'] = None, 'metadata says has_imu false'
+  if chunk.imu_path is not None:
+    with _reading('imu', chunk.imu_path):
+      imu, notes['imu'] = clip_imu(chunk.imu_path, clip, spec)
+  return _clip_outcome(clip, spec, video, audio, imu, notes)
 
-  with _reading('imu', chunk.imu_path):
-    grid, covered = _imu_window(chunk, clip, spec)
-  imu = None
-  if grid is None:
-    notes['imu'] = covered
-  elif covered.mean() < preprocess.IMU_MIN_COVERAGE:
-    notes['imu'] = f'only {covered.mean():.0%} of the window recorded'
-  else:
-    imu = grid, covered
-    if not covered.all():
-      notes['imu_gaps'] = f'{1 - covered.mean():.1%} of the window in long gaps, filled with 0'
 
-  present = np.array([frames is not None, waveform is not None, imu is not None])
+def file_outcome(clip, spec, *, video_path=None, audio_path=None, imu_path=None):
+  """A clip of one's own files, made by the code that makes the builder's clips (`_outcome`):
+  its Outcome, with its IMU not yet standardized (`standardized`).
+
+  video_path: a video, whose first audio stream is the clip's audio unless audio_path is given;
+  audio_path: any file with an audio stream FFmpeg reads (a wav); imu_path: an IMU CSV
+  (decode.read_imu_csv's columns). `clip` (a manifest.Clip) places the clip on the files'
+  common timeline. A file that cannot be read raises CorruptMedia; a window that holds no data
+  is the outcome's quarantine.
+  """
+  notes, video, audio, imu = {}, None, None, None
+  if video_path is not None:
+    with decode.open_media(video_path) as container:
+      late = _after_the_video(container, clip, spec, video_path)
+      if late:
+        return Outcome(clip=clip, quarantine=('clip', late))
+      with _reading('video', video_path):
+        video = clip_video(container, clip, spec)
+      notes['video'] = None if video is not None else 'no video frames in the window'
+      if audio_path is None:
+        with _reading('audio', video_path):
+          audio, notes['audio'] = clip_audio(container, clip, spec)
+  if audio_path is not None:
+    with decode.open_media(audio_path) as container, _reading('audio', audio_path):
+      audio, notes['audio'] = clip_audio(container, clip, spec)
+  if imu_path is not None:
+    with _reading('imu', imu_path):
+      imu, notes['imu'] = clip_imu(imu_path, clip, spec)
+  return _clip_outcome(clip, spec, video, audio, imu, notes)
+
+
+def _clip_outcome(clip, spec, video, audio, imu, notes):
+  """The Outcome of a clip's modalities (None where absent, `notes` saying why), or its
+  quarantine when none has data; notes also flag IMU long gaps."""
+  notes = {modality: note for modality, note in notes.items() if note is not None}
+  if imu is not None and not imu[1].all():
+    notes['imu_gaps'] = f'{1 - imu[1].mean():.1%} of the window in long gaps, filled with 0'
+  present = np.array([video is not None, audio is not None, imu is not None])
   if not present.any():
     why = '; '.join(f'{modality}: {note}' for modality, note in notes.items())
     return Outcome(clip=clip, quarantine=('clip', f'no modality has data in the window ({why})'))
-  example = {'video': video, 'audio': audio, 'imu': np.zeros(spec.imu_shape, np.float32),
-             'present': present, 'label': np.int64(clip.label), 'clip_id': clip.clip_uid}
+  example = {'video': np.zeros(spec.video_shape, np.uint8) if video is None else video,
+             'audio': np.zeros(spec.audio_shape, np.float32) if audio is None else audio,
+             'imu': np.zeros(spec.imu_shape, np.float32), 'present': present,
+             'label': np.int64(clip.label), 'clip_id': clip.clip_uid}
   return Outcome(clip=clip, example=example, notes=notes, imu=imu)
 
 

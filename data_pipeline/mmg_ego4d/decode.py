@@ -13,7 +13,10 @@ import numpy as np
 
 from data_pipeline import preprocess
 
-IMU_TIME_COLUMN = 'canonical_timestamp_ms'
+# The time column of an IMU CSV, the first of these that its header has: Ego4D's, then the
+# minimal one (`timestamp_ms, accl_x, accl_y, accl_z, gyro_x, gyro_y, gyro_z`) of one's own
+# recordings; either is milliseconds on the video's timeline.
+IMU_TIME_COLUMNS = ('canonical_timestamp_ms', 'timestamp_ms')
 _NULLS = frozenset({'', 'null', 'nan', 'none', 'na'})
 # Audio decoded before the window, so that the resampler's filter has context at its start.
 _AUDIO_LEAD_SECONDS = 0.1
@@ -96,6 +99,13 @@ def video_end(container):
   return _duration(container, container.streams.video[0])
 
 
+def audio_end(container):
+  """Seconds at which the audio stream ends by its declared duration; None when unknown."""
+  if not container.streams.audio:
+    return None
+  return _duration(container, container.streams.audio[0])
+
+
 def read_audio(container, *, start_s, num_samples):
   """Mono float32 waveform [num_samples] at 16 kHz from `start_s`; None without audio.
 
@@ -155,16 +165,19 @@ def _duration(container, stream):
 
 
 def read_imu_csv(path):
-  """(timestamps_ms [N], values [N, 6]) of an Ego4D IMU CSV; NaN where NULL or missing.
+  """(timestamps_ms [N], values [N, 6]) of an IMU CSV (Ego4D's, or the minimal columns of
+  IMU_TIME_COLUMNS); NaN where NULL or missing.
 
   Columns are selected by name; values are in preprocess.IMU_CHANNELS order. Rows cut short
   count as missing; a non-numeric value or a missing column is CorruptMedia.
   """
-  names = (IMU_TIME_COLUMN, *preprocess.IMU_CHANNELS)
   try:
     with open(path, newline='', encoding='utf-8') as f:
       reader = csv.reader(f)
       header = [name.strip() for name in next(reader, [])]
+      time_column = next((name for name in IMU_TIME_COLUMNS if name in header),
+                         ' or '.join(IMU_TIME_COLUMNS))
+      names = (time_column, *preprocess.IMU_CHANNELS)
       missing = [name for name in names if name not in header]
       if missing:
         raise CorruptMedia('imu', f'{path} lacks IMU columns {missing} (header: {header[:12]})')

@@ -11,6 +11,7 @@ import json
 import pathlib
 
 from data_pipeline import features
+from data_pipeline.errors import DataError
 
 LABELED_SPLITS = ('train', 'val', 'test', 'novel')
 # Splits the evaluation reads: unlabeled clips must not share data with them.
@@ -59,20 +60,20 @@ def read_classes(path, *, any_class_counts=False):
   kinds = [row['kind'].strip().lower() for row in rows]
   unknown = sorted({kind for kind in kinds if kind not in ('base', 'novel')})
   if unknown:
-    raise ValueError(f'{path}: kind must be "base" or "novel", found {unknown}')
+    raise DataError(f'{path}: kind must be "base" or "novel", found {unknown}')
   duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
-    raise ValueError(f'{path}: class names must be unique; repeated: {duplicates}')
+    raise DataError(f'{path}: class names must be unique; repeated: {duplicates}')
   base = [name for name, kind in zip(names, kinds, strict=True) if kind == 'base']
   novel = [name for name, kind in zip(names, kinds, strict=True) if kind == 'novel']
   expected = (features.NUM_BASE_CLASSES, features.NUM_NOVEL_CLASSES)
   if not any_class_counts and (len(base), len(novel)) != expected:
-    raise ValueError(
+    raise DataError(
         f'{path} lists {len(base)} base and {len(novel)} novel classes; MMG-Ego4D has '
         f'{expected[0]} and {expected[1]}. Fix the list, or build with --any_class_counts for '
         'your own taxonomy (then set config.model.num_classes to your base count).')
   if not base:
-    raise ValueError(f'{path} lists no base class')
+    raise DataError(f'{path} lists no base class')
   return tuple(base + novel), len(base)
 
 
@@ -84,21 +85,21 @@ def read_clips(path, split, class_ids, num_base_classes):
     name = row['label'].strip()
     if split == 'unlabeled':
       if name:
-        raise ValueError(f'{where}: unlabeled clips must have an empty label, found {name!r}')
+        raise DataError(f'{where}: unlabeled clips must have an empty label, found {name!r}')
       label = features.UNLABELED
     else:
       if name not in class_ids:
-        raise ValueError(f'{where}: label {name!r} is not in classes.csv')
+        raise DataError(f'{where}: label {name!r} is not in classes.csv')
       label = class_ids[name]
       if (split == 'novel') != (label >= num_base_classes):
         kind = 'novel' if split == 'novel' else 'base'
-        raise ValueError(f'{where}: split {split!r} takes {kind} classes only; {name!r} is not')
+        raise DataError(f'{where}: split {split!r} takes {kind} classes only; {name!r} is not')
     try:
       start_s, end_s = float(row['start_sec']), float(row['end_sec'])
     except ValueError as e:
-      raise ValueError(f'{where}: start_sec and end_sec must be numbers ({e})') from e
+      raise DataError(f'{where}: start_sec and end_sec must be numbers ({e})') from e
     if not 0 <= start_s < end_s:
-      raise ValueError(f'{where}: need 0 <= start_sec < end_sec, got {start_s}, {end_s}')
+      raise DataError(f'{where}: need 0 <= start_sec < end_sec, got {start_s}, {end_s}')
     clips.append(Clip(clip_uid=row['clip_uid'].strip(), video_uid=row['video_uid'].strip(),
                       start_s=start_s, end_s=end_s, label=label, split=split,
                       participant_id=(row.get('participant_id') or '').strip()))
@@ -131,14 +132,14 @@ def check_disjoint(clips_by_split):
   for split, clips in clips_by_split.items():
     for clip in clips:
       if clip.clip_uid in seen_clips:
-        raise ValueError(f'clip_uid {clip.clip_uid!r} appears in {seen_clips[clip.clip_uid]!r} '
-                         f'and {split!r}; clip uids must be unique')
+        raise DataError(f'clip_uid {clip.clip_uid!r} appears in {seen_clips[clip.clip_uid]!r} '
+                        f'and {split!r}; clip uids must be unique')
       seen_clips[clip.clip_uid] = split
       if split not in LABELED_SPLITS:
         continue
       other = video_split.setdefault(clip.video_uid, split)
       if other != split:
-        raise ValueError(
+        raise DataError(
             f'video {clip.video_uid!r} has clips in splits {other!r} and {split!r}; labeled '
             'splits must be disjoint by video: move all its clips to one split')
 
@@ -179,18 +180,18 @@ def load(manual_dir, *, any_class_counts=False):
   """Reads and validates everything but the media of `manual_dir`."""
   root = pathlib.Path(manual_dir)
   if not (root / 'classes.csv').exists():
-    raise FileNotFoundError(f'{root / "classes.csv"} not found; see '
-                            'data_pipeline/mmg_ego4d/README.md for the manual_dir layout')
+    raise DataError(f'{root / "classes.csv"} not found; see '
+                    'data_pipeline/mmg_ego4d/README.md for the manual_dir layout')
   names, num_base = read_classes(root / 'classes.csv', any_class_counts=any_class_counts)
   class_ids = {name: i for i, name in enumerate(names)}
   clips = {split: read_clips(root / 'clips' / f'{split}.csv', split, class_ids, num_base)
            for split in features.SPLITS if (root / 'clips' / f'{split}.csv').exists()}
   if not clips:
-    raise FileNotFoundError(f'no clip manifest in {root / "clips"}; expected <split>.csv for '
-                            f'splits {list(features.SPLITS)}')
+    raise DataError(f'no clip manifest in {root / "clips"}; expected <split>.csv for '
+                    f'splits {list(features.SPLITS)}')
   empty = [split for split, split_clips in clips.items() if not split_clips]
   if empty:
-    raise ValueError(
+    raise DataError(
         f'{[str(root / "clips" / f"{split}.csv") for split in empty]} hold a header but no clip; '
         'add their clips, or delete the files to build without those splits.')
   check_disjoint(clips)
@@ -205,6 +206,6 @@ def _read_csv(path, required):
     header = [name.strip() for name in reader.fieldnames or []]
     missing = [name for name in required if name not in header]
     if missing:
-      raise ValueError(f'{path} lacks columns {missing}; its header is {header}')
+      raise DataError(f'{path} lacks columns {missing}; its header is {header}')
     reader.fieldnames = header
     return list(reader)

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipeline import features, preprocess
+from data_pipeline.errors import DataError
 from data_pipeline.mmg_ego4d import clips, manifest, report
 
 
@@ -85,13 +86,15 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
       split_clips['unlabeled'] = [clip for clip in split_clips['unlabeled']
                                   if clip.clip_uid not in overlaps]
       if not split_clips['unlabeled']:
-        raise ValueError(
+        raise DataError(
             f'every clip of {dl_manager.manual_dir}/clips/unlabeled.csv overlaps a test or novel '
             'clip of its video, which alignment pre-training must not see; give it windows '
             'apart from those clips, or delete the file.')
     chunks = {split: clips.make_chunks(these, dl_manager.manual_dir, data.videos)
               for split, these in split_clips.items()}
     cached, moments = self._decode_into_cache(chunks.pop('train', []))
+    if not moments[0]:
+      _check_no_imu_to_standardize(chunks, spec)
     imu_mean, imu_std = preprocess.imu_mean_std(*moments)
     self._report = report.BuildReport(
         config=self.builder_config.name, imu_mean=imu_mean, imu_std=imu_std,
@@ -136,8 +139,8 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
     if not self._report.splits[split]['written']:
       reasons = {(q['modality'], q['reason']) for q in self._report.quarantine
                  if q['split'] == split}
-      raise ValueError(f'every clip of split {split!r} was quarantined, for these reasons: '
-                       f'{sorted(reasons)[:10]}. Fix those files, or remove clips/{split}.csv.')
+      raise DataError(f'every clip of split {split!r} was quarantined, for these reasons: '
+                      f'{sorted(reasons)[:10]}. Fix those files, or remove clips/{split}.csv.')
 
   def _download_and_prepare(self, dl_manager, download_config):
     try:
@@ -151,6 +154,29 @@ class MmgEgo4d(tfds.core.GeneratorBasedBuilder):
   def _post_download_and_prepare_hook(self):
     super()._post_download_and_prepare_hook()
     print(report.summary(self._report.to_json(), self.data_path), flush=True)
+
+
+def _check_no_imu_to_standardize(chunks, spec):
+  """Raises DataError when no train clip written has IMU (so there are no statistics to
+  standardize IMU with) but a clip of another split of `chunks` has: its IMU would be written
+  unstandardized. Reads those splits' IMU files only, before any split is written; a build
+  without IMU anywhere goes on (its IMU is absent, nothing to standardize)."""
+  for split, split_chunks in chunks.items():
+    for chunk in split_chunks:
+      if chunk.imu_path is None:
+        continue
+      for clip in chunk.clips:
+        try:
+          imu, _ = clips.clip_imu(chunk.imu_path, clip, spec)
+        except Exception:  # an unreadable file: its clips are quarantined, nothing to standardize
+          continue
+        if imu is not None:
+          raise DataError(
+              'no train clip written has IMU, so there are no train statistics to standardize '
+              f'IMU with, but clip {clip.clip_uid!r} of split {split!r} has IMU '
+              f'({chunk.imu_path}), which would be written unstandardized. Give train videos '
+              'their IMU CSVs (imu/<video_uid>.csv), or build without IMU: remove the other '
+              "splits' IMU files, or set has_imu false for their videos in ego4d.json.")
 
 
 def _uncached(paths):

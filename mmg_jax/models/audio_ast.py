@@ -28,14 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mmg_jax import errors
 from mmg_jax.models import layers
 
 
 def patch_grid(length, patch, stride):
   """Number of patches along one axis of a VALID strided convolution."""
   if length < patch:
-    raise ValueError(f'an axis of length {length} is shorter than the patch ({patch}); '
-                     'feed longer inputs or use a smaller patch_size')
+    raise errors.UserError(f'an axis of length {length} is shorter than the patch ({patch}); '
+                           'feed longer inputs or use a smaller patch_size')
   return (length - patch) // stride + 1
 
 
@@ -64,7 +65,7 @@ def checkpoint_grid(pos_embed, config):
   num_freq = patch_grid(num_bins, patch, stride)
   num_patches = pos_embed.shape[1] - 2
   if num_patches <= 0 or num_patches % num_freq:
-    raise ValueError(
+    raise errors.UserError(
         f'the checkpoint\'s pos_embed holds {num_patches} patch positions, not a whole number of '
         f'time steps of {num_freq} frequency patches ({num_bins} mel bins, patch {patch}, '
         f'stride {stride} in config.model.audio): it was trained on other mel bins or patch '
@@ -101,8 +102,8 @@ class AudioAST(nn.Module):
     config = self.config
     num_bins = config.input_shape[1]
     if x.ndim != 3 or x.shape[-1] != num_bins:
-      raise ValueError(f'audio input has shape {x.shape}; AudioAST wants [batch, frames, '
-                       f'{num_bins} mel bins] (config.model.audio.input_shape)')
+      raise errors.UserError(f'audio input has shape {x.shape}; AudioAST wants [batch, frames, '
+                             f'{num_bins} mel bins] (config.model.audio.input_shape)')
     patch, strides = tuple(config.patch_size), tuple(config.patch_strides)
     x = jnp.swapaxes(x, 1, 2)[..., None].astype(self.dtype)  # [B, F, T, 1]: freq is the height
     x = layers.PatchEmbed(config.width, patch, strides, dtype=self.dtype, name='patch_embed')(x)

@@ -36,6 +36,7 @@ import numpy as np
 from flax import linen as nn
 
 from data_pipeline.modalities import MODALITIES
+from mmg_jax import errors
 from mmg_jax.models import layers
 
 Dtype = Any
@@ -164,7 +165,8 @@ def create(config, *, embed_dim, dtype=jnp.float32, kernels='auto', name='fusion
   """The fusion module `config.kind` names, built from `config` (configs/common.fusion_config);
   `kernels` is config.model.kernels."""
   if config.kind not in FUSIONS:
-    raise ValueError(f"fusion kind {config.kind!r} is unknown; set config.model.fusion.kind to "
-                     f"one of {sorted(FUSIONS)}")
+    raise errors.UserError(
+        f"fusion kind {config.kind!r} is unknown; set config.model.fusion.kind to "
+        f"one of {sorted(FUSIONS)}")
   return FUSIONS[config.kind](config=config, embed_dim=embed_dim, dtype=dtype, kernels=kernels,
                               name=name)

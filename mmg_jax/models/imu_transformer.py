@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mmg_jax import errors
 from mmg_jax.models import layers
 
 
@@ -29,9 +30,10 @@ class IMUTransformer(nn.Module):
     config = self.config
     length, channels = config.input_shape
     if x.ndim != 3 or x.shape[1:] != (length, channels):
-      raise ValueError(f'IMU input has shape {x.shape}; IMUTransformer wants [batch, {length}, '
-                       f'{channels}] (config.model.imu.input_shape): resample the signal to '
-                       'that length or change the config')
+      raise errors.UserError(
+          f'IMU input has shape {x.shape}; IMUTransformer wants [batch, {length}, '
+          f'{channels}] (config.model.imu.input_shape): resample the signal to '
+          'that length or change the config')
     x = layers.PatchEmbed(config.width, (config.patch_size,), dtype=self.dtype,
                           name='patch_embed')(x.astype(self.dtype))
     batch, num_patches = x.shape[:2]

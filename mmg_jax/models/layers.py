@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mmg_jax import errors
+
 Dtype = Any
 
 # timm's ViT initializes Linear kernels with a truncated normal of std 0.02 and biases with 0.
@@ -35,7 +37,8 @@ def resolve_kernels(kind):
   forms have the same params and numbers (tests/test_kernels.py).
   """
   if kind not in KERNELS:
-    raise ValueError(f'kernels={kind!r} is unknown; set config.model.kernels to one of {KERNELS}')
+    raise errors.UserError(
+        f'kernels={kind!r} is unknown; set config.model.kernels to one of {KERNELS}')
   if kind == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'native'
   return kind
@@ -186,8 +189,8 @@ class Attention(nn.Module):
   def __call__(self, x, key_mask=None, *, train=False):
     batch, num_tokens, dim = x.shape
     if dim % self.num_heads:
-      raise ValueError(f'width {dim} is not divisible by num_heads={self.num_heads}; '
-                       'pick a width that is a multiple of the head count')
+      raise errors.UserError(f'width {dim} is not divisible by num_heads={self.num_heads}; '
+                             'pick a width that is a multiple of the head count')
     head_dim = dim // self.num_heads
     qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=dense_init,
                    name='qkv')(x)

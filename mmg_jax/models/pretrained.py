@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import mmg_jax.workdir
+from mmg_jax import errors
 from mmg_jax.models import audio_ast, mmg, video_mvit
 
 PARAMS_FILE, PROVENANCE_FILE = 'params.msgpack', 'provenance.json'
@@ -54,24 +56,18 @@ def save(directory, params, provenance):
       raise ValueError(f'provenance lacks {key!r}; it needs modality, source and sha256.')
   os.makedirs(directory, exist_ok=True)
   params = jax.tree.map(np.asarray, params)
-  _write_atomically(os.path.join(directory, PARAMS_FILE),
-                    flax.serialization.msgpack_serialize(params))
-  _write_atomically(os.path.join(directory, PROVENANCE_FILE),
-                    (json.dumps(provenance, indent=2, sort_keys=True) + '\n').encode())
-
-
-def _write_atomically(path, data):
-  temporary = f'{path}.tmp'
-  with open(temporary, 'wb') as f:
-    f.write(data)
-  os.replace(temporary, path)
+  mmg_jax.workdir.atomic_write_bytes(os.path.join(directory, PARAMS_FILE),
+                                     flax.serialization.msgpack_serialize(params))
+  mmg_jax.workdir.atomic_write_text(os.path.join(directory, PROVENANCE_FILE),
+                                    json.dumps(provenance, indent=2, sort_keys=True) + '\n')
 
 
 def read_provenance(directory):
   path = os.path.join(directory, PROVENANCE_FILE)
   if not os.path.isfile(path):
-    raise ValueError(f'{directory} is not a converted checkpoint (no {PROVENANCE_FILE}); make '
-                     'one with python -m mmg_jax.tools.convert_weights.')
+    raise errors.UserError(
+        f'{directory} is not a converted checkpoint (no {PROVENANCE_FILE}); make '
+        'one with python -m mmg_jax.tools.convert_weights.')
   with open(path) as f:
     return json.load(f)
 
@@ -80,14 +76,25 @@ def load(directory, encoder_config=None):
   """{'params': tree} of a converted checkpoint; adapted to and checked against
   `encoder_config` (config.model.<modality>) when given: its keys, shapes and numerics."""
   provenance = read_provenance(directory)
-  with open(os.path.join(directory, PARAMS_FILE), 'rb') as f:
-    params = flax.serialization.msgpack_restore(f.read())
+  params = _read_params(os.path.join(directory, PARAMS_FILE))
   if encoder_config is not None:
     modality, where = provenance['modality'], f'{directory} ({provenance["source"]})'
     params = adapt(modality, params, encoder_config)
     check_shapes(params, expected_params(modality, encoder_config), where)
     check_numerics(_known_numerics(provenance, where), encoder_config, modality, where)
   return {'params': params}
+
+
+def _read_params(path):
+  """The param tree of a params.msgpack; a UserError naming the file when it does not parse."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return flax.serialization.msgpack_restore(data)
+  except ValueError as e:  # msgpack's errors of a short or damaged file are ValueErrors
+    raise errors.UserError(
+        f'{path} is truncated or corrupt ({type(e).__name__}: {e}; {len(data)} bytes): convert '
+        'the checkpoint again with python -m mmg_jax.tools.convert_weights.') from e
 
 
 def apply_numerics(directory, encoder_config):
@@ -123,7 +130,7 @@ def _known_numerics(provenance, where):
 
 
 def check_numerics(numerics, encoder_config, modality, where):
-  """Raises ValueError naming each field of `encoder_config` whose value differs from
+  """Raises UserError naming each field of `encoder_config` whose value differs from
   `numerics` and the flags that fix it: with another value the features are not the
   reference's (1e-6 for pytorchvideo's 1e-5 pooling-norm epsilon moves MViT-B's by ~3e-4 at
   random weights, more than the parity tests' 1e-4)."""
@@ -132,7 +139,7 @@ def check_numerics(numerics, encoder_config, modality, where):
   if differ:
     have = ', '.join(f'{field}={encoder_config.get(field)!r}' for field in differ)
     want = ', '.join(f'{field}={value!r}' for field, value in differ.items())
-    raise ValueError(
+    raise errors.UserError(
         f'{where} holds the weights of a reference that computes with {want}, but the encoder '
         f"config has {have}: its features would not be the reference's. Set "
         f'{numerics_flags(modality, differ)} (in Python: '
@@ -159,7 +166,7 @@ def expected_params(modality, encoder_config):
 
 
 def check_shapes(params, expected, where):
-  """Raises ValueError naming the first keys whose presence or shape differ."""
+  """Raises UserError naming the first keys whose presence or shape differ."""
   have, want = _shapes(params), _shapes(expected)
   problems = []
   for key in sorted(have.keys() | want.keys()):
@@ -170,9 +177,10 @@ def check_shapes(params, expected, where):
     elif have[key] != want[key]:
       problems.append(f'{key}: checkpoint {have[key]}, encoder {want[key]}')
   if problems:
-    raise ValueError(f'{where} does not fit the encoder config ({len(problems)} keys differ: '
-                     f'{"; ".join(problems[:5])}): convert with the matching --source, or set the '
-                     'encoder config (depth, widths, patch sizes) to the checkpoint\'s.')
+    raise errors.UserError(
+        f'{where} does not fit the encoder config ({len(problems)} keys differ: '
+        f'{"; ".join(problems[:5])}): convert with the matching --source, or set the '
+        'encoder config (depth, widths, patch sizes) to the checkpoint\'s.')
 
 
 def _shapes(tree):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmg_jax import errors
 from mmg_jax.models import layers
 
 LN_EPSILON = 1e-6
@@ -46,8 +47,8 @@ def block_settings(config):
   """Expands the stage description of `config` (see configs/common.video_config) per block."""
   stage_starts = tuple(config.stage_starts)
   if not all(0 < s < config.depth for s in stage_starts):
-    raise ValueError(f'video stage_starts {stage_starts} must be block indices in '
-                     f'[1, depth={config.depth}); lower them or raise depth.')
+    raise errors.UserError(f'video stage_starts {stage_starts} must be block indices in '
+                           f'[1, depth={config.depth}); lower them or raise depth.')
   dim, num_heads, stride_kv = config.embed_dim, config.num_heads, tuple(config.pool_kv_stride)
   settings = []
   for i in range(config.depth):

@@ -19,6 +19,8 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from mmg_jax import errors
+
 # torch's storage classes as the pickle names them -> numpy dtype.
 _STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -26,6 +28,7 @@ _STORAGE_DTYPES = {
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
     'BoolStorage': np.bool_,
 }
+_ZIP_START = b'PK\x03\x04'  # a zip archive's first bytes: its first member's header
 # safetensors dtype names -> numpy dtype.
 _SAFETENSORS_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -125,9 +128,19 @@ class _Unpickler(pickle.Unpickler):
     return self.storages[key]
 
 
+def _damaged(path, what):
+  """The error for a checkpoint file that ends early or does not parse (a broken download)."""
+  return errors.UserError(
+      f'{path} is truncated or corrupt ({what}): download it again (an interrupted download '
+      'leaves a short file; its size should be the published one).')
+
+
 def read_torch_zip(path):
   """The object `torch.save` wrote to `path` (zip format), tensors as numpy arrays."""
   if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      if f.read(len(_ZIP_START)) == _ZIP_START:
+        raise _damaged(path, 'a zip archive without the directory that ends one')
     raise ValueError(
         f'{path} is not a zip-format torch checkpoint (torch >= 1.6 writes that format). If it '
         'is an older legacy checkpoint, re-save it once with torch: '
@@ -141,20 +154,32 @@ def read_torch_zip(path):
     byteorder = prefix + 'byteorder'
     if byteorder in archive.namelist() and archive.read(byteorder) != b'little':
       raise ValueError(f'{path} was written on a big-endian machine; not supported.')
-    with archive.open(pickles[0]) as f:
-      return _Unpickler(f, archive, prefix).load()
+    try:
+      with archive.open(pickles[0]) as f:
+        return _Unpickler(f, archive, prefix).load()
+    except zipfile.BadZipFile as e:  # a member whose bytes or CRC do not match its header
+      raise _damaged(path, f'BadZipFile: {e}') from e
 
 
 def read_safetensors(path):
   """{name: array} of a safetensors file (metadata under '__metadata__' is skipped)."""
   with open(path, 'rb') as f:
-    (header_size,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(header_size))
-    buffer = f.read()
+    data = f.read()
+  if len(data) < 8:
+    raise _damaged(path, f'{len(data)} bytes, fewer than the 8 that give its header size')
+  (header_size,) = struct.unpack('<Q', data[:8])
+  try:
+    header = json.loads(data[8:8 + header_size])
+  except ValueError as e:  # a header cut short: JSONDecodeError, UnicodeDecodeError
+    raise _damaged(path, f'its {header_size}-byte JSON header does not parse: {e}') from e
+  buffer = memoryview(data)[8 + header_size:]
+  entries = {name: entry for name, entry in header.items() if name != '__metadata__'}
+  needed = max((entry['data_offsets'][1] for entry in entries.values()), default=0)
+  if len(buffer) < needed:
+    raise _damaged(path, f'its header places tensor data up to byte {needed} after the header, '
+                         f'but only {len(buffer)} bytes follow it')
   tensors = {}
-  for name, entry in header.items():
-    if name == '__metadata__':
-      continue
+  for name, entry in entries.items():
     if entry['dtype'] not in _SAFETENSORS_DTYPES:
       raise ValueError(f'{path}: tensor {name!r} has dtype {entry["dtype"]}, not supported.')
     begin, end = entry['data_offsets']

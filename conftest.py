@@ -47,7 +47,8 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
 # `fewshot_tiny_run`, are one unit, so one worker trains it once.
 _SHARED_RUN = (
     'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 255 s
-    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes')
+    'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',
+    'test_api.py', 'test_export.py')
 _SLOWEST_FIRST = (
     *_SHARED_RUN,
     'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 207
@@ -117,8 +118,9 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture(scope='session')
 def fewshot_tiny_run(tmp_path_factory):
   """`python -m mmg_jax.main` on FEWSHOT_TINY's `config` and `flags` and the session's 8
-  devices, run as a user would: its `workdir` and `stdout`. The few-shot end-to-end test and the
-  launcher test's one-process reference are this one run (a tiny training takes a minute)."""
+  devices, run as a user would: its `workdir` and `stdout`. The few-shot end-to-end test, the
+  launcher test's one-process reference, the API's and the export's tests use this one run (a
+  tiny training takes a minute); none of them changes its results."""
   config, flags = FEWSHOT_TINY
   workdir = str(tmp_path_factory.mktemp('fewshot_tiny_run'))
   return types.SimpleNamespace(config=config, flags=flags, workdir=workdir,

@@ -448,7 +448,7 @@ def eval_config(size, kind, rows):
       'rows': tuple(rows),
       # Only the rows these comma-separated selectors match, and only the pipelines they need:
       # settings ('zero-shot'), pipeline names, TRAIN:TEST short names ('AI:V'). None: all
-      # (mmg_jax/pipeline.py select_rows).
+      # (mmg_jax/experiment.py select_rows).
       'only': ml_collections.config_dict.placeholder(str),
       # A pipeline whose unimodal pre-training is also reported as the paper's unimodal
       # baselines, or None: each encoder's top-1 on the many-shot split, or in a few-shot

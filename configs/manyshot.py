@@ -13,7 +13,7 @@ paper's stage table):
   checkpoints; the 'paper' size has no such split, see zeroshot_pipeline), L_align pre-training
   of the fusion on the unlabeled split with every modality, then L_CE of the head on the train
   modalities only; evaluated on the disjoint test modalities. MMG data of a test modality
-  enters only through the unlabeled alignment stage: pipeline.validate refuses any stage that
+  enters only through the unlabeled alignment stage: checks.validate refuses any stage that
   reads MMG labels with it. The first two stages are the same in the four pipelines, so they run
   once (in zeroshot_train_A/). The ablation's 'no alignment' control (`control_stage`) trains
   the same params as the alignment stage, for as long, with L_CE instead.
@@ -56,7 +56,7 @@ def zeroshot_pipeline(size, train_modalities, *, align=True, model_updates=None)
   fusion on the checkpoints' features (and the IMU encoder, which has no public checkpoint: it
   learns its features only there, from the alignment with video), L_CE the head alone. Without
   init_from the frozen video and audio encoders keep their random init: the run says so before
-  it trains (pipeline.untrained_encoders).
+  it trains (checks.untrained_encoders).
   """
   pretrained = size in _ZEROSHOT_PRETRAIN_STEPS
   stages = []

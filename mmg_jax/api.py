@@ -31,8 +31,16 @@ from data_pipeline import features, loaders
 from data_pipeline import modalities as modalities_lib
 from data_pipeline.mmg_ego4d import clips as ego4d_clips
 from data_pipeline.mmg_ego4d import decode, manifest
-from mmg_jax import errors, evaluate, inference_info, prototypes, sharding, train
-from mmg_jax import pipeline as pipeline_lib
+from mmg_jax import (
+  errors,
+  evaluate,
+  experiment,
+  inference_info,
+  prototypes,
+  run_store,
+  sharding,
+  train,
+)
 from mmg_jax.models import mmg
 from mmg_jax.results import CONFIG_FILE
 
@@ -76,15 +84,15 @@ class Model:
   @classmethod
   def from_workdir(cls, workdir, pipeline=None):
     """The model of pipeline `pipeline` of the run in `workdir`, with the params its rows
-    evaluate (pipeline.evaluated_checkpoint), on the default device. None: the run's pipeline
+    evaluate (run_store.evaluated_checkpoint), on the default device. None: the run's pipeline
     whose last stage trains the fused model (FUSED_STAGE_KINDS), when it has one only."""
     directory = _results_directory(os.fspath(workdir))
     config = _read_config(directory)
     info = inference_info.read(directory)
     name = _pick_pipeline(config, pipeline, directory)
-    model = mmg.MMGModel(config=pipeline_lib.model_config(config, config.pipelines[name]))
-    checkpoint = pipeline_lib.evaluated_checkpoint(config, name, os.fspath(workdir),
-                                               pipeline_lib.stage_directories(config))
+    model = mmg.MMGModel(config=experiment.model_config(config, config.pipelines[name]))
+    checkpoint = run_store.evaluated_checkpoint(config, name, os.fspath(workdir),
+                                                run_store.stage_directories(config))
     params = _restore(config, model, name, checkpoint, os.fspath(workdir), info)
     return cls(model, params, info, config=config, pipeline=name, checkpoint=checkpoint)
 
@@ -254,7 +262,7 @@ def _clip_end(raw, where):
 
 def _results_directory(workdir):
   """Where a run's config.json and inference.json are: the workdir, or workdir/val for a run
-  evaluated on validation data (pipeline.results_dir)."""
+  evaluated on validation data (run_store.results_dir)."""
   for directory in (workdir, os.path.join(workdir, 'val')):
     if (epath.Path(directory) / CONFIG_FILE).exists():
       return directory
@@ -282,7 +290,7 @@ def _read_config(directory):
 def _pick_pipeline(config, name, directory):
   """`name`, checked, or the config's one pipeline whose last stage trains the fused model."""
   fused = sorted(n for n, p in config.pipelines.items()
-                 if pipeline_lib.ordered_stages(p)[-1].kind in FUSED_STAGE_KINDS)
+                 if experiment.ordered_stages(p)[-1].kind in FUSED_STAGE_KINDS)
   if name is None and len(fused) == 1:
     return fused[0]
   if name is not None and name in config.pipelines:
@@ -304,17 +312,17 @@ def _example_batch(info):
 def _restore(config, model, name, checkpoint, workdir, info):
   """The params that pipeline `name`'s rows evaluate, on the default device: pipeline._restore
   of its last stage, with the params' shapes from `info` instead of the dataset."""
-  stage = pipeline_lib.ordered_stages(config.pipelines[name])[-1]
+  stage = experiment.ordered_stages(config.pipelines[name])[-1]
   owner, stage_name = os.path.split(checkpoint['stage'])
-  owner_model = mmg.MMGModel(config=pipeline_lib.model_config(config, config.pipelines[owner]))
-  init = functools.partial(pipeline_lib.init_params, owner_model, _example_batch(info), config.seed)
+  owner_model = mmg.MMGModel(config=experiment.model_config(config, config.pipelines[owner]))
+  init = functools.partial(experiment.init_params, owner_model, _example_batch(info), config.seed)
   params = train.final_params(
       stage_name, workdir=os.path.join(workdir, owner), params_shape=jax.eval_shape(init),
       optimizer=stage.optimizer, num_steps=stage.num_steps,
       mesh=sharding.make_mesh(jax.devices()[:1]), select_best='metric' in checkpoint)
   if owner_model.config == model.config:
     return params
-  fresh = pipeline_lib.init_params(model, _example_batch(info), config.seed)
+  fresh = experiment.init_params(model, _example_batch(info), config.seed)
   return fresh | {k: v for k, v in params.items() if k != 'fusion'}
 
 

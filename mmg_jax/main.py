@@ -192,8 +192,8 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax's per-save INFO lines drown the progress
   if _PRINT_CONFIG.value:
-    from mmg_jax import pipeline
-    print(pipeline.config_json(_CONFIG.value))
+    from mmg_jax import run_store
+    print(run_store.config_json(_CONFIG.value))
     return
   arguments = distributed_arguments(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                                     _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)

@@ -8,7 +8,7 @@ from etils import epath
 
 from mmg_jax import errors
 
-CONFIG_FILE = 'config.json'  # a run's resolved config, beside its results (pipeline.write_config)
+CONFIG_FILE = 'config.json'  # a run's resolved config, beside its results (run_store.write_config)
 
 
 def read(workdir):

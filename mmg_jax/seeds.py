@@ -5,7 +5,7 @@
 `config.num_seeds` = 1 is a plain run (mmg_jax/pipeline.py) in W. With N > 1, each seed s of
 config.seed, ..., config.seed + N - 1 is a complete single-seed run in W/seed_<s>/ (its stages,
 results.json/md and plots), and after each seed W/results.json and W/results.md (in W/val/ for
-`eval.target` 'val', as pipeline.results_dir) hold the aggregate of the seeds run so far
+`eval.target` 'val', as run_store.results_dir) hold the aggregate of the seeds run so far
 (report.aggregate): every row's mean and std over seeds, and each seed's own mean and 95%
 interval. Re-running the command resumes: the seeds that finished reuse their stages
 (pipeline.run's resume) and are evaluated again.
@@ -15,7 +15,7 @@ import json
 import jax
 from etils import epath
 
-from mmg_jax import errors, pipeline, report, results
+from mmg_jax import checks, errors, pipeline, report, results, run_store
 
 
 def num_seeds(config):
@@ -37,14 +37,14 @@ def seed_config(config, seed):
 
 
 def check_inputs(config, workdir, *, train_missing=True):
-  """pipeline.check_inputs of the run of each seed, in the workdir `run` gives it."""
+  """checks.check_inputs of the run of each seed, in the workdir `run` gives it."""
   count = num_seeds(config)
   if count == 1:
-    pipeline.check_inputs(config, workdir, train_missing=train_missing)
+    checks.check_inputs(config, workdir, train_missing=train_missing)
     return
   for seed in range(config.seed, config.seed + count):
-    pipeline.check_inputs(seed_config(config, seed), results.seed_workdir(workdir, seed),
-                          train_missing=train_missing)
+    checks.check_inputs(seed_config(config, seed), results.seed_workdir(workdir, seed),
+                        train_missing=train_missing)
 
 
 def run(config, workdir, *, train_missing=True):
@@ -55,8 +55,8 @@ def run(config, workdir, *, train_missing=True):
   if count == 1:
     return pipeline.run(config, workdir, train_missing=train_missing)
   seeds = [config.seed + i for i in range(count)]
-  pipeline.validate(config)
-  pipeline.write_config(config, pipeline.results_dir(config, workdir))  # each seed's: its own
+  checks.validate(config)
+  run_store.write_config(config, run_store.results_dir(config, workdir))  # each seed's: its own
   docs = {}
   for i, seed in enumerate(seeds):
     seed_dir = results.seed_workdir(workdir, seed)
@@ -64,9 +64,9 @@ def run(config, workdir, *, train_missing=True):
          f'evaluating in {seed_dir}')
     one_seed = seed_config(config, seed)
     rows = pipeline.run(one_seed, seed_dir, train_missing=train_missing)
-    docs[seed] = _seed_results(one_seed, rows, pipeline.results_dir(one_seed, seed_dir))
+    docs[seed] = _seed_results(one_seed, rows, run_store.results_dir(one_seed, seed_dir))
     doc = report.aggregate(docs, num_seeds=count)
-    report.write_doc(doc, pipeline.results_dir(config, workdir),
+    report.write_doc(doc, run_store.results_dir(config, workdir),
                      process_index=jax.process_index())
   return doc['rows']
 

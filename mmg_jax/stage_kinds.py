@@ -6,7 +6,7 @@ entry here. Two batch layouts serve the kinds: CLIPS (shuffled clips, `batch_siz
 EPISODES (whole N-way K-shot episodes, for meta-training).
 
 A kind's `loss(stage, apply)` returns loss(params, batch, rng) -> (scalar, metrics), where
-`apply(params, batch, rng)` runs the model on the stage's modalities (pipeline.make_loss_fn) and
+`apply(params, batch, rng)` runs the model on the stage's modalities (experiment.make_loss_fn) and
 the batch is already restricted to them.
 """
 import dataclasses

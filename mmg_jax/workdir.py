@@ -18,7 +18,7 @@ Object-store workdir (gs://): there is no lock, and a rename is a copy then a de
   checkpoints; keep one run per workdir yourself. It warns once, records the run's host and pid
   in LOCK_FILE (clearing it at the end) and names a recorded run that did not clear it. What
   still holds: a stage directory trained under another config is refused (its stage.json,
-  mmg_jax/pipeline.py), and orbax commits each checkpoint step only once all of it is written
+  mmg_jax/run_store.py), and orbax commits each checkpoint step only once all of it is written
   (a commit file, written last), so a half-written step is never restored.
 - `atomic_write_text` writes the object in one upload: readers see the old object or the new
   one, never a part, and a write that fails keeps the old one.

@@ -47,8 +47,9 @@ if __name__ == '__main__':
   # Stand-ins for the modules main imports after parsing flags (they load models and data).
   # MAIN_PROBE=fail: process 1's pipeline fails, process 0's waits for it; =bug: a bug.
   run = {'fail': _fail_on_process_1, 'bug': _bug}.get(os.environ.get('MAIN_PROBE'), _report)
-  sys.modules['mmg_jax.pipeline'] = types.SimpleNamespace(
-      run=run, check_inputs=lambda config, workdir, *, train_missing: None)
+  sys.modules['mmg_jax.pipeline'] = types.SimpleNamespace(run=run)
+  sys.modules['mmg_jax.checks'] = types.SimpleNamespace(
+      check_inputs=lambda config, workdir, *, train_missing: None)
   sys.modules['mmg_jax.train'] = types.SimpleNamespace(Preempted=RuntimeError,
                                                        StageStopped=RuntimeError)
   app.run(main.main, flags_parser=main.parse_flags)

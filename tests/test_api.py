@@ -27,6 +27,7 @@ from mmg_jax import (
   pipeline,
   prototypes,
   results,
+  run_store,
   sharding,
 )
 from tests import cli, media
@@ -101,7 +102,7 @@ def test_embed_and_classify_equal_the_pipelines_own_forward(run, model, novel):
   """The evaluated params, restored without the dataset, give what the pipeline computes."""
   config, mesh = _config(), sharding.make_mesh()
   trained, params = pipeline.train_pipeline(config, 'train_VAI', str(run), mesh,
-                                            pipeline.stage_directories(config),
+                                            run_store.stage_directories(config),
                                             train_missing=False)
   subsets = [ALL, ('audio', 'imu'), ('video',)]
   outputs, _ = evaluate.predict_split(evaluate.make_forward(trained), params, config.dataset,

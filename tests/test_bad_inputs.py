@@ -9,13 +9,13 @@ import pytest
 
 import mmg_jax.workdir
 from configs import common, fewshot, manyshot
-from mmg_jax import pipeline, train
+from mmg_jax import experiment, pipeline, run_store, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stages(config):
-  return pipeline.ordered_stages(config.pipelines.train_VAI)
+  return experiment.ordered_stages(config.pipelines.train_VAI)
 
 
 def _set(path, value):
@@ -154,5 +154,5 @@ def test_the_cli_exits_non_zero_at_the_first_non_finite_step_and_saves_nothing(t
   assert 'not finite' in result.stderr and 'no checkpoint was saved' in result.stderr
   stage_dir = tmp_path / 'train_VAI' / 'unimodal'
   assert not (stage_dir / 'checkpoints').exists() or not os.listdir(stage_dir / 'checkpoints')
-  assert not (stage_dir / pipeline.STAGE_FILE).exists()
+  assert not (stage_dir / run_store.STAGE_FILE).exists()
   assert not (tmp_path / 'results.json').exists()

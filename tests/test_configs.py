@@ -7,7 +7,7 @@ import pytest
 
 from configs import ablation, common, fewshot, manyshot
 from data_pipeline import modalities
-from mmg_jax import pipeline as pipeline_lib
+from mmg_jax import checks, experiment
 
 CONFIGS = {'fewshot': fewshot, 'manyshot': manyshot, 'ablation': ablation}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_paper_global_batches_divide_over_8_to_256_devices(name):
 def test_fewshot_is_one_pipeline_of_the_three_fewshot_stages():
   config = fewshot.get_config()
   assert list(config.pipelines) == ['train_VAI']
-  stages = pipeline_lib.ordered_stages(config.pipelines.train_VAI)
+  stages = experiment.ordered_stages(config.pipelines.train_VAI)
   assert [s.kind for s in stages] == ['unimodal_ce', 'supervised', 'meta']
   assert stages[1].align_weight > 0 and stages[2].proto_weight > 0
   fewshot_eval = config.eval.fewshot
@@ -81,7 +81,7 @@ def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
   assert sorted(config.pipelines) == ['train_VAI', 'zeroshot_train_A', 'zeroshot_train_AI',
                                       'zeroshot_train_I', 'zeroshot_train_V']
   for row in config.eval.rows:
-    stages = pipeline_lib.ordered_stages(config.pipelines[row.pipeline])
+    stages = experiment.ordered_stages(config.pipelines[row.pipeline])
     if row.setting == 'zero-shot':
       assert [(s.kind, s.split) for s in stages] == [('unimodal_ce', 'pretrain'),
                                                      ('align', 'unlabeled'),
@@ -101,7 +101,7 @@ def test_external_pretraining_only_where_the_dataset_has_its_split():
 
 
 def _stage_dicts(p):
-  return [stage.to_dict() for stage in pipeline_lib.ordered_stages(p)]
+  return [stage.to_dict() for stage in experiment.ordered_stages(p)]
 
 
 def test_ablation_variants_change_what_they_name():
@@ -122,16 +122,16 @@ def test_ablation_variants_change_what_they_name():
   assert _stage_dicts(pipelines.full) == _stage_dicts(many.train_VAI)
   assert _stage_dicts(pipelines.full_meta) == _stage_dicts(few.train_VAI)
   assert _stage_dicts(pipelines.zeroshot_AI) == _stage_dicts(many.zeroshot_train_AI)
-  assert [s.kind for s in pipeline_lib.ordered_stages(pipelines.zeroshot_AI)] == [
+  assert [s.kind for s in experiment.ordered_stages(pipelines.zeroshot_AI)] == [
       'unimodal_ce', 'align', 'supervised']
-  assert [s.kind for s in pipeline_lib.ordered_stages(pipelines.zeroshot_AI_noalign)] == [
+  assert [s.kind for s in experiment.ordered_stages(pipelines.zeroshot_AI_noalign)] == [
       'unimodal_ce', 'supervised', 'supervised']
   no_proto = [r for r in config.eval.rows if not r.proto_loss]
   assert {r.metric for r in no_proto} == {'5w5s_acc'}
   assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages.values()]
              for r in no_proto)
   with_proto = [r for r in config.eval.rows if r.proto_loss and r.metric == '5w5s_acc']
-  assert all(pipeline_lib.ordered_stages(pipelines[r.pipeline])[-1].kind == 'meta'
+  assert all(experiment.ordered_stages(pipelines[r.pipeline])[-1].kind == 'meta'
              for r in with_proto)
 
 
@@ -141,8 +141,8 @@ def test_the_no_alignment_control_trains_what_alignment_trains_with_l_ce(size):
   needs), steps and learning rate, L_CE on the train modalities' labeled clips; the rest of
   the pipeline as the method's."""
   pipelines = ablation.get_config(size).pipelines
-  method = pipeline_lib.ordered_stages(pipelines.zeroshot_AI)
-  control = pipeline_lib.ordered_stages(pipelines.zeroshot_AI_noalign)
+  method = experiment.ordered_stages(pipelines.zeroshot_AI)
+  control = experiment.ordered_stages(pipelines.zeroshot_AI_noalign)
   align = next(s for s in method if s.kind == 'align')
   stand_in = control[method.index(align)]
   assert stand_in.kind == 'supervised' and stand_in.align_weight == 0
@@ -161,13 +161,13 @@ def test_frozen_encoders_that_nothing_trained_are_found():
   """'paper' zero-shot pipelines freeze the video and audio encoders for their init_from
   checkpoints: without them the run warns; 'small' pre-trains them first."""
   config = manyshot.get_config('paper')
-  assert pipeline_lib.untrained_encoders(config, 'zeroshot_train_A') == [('align', 'video'),
+  assert checks.untrained_encoders(config, 'zeroshot_train_A') == [('align', 'video'),
                                                                       ('align', 'audio')]
-  assert pipeline_lib.untrained_encoders(config, 'train_VAI') == []
+  assert checks.untrained_encoders(config, 'train_VAI') == []
   config.model.video.init_from = config.model.audio.init_from = 'checkpoints/converted'
-  assert pipeline_lib.untrained_encoders(config, 'zeroshot_train_A') == []
+  assert checks.untrained_encoders(config, 'zeroshot_train_A') == []
   small = manyshot.get_config('small')
-  assert all(pipeline_lib.untrained_encoders(small, name) == [] for name in small.pipelines)
+  assert all(checks.untrained_encoders(small, name) == [] for name in small.pipelines)
 
 
 _PRINT_CONFIG = """

@@ -9,7 +9,7 @@ import pytest
 
 from configs import manyshot
 from data_pipeline import loaders
-from mmg_jax import feature_cache, pipeline, sharding
+from mmg_jax import experiment, feature_cache, pipeline, run_store, sharding
 from mmg_jax.models import mmg
 
 
@@ -36,7 +36,7 @@ def test_applies_to_stages_that_train_none_of_their_encoders():
 def setup():
   config, _, align, ce = _stages()
   model = mmg.MMGModel(config=config.model)
-  params = pipeline.init_params(model, pipeline.example_batch(config.dataset), config.seed)
+  params = experiment.init_params(model, experiment.example_batch(config.dataset), config.seed)
   return config, model, jax.device_get(params), align, ce
 
 
@@ -49,14 +49,14 @@ def test_cached_batches_give_the_losses_and_gradients_of_the_frozen_encoders(set
   source = feature_cache.load_or_compute(
       model, params, config.dataset, stage.split, stage.modalities, workdir=str(tmp_path),
       batch_size=config.eval.batch_size, mesh=mesh, progress=lambda _: None)
-  raw = next(iter(pipeline.make_loader(config.dataset, stage, seed=3)))
-  cached = next(iter(pipeline.make_loader(config.dataset, stage, seed=3, source=source)))
+  raw = next(iter(experiment.make_loader(config.dataset, stage, seed=3)))
+  cached = next(iter(experiment.make_loader(config.dataset, stage, seed=3, source=source)))
   assert sorted(cached) == sorted({*stage.modalities, 'present', 'label', 'mask'})
   for key in ('present', 'label', 'mask'):  # the same clips in the same rows
     np.testing.assert_array_equal(cached[key], raw[key])
 
   def loss_and_grads(encoded, batch):
-    loss_fn = pipeline.make_loss_fn(model, stage, encoded=encoded)
+    loss_fn = experiment.make_loss_fn(model, stage, encoded=encoded)
     return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, jax.random.key(5))[0]))(
         params)
 
@@ -99,7 +99,7 @@ def test_a_pipeline_trained_from_the_cache_matches_the_uncached_one(tmp_path):
   the same final params to float tolerance."""
   config = manyshot.get_config('tiny')
   name = 'zeroshot_train_A'
-  directories = pipeline.stage_directories(config)
+  directories = run_store.stage_directories(config)
   mesh = sharding.make_mesh()
   final = {}
   for cache in (False, True):

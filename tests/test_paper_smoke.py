@@ -16,7 +16,7 @@ import pytest
 from configs import ablation, common, fewshot, manyshot
 from data_pipeline import episodes, features, preprocess
 from data_pipeline.mmg_ego4d import manifest, sample_media
-from mmg_jax import pipeline
+from mmg_jax import experiment
 from mmg_jax.tools import paper_smoke
 
 CONFIGS = (fewshot, manyshot, ablation)
@@ -26,7 +26,7 @@ SCHEDULE_FIELDS = {'num_steps', 'batch_size', 'log_every', 'checkpoint_every', '
 
 
 def _stages(config):
-  return {name: [stage.to_dict() for stage in pipeline.ordered_stages(p)]
+  return {name: [stage.to_dict() for stage in experiment.ordered_stages(p)]
           for name, p in config.pipelines.items()}
 
 

@@ -14,7 +14,7 @@ from absl import flags
 
 from configs import common, fewshot, manyshot
 from data_pipeline import modalities
-from mmg_jax import costs, paper, pipeline, report, sharding, train
+from mmg_jax import checks, costs, experiment, paper, pipeline, report, run_store, sharding, train
 from mmg_jax.models import mmg, pretrained
 from tests import cli, tensorboard_runs
 
@@ -26,7 +26,7 @@ def _leak_message(stage, pipeline_name, leaked):
 def test_experiment_configs_pass_validation():
   for module in (fewshot, manyshot):
     for size in common.SIZES:
-      pipeline.validate(module.get_config(size))
+      checks.validate(module.get_config(size))
 
 
 def test_zero_shot_labeled_stage_seeing_a_test_modality_is_refused():
@@ -34,7 +34,7 @@ def test_zero_shot_labeled_stage_seeing_a_test_modality_is_refused():
   config.pipelines.zeroshot_train_A.stages.multimodal.modalities = ('video', 'audio')
   with pytest.raises(ValueError, match=_leak_message('multimodal', 'zeroshot_train_A',
                                                      r"\['video'\]")):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_external_pretraining_may_see_test_modalities_but_mmg_labels_may_not():
@@ -43,11 +43,11 @@ def test_external_pretraining_may_see_test_modalities_but_mmg_labels_may_not():
   config = manyshot.get_config('tiny')
   pretrain = config.pipelines.zeroshot_train_A.stages.pretrain
   assert pretrain.split == 'pretrain' and 'video' in pretrain.modalities
-  pipeline.validate(config)
+  checks.validate(config)
   pretrain.split = 'train'
   with pytest.raises(ValueError, match=_leak_message('pretrain', 'zeroshot_train_A',
                                                      r"\['video', 'imu'\]")):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_unimodal_baselines_must_come_from_mmg_labels():
@@ -55,7 +55,7 @@ def test_unimodal_baselines_must_come_from_mmg_labels():
   config = manyshot.get_config('tiny')
   config.eval.unimodal_baselines = 'zeroshot_train_A'  # its only unimodal stage is 'pretrain'
   with pytest.raises(ValueError, match='unimodal_ce stage over video, audio and IMU on MMG'):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_zero_shot_pipeline_with_a_multimodal_labeled_stage_is_refused():
@@ -64,39 +64,39 @@ def test_zero_shot_pipeline_with_a_multimodal_labeled_stage_is_refused():
   row = next(r for r in config.eval.rows if r.setting == 'zero-shot')
   row.pipeline = 'train_VAI'
   with pytest.raises(ValueError, match="stage 'unimodal' of pipeline 'train_VAI'"):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_training_on_an_evaluation_split_is_refused():
   config = fewshot.get_config('tiny')
   config.pipelines.train_VAI.stages.meta.split = 'novel'
   with pytest.raises(ValueError, match="stage 'meta' .* trains on 'novel', an evaluation split"):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_labeled_stage_on_the_unlabeled_split_is_refused():
   config = fewshot.get_config('tiny')
   config.pipelines.train_VAI.stages.unimodal.split = 'unlabeled'
   with pytest.raises(ValueError, match='needs labels'):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_alignment_without_video_is_refused():
   config = fewshot.get_config('tiny')
   config.pipelines.train_VAI.stages.multimodal.modalities = ('audio', 'imu')
   with pytest.raises(ValueError, match='L_align'):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_rows_and_pipelines_must_match():
   config = fewshot.get_config('tiny')
   config.pipelines.extra = config.pipelines.train_VAI
   with pytest.raises(ValueError, match=r"pipelines \['extra'\] are not evaluated"):
-    pipeline.validate(config)
+    checks.validate(config)
   config = fewshot.get_config('tiny')
   config.eval.rows[0].pipeline = 'missing_pipeline'
   with pytest.raises(ValueError, match="'missing_pipeline', which the config does not define"):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def _random_batch(rng, config, batch_size, present=None):
@@ -112,13 +112,13 @@ def _random_batch(rng, config, batch_size, present=None):
 
 def _stage_grad_fn(model, stage):
   """Jitted (params, batch) -> gradients of the stage's loss."""
-  return jax.jit(jax.grad(lambda p, b: pipeline.make_loss_fn(model, stage)(
+  return jax.jit(jax.grad(lambda p, b: experiment.make_loss_fn(model, stage)(
       p, b, jax.random.key(1))[0]))
 
 
 def _random_params(model, batch, rng):
   """Random params of the model's shapes: any will do, and no init needs compiling."""
-  shapes = jax.eval_shape(functools.partial(pipeline.init_params, model, batch, 0))
+  shapes = jax.eval_shape(functools.partial(experiment.init_params, model, batch, 0))
   return jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
 
 
@@ -161,7 +161,7 @@ def test_a_clip_with_none_of_the_stage_modalities_adds_nothing_to_l_ce(kind):
   present[[0, 5], 1:] = False  # clips 0 and 5 have neither audio nor IMU
   batch = _random_batch(rng, config, 8, present=present)
   params = _random_params(model, batch, rng)
-  loss_fn = jax.jit(lambda b: pipeline.make_loss_fn(model, stage)(params, b, jax.random.key(1)))
+  loss_fn = jax.jit(lambda b: experiment.make_loss_fn(model, stage)(params, b, jax.random.key(1)))
   loss, _ = loss_fn(batch)
   relabeled = {**batch, 'label': batch['label'].copy()}
   relabeled['label'][[0, 5]] = (batch['label'][[0, 5]] + 7) % 65
@@ -196,12 +196,12 @@ def test_meta_training_accumulates_whole_episodes():
   stage = config.pipelines.train_VAI.stages.meta
   stage.episodes_per_batch = 4  # 80 clips: micro-batches of 40 split over the 8 devices
   stage.optimizer.accumulate_steps = 2
-  pipeline.validate(config)
+  checks.validate(config)
   model = mmg.MMGModel(config=config.model)
   rng = np.random.default_rng(3)
   batch = _random_batch(rng, config, 80)
   params = _random_params(model, batch, rng)
-  loss_fn = pipeline.make_loss_fn(model, stage)
+  loss_fn = experiment.make_loss_fn(model, stage)
   step_rng = jax.random.fold_in(jax.random.PRNGKey(5), 0)  # train_step's key at step 0
   # What train_step runs: the global batch sharded over the 8 devices, cut into 2 micro-batches.
   mesh = sharding.make_mesh()
@@ -224,14 +224,14 @@ def test_meta_accumulation_that_would_cut_an_episode_is_refused():
   config.pipelines.train_VAI.stages.meta.optimizer.accumulate_steps = 3  # 2 episodes per batch
   with pytest.raises(ValueError, match="stage 'meta' of pipeline 'train_VAI' cuts its 2 "
                                        'episodes per batch into optimizer.accumulate_steps=3'):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_stage_directory_refuses_another_config(tmp_path):
-  pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
-  pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
+  run_store.claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
+  run_store.claim_stage_dir(str(tmp_path / 'stage'), '{"a": 1}')
   with pytest.raises(ValueError, match='different config'):
-    pipeline._claim_stage_dir(str(tmp_path / 'stage'), '{"a": 2}')
+    run_store.claim_stage_dir(str(tmp_path / 'stage'), '{"a": 2}')
 
 
 def test_a_shared_stage_is_restored_from_its_checkpoint_not_retrained(tmp_path, capsys):
@@ -240,7 +240,7 @@ def test_a_shared_stage_is_restored_from_its_checkpoint_not_retrained(tmp_path, 
   config = fewshot.get_config('tiny')
   stage = common.unimodal_stage('tiny')
   config.pipelines = {'first': common.pipeline(stage), 'second': common.pipeline(stage)}
-  mesh, directories = sharding.make_mesh(), pipeline.stage_directories(config)
+  mesh, directories = sharding.make_mesh(), run_store.stage_directories(config)
   assert directories == {('first', 0): 'first/unimodal', ('second', 0): 'first/unimodal'}
   _, first = pipeline.train_pipeline(config, 'first', str(tmp_path), mesh, directories)
   _, second = pipeline.train_pipeline(config, 'second', str(tmp_path), mesh, directories)
@@ -261,7 +261,7 @@ def test_an_encoder_stage_is_shared_across_fusions_and_the_fusion_keeps_its_own_
   config.pipelines = {
       'attention': common.pipeline(unimodal, supervised),
       'mlp': common.pipeline(unimodal, supervised, model_updates={'fusion': {'kind': 'mlp'}})}
-  mesh, directories = sharding.make_mesh(), pipeline.stage_directories(config)
+  mesh, directories = sharding.make_mesh(), run_store.stage_directories(config)
   assert directories == {('attention', 0): 'attention/unimodal',
                          ('attention', 1): 'attention/multimodal',
                          ('mlp', 0): 'attention/unimodal', ('mlp', 1): 'mlp/multimodal'}
@@ -270,7 +270,7 @@ def test_an_encoder_stage_is_shared_across_fusions_and_the_fusion_keeps_its_own_
   assert "[mlp] stage 'unimodal' is the same as attention/unimodal" in capsys.readouterr().out
   assert not (tmp_path / 'mlp' / 'unimodal').exists()
   shared = _final_params(tmp_path, 'attention/unimodal')
-  fresh = pipeline.init_params(model, pipeline.example_batch(config.dataset), config.seed)
+  fresh = experiment.init_params(model, experiment.example_batch(config.dataset), config.seed)
   # What the MLP pipeline's supervised stage started from: the shared encoders and their heads,
   # its own fusion and head at init (the unimodal stage leaves those two untouched).
   start = pipeline._restore(config, model, unimodal, directories['mlp', 0], str(tmp_path), mesh)
@@ -302,14 +302,14 @@ def test_a_pipeline_starts_from_the_converted_encoder(tmp_path, capsys):
   stage.optimizer.learning_rate = 0.0  # the stage ends where it starts, bit for bit
   config.pipelines = {'train_V': common.pipeline(stage)}
   _, params = pipeline.train_pipeline(config, 'train_V', str(tmp_path / 'run'),
-                                      sharding.make_mesh(), pipeline.stage_directories(config))
+                                      sharding.make_mesh(), run_store.stage_directories(config))
   assert f'[train_V] video encoder loaded from {tmp_path / "video"} (random' in (
       capsys.readouterr().out)
   params = sharding.gather(params)
   jax.tree.map(np.testing.assert_array_equal, params['video_encoder'], video)
   config.model.video.init_from = None
-  fresh = pipeline.init_params(mmg.MMGModel(config=config.model),
-                               pipeline.example_batch(config.dataset), config.seed)
+  fresh = experiment.init_params(mmg.MMGModel(config=config.model),
+                                 experiment.example_batch(config.dataset), config.seed)
   assert sorted(fresh) == sorted(params)
   for name in sorted(set(fresh) - {'video_encoder'}):
     jax.tree.map(np.testing.assert_array_equal, params[name], fresh[name])
@@ -322,13 +322,13 @@ def test_a_converted_encoder_of_another_modality_or_shape_is_refused(tmp_path):
   config.model.video.init_from = str(tmp_path / 'audio')
   with pytest.raises(ValueError, match=r'model\.video\.init_from=.* holds a converted audio '
                                        r'encoder \(random\), not a video one'):
-    pipeline.validate(config)
+    checks.validate(config)
   wider = config.model.video.copy_and_resolve_references()
   wider.embed_dim *= 2
   _save_random_encoder(tmp_path / 'wider', 'video', wider, seed=1)
   config.model.video.init_from = str(tmp_path / 'wider')
   with pytest.raises(ValueError, match=r'model\.video\.init_from: .* does not fit the encoder'):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_a_converted_encoder_of_other_numerics_is_refused_naming_the_flag(tmp_path):
@@ -339,9 +339,9 @@ def test_a_converted_encoder_of_other_numerics_is_refused_naming_the_flag(tmp_pa
   config.model.video.init_from = str(tmp_path / 'video')
   with pytest.raises(ValueError, match=r'model\.video\.init_from: .* pool_norm_eps=1e-06.* '
                                        r'--config\.model\.video\.pool_norm_eps=1e-05'):
-    pipeline.validate(config)
+    checks.validate(config)
   config.model.video.pool_norm_eps = 1e-5
-  pipeline.validate(config)
+  checks.validate(config)
 
 
 def test_the_stage_identity_follows_the_checkpoint_content_not_its_path(tmp_path):
@@ -352,7 +352,7 @@ def test_the_stage_identity_follows_the_checkpoint_content_not_its_path(tmp_path
 
   def identity(init_from):
     config.model.video.init_from = init_from
-    return pipeline._stage_identity(config, config.model,
+    return run_store.stage_identity(config, config.model,
                                     [config.pipelines.train_VAI.stages.unimodal])
 
   random_init = identity(None)
@@ -387,10 +387,10 @@ def _check_tensorboard_run(workdir, config, name, doc):
   stage's from the directory that trained it) one stage after another on one step axis, its
   result rows (`doc`: results.json) at its last step, and the config of each command that ran it
   at the step it had reached. Returns those steps."""
-  directories = pipeline.stage_directories(config)
-  scalars, texts = tensorboard_runs.read(pipeline.tensorboard_dir(workdir, name))
+  directories = run_store.stage_directories(config)
+  scalars, texts = tensorboard_runs.read(run_store.tensorboard_dir(workdir, name))
   offset, expected = 0, {}
-  for i, stage in enumerate(pipeline.ordered_stages(config.pipelines[name])):
+  for i, stage in enumerate(experiment.ordered_stages(config.pipelines[name])):
     with open(os.path.join(workdir, directories[name, i], 'metrics.jsonl')) as f:
       for record in map(json.loads, f):
         for key in record.keys() - {'step'}:
@@ -494,7 +494,7 @@ def test_only_selects_rows_by_setting_pipeline_or_modalities():
   def selected(only):
     config.eval.only = only
     return [(rows[i].setting, modalities.short_name(rows[i].train),
-             modalities.short_name(rows[i].test)) for i in pipeline.select_rows(config)]
+             modalities.short_name(rows[i].test)) for i in experiment.select_rows(config)]
 
   assert len(selected(None)) == len(rows) == 10
   assert selected('AI:V') == [('zero-shot', 'A I', 'V')]
@@ -508,15 +508,15 @@ def test_only_selects_rows_by_setting_pipeline_or_modalities():
 
 def test_a_refused_stage_directory_names_the_fields_that_differ(tmp_path):
   config = fewshot.get_config('tiny')
-  stages = pipeline.ordered_stages(config.pipelines.train_VAI)
-  first = pipeline._stage_identity(config, config.model, stages[:1])
-  pipeline._claim_stage_dir(str(tmp_path), first)
+  stages = experiment.ordered_stages(config.pipelines.train_VAI)
+  first = run_store.stage_identity(config, config.model, stages[:1])
+  run_store.claim_stage_dir(str(tmp_path), first)
   config.seed = 1
   stages[0].optimizer.learning_rate = 0.5
   with pytest.raises(ValueError, match=r'fields that differ: seed, '
                                        r'stages\.0\.optimizer\.learning_rate\)'):
-    pipeline._claim_stage_dir(str(tmp_path), pipeline._stage_identity(config, config.model,
-                                                                       stages[:1]))
+    run_store.claim_stage_dir(str(tmp_path),
+                              run_store.stage_identity(config, config.model, stages[:1]))
 
 
 def test_a_stage_that_fails_before_training_leaves_no_claim(tmp_path):
@@ -526,7 +526,7 @@ def test_a_stage_that_fails_before_training_leaves_no_claim(tmp_path):
   stage = common.unimodal_stage('tiny')
   config.pipelines = {'a': common.pipeline(stage)}
   stage.batch_size = 10**6
-  directories = pipeline.stage_directories(config)
+  directories = run_store.stage_directories(config)
   with pytest.raises(ValueError, match='batch'):
     pipeline.train_pipeline(config, 'a', str(tmp_path), sharding.make_mesh(), directories)
   assert not (tmp_path / 'a' / 'unimodal' / 'stage.json').exists()
@@ -536,7 +536,7 @@ def test_a_deleted_middle_stage_is_refused_not_silently_reused(tmp_path):
   config = fewshot.get_config('tiny')
   config.pipelines = {'a': common.pipeline(common.unimodal_stage('tiny'),
                                            common.supervised_stage('tiny'))}
-  directories, mesh = pipeline.stage_directories(config), sharding.make_mesh()
+  directories, mesh = run_store.stage_directories(config), sharding.make_mesh()
   pipeline.train_pipeline(config, 'a', str(tmp_path), mesh, directories)
   shutil.rmtree(tmp_path / 'a' / 'unimodal')
   with pytest.raises(ValueError, match=r'a/multimodal, a later stage of pipeline .a., was '
@@ -570,7 +570,7 @@ def test_results_name_the_few_shot_episodes_of_the_config(tmp_path):
     rows = json.load(f)['rows']
   assert [(row['n_way'], row['k_shot'], row['mean']) for row in rows] == [(5, 1, None)] * 2
   # Each row's cost, computed once here for the plots: its model on its test modalities.
-  flops = costs.fusion_stats(pipeline.model_config(config, config.pipelines.train_VAI), xla=False)
+  flops = costs.fusion_stats(experiment.model_config(config, config.pipelines.train_VAI), xla=False)
   assert [row['gflops'] for row in rows] == [
       flops[modalities.short_name(row['test'])]['gflops'] for row in rows]
   assert '| 5-way 1-shot acc (ours, 95% CI) | 5-way 5-shot acc (paper) |' in (
@@ -583,13 +583,13 @@ class _Stop(Exception):
 
 def test_a_stage_resumes_after_its_run_fields_change(tmp_path, monkeypatch, capsys):
   """An interrupted stage resumes from its checkpoint after the fields that change how it runs,
-  not what it computes, were changed (pipeline._RUN_FIELDS): another data_dir holding the same
+  not what it computes, were changed (run_store._RUN_FIELDS): another data_dir holding the same
   dataset, grain workers, gradient accumulation, log and checkpoint intervals."""
   config = fewshot.get_config('tiny')
   stage = common.unimodal_stage('tiny')
   stage.update({'num_steps': 4, 'log_every': 2, 'checkpoint_every': 2, 'batch_size': 16})
   config.pipelines = {'a': common.pipeline(stage)}
-  mesh, directories = sharding.make_mesh(), pipeline.stage_directories(config)
+  mesh, directories = sharding.make_mesh(), run_store.stage_directories(config)
   write = train.StageLog.write
 
   def write_then_stop(self, step, *args, **kwargs):
@@ -599,7 +599,7 @@ def test_a_stage_resumes_after_its_run_fields_change(tmp_path, monkeypatch, caps
     patch.setattr(train.StageLog, 'write', write_then_stop)
     with pytest.raises(_Stop):
       pipeline.train_pipeline(config, 'a', str(tmp_path / 'run'), mesh, directories)
-  assert pipeline._checkpoint_steps(str(tmp_path / 'run' / 'a' / 'unimodal')) == 2
+  assert run_store.last_checkpoint_step(str(tmp_path / 'run' / 'a' / 'unimodal')) == 2
 
   data_dir = tmp_path / 'tfds'  # the same dataset on another mount
   shutil.copytree(tfds.builder(config.dataset.name).data_dir_root / 'mmg_synthetic',
@@ -608,13 +608,13 @@ def test_a_stage_resumes_after_its_run_fields_change(tmp_path, monkeypatch, caps
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, as under main's app.run
   stage.update({'log_every': 1, 'checkpoint_every': 1})
   stage.optimizer.accumulate_steps = 2
-  assert pipeline.stage_directories(config) == directories
+  assert run_store.stage_directories(config) == directories
   capsys.readouterr()
   pipeline.train_pipeline(config, 'a', str(tmp_path / 'run'), mesh, directories)
   out = capsys.readouterr().out
   assert '[a 1/1 | unimodal 1/1] resuming from the checkpoint at step 2/4.' in out
   with open(tmp_path / 'run' / 'a' / 'unimodal' / 'metrics.jsonl') as f:
     assert [json.loads(line)['step'] for line in f] == [2, 3, 4]
-  scalars, _ = tensorboard_runs.read(pipeline.tensorboard_dir(str(tmp_path / 'run'), 'a'))
+  scalars, _ = tensorboard_runs.read(run_store.tensorboard_dir(str(tmp_path / 'run'), 'a'))
   assert [step for step, _ in scalars['loss']] == [2, 3, 4]
-  assert pipeline._checkpoint_steps(str(tmp_path / 'run' / 'a' / 'unimodal')) == 4
+  assert run_store.last_checkpoint_step(str(tmp_path / 'run' / 'a' / 'unimodal')) == 4

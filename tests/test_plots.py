@@ -15,7 +15,7 @@ from matplotlib.text import Text
 
 from configs import fewshot
 from data_pipeline import modalities
-from mmg_jax import paper, pipeline, plots, report, results
+from mmg_jax import experiment, paper, plots, report, results, run_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAI, VA, AI, V, A, IMU = (('video', 'audio', 'imu'), ('video', 'audio'), ('audio', 'imu'),
@@ -93,11 +93,11 @@ def _records(parts, num_steps, seed):
 @pytest.fixture
 def workdir(tmp_path):
   """A finished tiny few-shot run in the real formats: results.json, two stages of pipeline
-  train_VAI with stage.json (pipeline.py's identity) and metrics.jsonl (the second with a
+  train_VAI with stage.json (run_store.py's identity) and metrics.jsonl (the second with a
   validation record, in percent), and embeddings.npz. No config.json: the dataset is unknown."""
   config = fewshot.get_config('tiny')
-  stages = pipeline.ordered_stages(config.pipelines.train_VAI)
-  model = pipeline.model_config(config, config.pipelines.train_VAI)
+  stages = experiment.ordered_stages(config.pipelines.train_VAI)
+  model = experiment.model_config(config, config.pipelines.train_VAI)
   logged = {stages[0].name: ['ce_video', 'ce_audio', 'ce_imu'], stages[2].name: ['proto',
                                                                                  'accuracy']}
   for i, stage in enumerate(stages):
@@ -106,7 +106,7 @@ def workdir(tmp_path):
     stage_dir = tmp_path / 'train_VAI' / stage.name
     stage_dir.mkdir(parents=True)
     (stage_dir / 'stage.json').write_text(
-        pipeline._stage_identity(config, model, stages[:i + 1]))
+        run_store.stage_identity(config, model, stages[:i + 1]))
     records = _records(logged[stage.name], 4 + i, i)
     if 'accuracy' in logged[stage.name]:
       records.append({'step': records[-1]['step'], 'val_5w5s_accuracy': 42.5})

@@ -28,7 +28,7 @@ from tensorboardX.proto import event_pb2
 
 import mmg_jax.workdir
 from configs import common, fewshot
-from mmg_jax import checkpoint, feature_cache, pipeline, plots, sharding
+from mmg_jax import checkpoint, feature_cache, pipeline, plots, run_store, sharding
 from tests import tensorboard_runs, toy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,11 +105,11 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
   config = fewshot.get_config('tiny')
   config.pipelines = {'a': common.pipeline(common.unimodal_stage('tiny'))}
   stage = config.pipelines.a.stages.unimodal
-  directories = pipeline.stage_directories(config)
+  directories = run_store.stage_directories(config)
   pipeline.train_pipeline(config, 'a', WORKDIR, sharding.make_mesh(), directories)
   stage_dir = f'{WORKDIR}/a/unimodal'
-  assert pipeline._checkpoint_steps(stage_dir) == stage.num_steps
-  claim = epath.Path(stage_dir) / pipeline.STAGE_FILE
+  assert run_store.last_checkpoint_step(stage_dir) == stage.num_steps
+  claim = epath.Path(stage_dir) / run_store.STAGE_FILE
   assert json.loads(claim.read_text())['stages'][0]['name'] == 'unimodal'
   assert (epath.Path(stage_dir) / 'metrics.jsonl').read_text()
   scalars, texts = tensorboard_runs.read(fake_gcs / 'bucket' / 'run' / 'tensorboard' / 'a')
@@ -134,10 +134,10 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
 
 def test_a_refused_claim_and_a_dropped_one_on_the_bucket(fake_gcs):
   stage_dir = f'{WORKDIR}/a/s'
-  assert pipeline._claim_stage_dir(stage_dir, '{"a": 1}')
-  assert not pipeline._claim_stage_dir(stage_dir, '{"a": 1}')
+  assert run_store.claim_stage_dir(stage_dir, '{"a": 1}')
+  assert not run_store.claim_stage_dir(stage_dir, '{"a": 1}')
   with pytest.raises(ValueError, match='different config'):
-    pipeline._claim_stage_dir(stage_dir, '{"a": 2}')
+    run_store.claim_stage_dir(stage_dir, '{"a": 2}')
   assert (fake_gcs / 'bucket' / 'run' / 'a' / 's' / 'stage.json').read_text() == '{"a": 1}'
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import ablation, common, fewshot, manyshot
-from mmg_jax import pipeline, sharding, stage_kinds
+from mmg_jax import checks, experiment, pipeline, run_store, sharding, stage_kinds
 from mmg_jax.stage_kinds import STAGE_KINDS
 
 CONFIGS = (fewshot, manyshot, ablation)
@@ -49,7 +49,7 @@ def test_an_unknown_kind_is_refused_naming_the_known_ones():
   assert known == ('unimodal_ce', 'align', 'supervised', 'meta')
   with pytest.raises(ValueError, match=re.escape(
       f"stage 'unimodal' of pipeline 'train_VAI' has kind 'metaa'; use one of {known}.")):
-    pipeline.validate(_with_stage(stage))
+    checks.validate(_with_stage(stage))
 
 
 def _pull_towards_target(stage, apply):
@@ -76,13 +76,13 @@ def test_needs_labels_decides_whether_a_stage_may_read_the_unlabeled_split(monke
   monkeypatch.setitem(STAGE_KINDS, 'toy', stage_kinds.StageKind(
       _pull_towards_target, stage_kinds.CLIPS, needs_labels=needs_labels))
   stage = common.unimodal_stage('tiny')
-  stage.update({'name': 'toy', 'kind': 'toy', 'split': pipeline.UNLABELED_SPLIT})
+  stage.update({'name': 'toy', 'kind': 'toy', 'split': experiment.UNLABELED_SPLIT})
   config = _with_stage(stage)
   if needs_labels:
     with pytest.raises(ValueError, match=r"stage 'toy' .* \(toy\) needs labels"):
-      pipeline.validate(config)
+      checks.validate(config)
   else:
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_a_kind_registered_in_the_registry_alone_trains_through_the_pipeline(monkeypatch,
@@ -93,12 +93,12 @@ def test_a_kind_registered_in_the_registry_alone_trains_through_the_pipeline(mon
   stage.update({'name': 'toy', 'kind': 'toy'})
   stage.optimizer.trainable = None  # the toy loss trains the fusion
   config = _with_stage(stage)
-  pipeline.validate(config)
+  checks.validate(config)
   mesh = sharding.make_mesh()
-  pipeline.check_feasible(config, ['train_VAI'], mesh)
+  checks.check_feasible(config, ['train_VAI'], mesh)
   model, params = pipeline.train_pipeline(config, 'train_VAI', str(tmp_path), mesh,
-                                          pipeline.stage_directories(config))
-  init = pipeline.init_params(model, pipeline.example_batch(config.dataset), config.seed)
+                                          run_store.stage_directories(config))
+  init = experiment.init_params(model, experiment.example_batch(config.dataset), config.seed)
   assert _distance(params) < _distance(init)  # the optimizer followed the toy loss
   with open(os.path.join(tmp_path, 'train_VAI', 'toy', 'metrics.jsonl')) as f:
     seen = [record['rows_seen'] for record in map(json.loads, f) if 'rows_seen' in record]

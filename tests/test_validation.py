@@ -8,7 +8,7 @@ import pytest
 
 from configs import common, fewshot
 from data_pipeline import loaders, modalities
-from mmg_jax import evaluate, pipeline, sharding, train
+from mmg_jax import checks, evaluate, experiment, run_store, sharding, train
 from mmg_jax.models import mmg
 from tests import tensorboard_runs, toy_task
 from tests.test_evaluate import _numpy_episode_accuracy
@@ -74,7 +74,7 @@ def test_without_select_best_the_last_step_is_the_result(tmp_path):
 def tiny_model():
   config = common.model_config('tiny')
   model = mmg.MMGModel(config=config)
-  params = pipeline.init_params(model, pipeline.example_batch(TINY), seed=0)
+  params = experiment.init_params(model, experiment.example_batch(TINY), seed=0)
   return model, params
 
 
@@ -119,16 +119,16 @@ def test_fewshot_evaluator_on_a_split_against_numpy(tiny_model):
 def test_rows_name_the_checkpoint_they_evaluate(tmp_path):
   """The last stage's best step when it selects by validation, else its final step."""
   config = fewshot.get_config('tiny')
-  directories = pipeline.stage_directories(config)
+  directories = run_store.stage_directories(config)
   meta_dir = directories['train_VAI', 2]
-  assert pipeline.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
+  assert run_store.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
       'stage': meta_dir, 'step': config.pipelines.train_VAI.stages.meta.num_steps}
   config.pipelines.train_VAI.stages.meta.validation.update(
       {'evaluator': 'fewshot', 'select_best': True})
   (tmp_path / meta_dir).mkdir(parents=True)
   (tmp_path / meta_dir / train.BEST_FILE).write_text(
       json.dumps({'step': 1, 'metric': 'val_5w5s_accuracy', 'value': 40.0}))
-  assert pipeline.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
+  assert run_store.evaluated_checkpoint(config, 'train_VAI', str(tmp_path), directories) == {
       'stage': meta_dir, 'step': 1, 'metric': 'val_5w5s_accuracy', 'value': 40.0}
 
 
@@ -141,16 +141,16 @@ def test_a_bad_stage_validation_is_refused_before_training(validation, match):
   config = fewshot.get_config('tiny')
   config.pipelines.train_VAI.stages.meta.validation.update(validation)
   with pytest.raises(ValueError, match=match):
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 def test_eval_target_must_be_test_or_val():
   config = fewshot.get_config('tiny')
   config.eval.target = 'novel'
   with pytest.raises(ValueError, match=r"eval.target='novel' must be one of \('test', 'val'\)"):
-    pipeline.validate(config)
+    checks.validate(config)
   config.eval.target = 'val'
-  resolved = pipeline.for_target(config)
+  resolved = experiment.for_target(config)
   assert (resolved.eval.manyshot_split, resolved.eval.fewshot_split) == ('val', 'val')
   assert resolved.eval.fewshot.to_dict() == config.eval.validation.fewshot.to_dict()
-  assert pipeline.results_dir(config, 'W') == 'W/val'
+  assert run_store.results_dir(config, 'W') == 'W/val'

@@ -3,7 +3,7 @@
   python -m tests.toy_training_worker --workdir=DIR --output=params.npz [--gate_fifo=F ...]
 
 With --stages=N it trains N toy stages one after the other as the pipeline does (each first
-looks for its finished checkpoint, `pipeline._checkpoint_steps`), and --boundary_delay=S holds
+looks for its finished checkpoint, `run_store.last_checkpoint_step`), and --boundary_delay=S holds
 process 1 back S seconds before each later stage: process 0 is then inside that stage (its
 checkpoint folder made) when process 1 looks.
 
@@ -25,7 +25,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from mmg_jax import pipeline, sharding, train  # noqa: E402
+from mmg_jax import (  # noqa: E402
+  run_store,  # noqa: E402
+  sharding,
+  train,
+)
 from tests import toy_task  # noqa: E402
 
 PREEMPTED_EXIT_CODE = 3
@@ -64,7 +68,7 @@ def main(argv):
       if stage and jax.process_index() == 1:
         time.sleep(args.boundary_delay)
       name = f'toy{stage or ""}'
-      if pipeline._checkpoint_steps(os.path.join(args.workdir, name)) == args.num_steps:
+      if run_store.last_checkpoint_step(os.path.join(args.workdir, name)) == args.num_steps:
         continue
       source = toy_task.GatedSource(toy_task.examples(), args.gate_fifo, args.gate_read)
       params = toy_task.run(args.workdir, sharding.make_mesh(), num_steps=args.num_steps,

@@ -78,7 +78,7 @@ from etils import epath
 from configs import fewshot
 from data_pipeline import episodes, features, loaders, modalities
 from data_pipeline.synthetic import clips
-from mmg_jax import costs, evaluate, pipeline, sharding, train
+from mmg_jax import costs, evaluate, experiment, sharding, train
 from mmg_jax.models import layers, mmg
 from mmg_jax.tools import model_stats, planner
 
@@ -308,7 +308,7 @@ def train_step_gflop_per_clip(config, batch_size):
   params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
                           batch)['params']
   rng = jax.eval_shape(jax.random.PRNGKey, 0)
-  macs = costs.count_macs(pipeline.make_loss_fn(model, stage), params, batch, rng)
+  macs = costs.count_macs(experiment.make_loss_fn(model, stage), params, batch, rng)
   return 3 * 2 * macs / batch_size / 1e9
 
 

@@ -44,7 +44,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipeline import modalities
-from mmg_jax import costs, paper, pipeline, sharding, train
+from mmg_jax import costs, experiment, paper, sharding, train
 from mmg_jax.models import mmg
 from mmg_jax.tools import planner
 
@@ -82,10 +82,10 @@ def memory_stage(config):
   runs every encoder once and the fusion four times (fused, and each modality alone for L_align).
   """
   for name in sorted(config.get('pipelines', {})):
-    for stage in pipeline.ordered_stages(config.pipelines[name]):
+    for stage in experiment.ordered_stages(config.pipelines[name]):
       if (stage.kind == 'supervised' and set(stage.modalities) == set(modalities.MODALITIES)
           and stage.align_weight > 0 and stage.optimizer.trainable is None):
-        return name, pipeline.model_config(config, config.pipelines[name]), stage
+        return name, experiment.model_config(config, config.pipelines[name]), stage
   raise ValueError('--memory needs a supervised stage with align_weight > 0 over video, audio '
                    'and IMU that trains every param (common.supervised_stage), and the config '
                    'has none; use configs/fewshot.py, configs/manyshot.py or configs/ablation.py.')
@@ -93,12 +93,12 @@ def memory_stage(config):
 
 def one_device_step(model, stage, compiler_options=None):
   """(jitted step, optimizer): the optimizer step of `stage` that run_stage jits
-  (train.train_step with pipeline.make_loss_fn and train.make_optimizer; state donated, no
+  (train.train_step with experiment.make_loss_fn and train.make_optimizer; state donated, no
   gradient accumulation), on the first device, compiled as training compiles it
   (train.jit_train_step) with `compiler_options` on top. The step takes (state, batch, rng)."""
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
   step = train.jit_train_step(
-      loss_fn=pipeline.make_loss_fn(model, stage), optimizer=optimizer,
+      loss_fn=experiment.make_loss_fn(model, stage), optimizer=optimizer,
       schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps), accumulate_steps=1,
       mesh=sharding.make_mesh(jax.devices()[:1]), trainable=stage.optimizer.trainable,
       compiler_options=compiler_options)
@@ -108,7 +108,7 @@ def one_device_step(model, stage, compiler_options=None):
 def train_step_memory(model_config, stage, per_device_batch):
   """XLA's memory analysis of one compiled optimizer step of `stage` on one device.
 
-  The step is the one run_stage jits (train.train_step with pipeline.make_loss_fn and
+  The step is the one run_stage jits (train.train_step with experiment.make_loss_fn and
   train.make_optimizer; state donated, no gradient accumulation), lowered on abstract inputs
   and compiled for the first device of the default backend; nothing runs. Under the data
   parallelism of sharding.py (params and optimizer state replicated, the batch split) each

@@ -28,7 +28,7 @@ import math
 import jax
 
 from data_pipeline import modalities
-from mmg_jax import costs, pipeline, sharding, stage_kinds, train
+from mmg_jax import costs, experiment, run_store, sharding, stage_kinds, train
 from mmg_jax.models import mmg
 
 GIB = 2**30
@@ -57,11 +57,11 @@ class StagePlan:
 
 def stages(config):
   """[(name '<pipeline>/<stage>', model config, stage)] of every pipeline, shared stages once."""
-  directories = pipeline.stage_directories(config)
+  directories = run_store.stage_directories(config)
   found = {}
   for (name, index), directory in sorted(directories.items()):
-    found.setdefault(directory, (directory, pipeline.model_config(config, config.pipelines[name]),
-                                 pipeline.ordered_stages(config.pipelines[name])[index]))
+    found.setdefault(directory, (directory, experiment.model_config(config, config.pipelines[name]),
+                                 experiment.ordered_stages(config.pipelines[name])[index]))
   return list(found.values())
 
 
@@ -95,7 +95,7 @@ def compiled_bytes(model_config, stage, *, num_devices, accumulate_steps):
                           costs.abstract_batch(model_config))['params']
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
   step = train.jit_train_step(
-      loss_fn=pipeline.make_loss_fn(model, stage), optimizer=optimizer,
+      loss_fn=experiment.make_loss_fn(model, stage), optimizer=optimizer,
       schedule=train.learning_rate_schedule(stage.optimizer, stage.num_steps),
       accumulate_steps=accumulate_steps, mesh=sharding.make_mesh(jax.devices()[:num_devices]),
       trainable=stage.optimizer.trainable,
@@ -201,8 +201,8 @@ def overrides(config, plans):
   flags = [f'--config.model.dtype={plans[0].dtype}'] + [
       f'--config.model.{m}.remat={plans[0].remat}' for m in ('video', 'audio', 'imu')]
   by_stage = {p.stage: p for p in plans}
-  for (name, index), directory in sorted(pipeline.stage_directories(config).items()):
-    stage = pipeline.ordered_stages(config.pipelines[name])[index]
+  for (name, index), directory in sorted(run_store.stage_directories(config).items()):
+    stage = experiment.ordered_stages(config.pipelines[name])[index]
     plan = by_stage[directory]
     if plan.accumulate_steps != stage.optimizer.accumulate_steps:
       flags.append(f'--config.pipelines.{name}.stages.{stage.name}.optimizer.accumulate_steps='

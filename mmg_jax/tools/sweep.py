@@ -50,12 +50,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import modalities
-from mmg_jax import pipeline, results
+from mmg_jax import experiment, results, run_store
 
 SPLIT = 'val'  # what every trial is evaluated, and ranked, on
 # Splits a sweep never ranks on, nor evaluates on.
 HELD_OUT_SPLITS = ('test', 'novel')
-# Config fields that move evaluation off the validation split (pipeline.for_target).
+# Config fields that move evaluation off the validation split (experiment.for_target).
 VALIDATION_FIELDS = ('eval.target', 'eval.validation.split', 'eval.manyshot_split',
                      'eval.fewshot_split')
 # A name longer than this, or one shared after making it filesystem-safe, gets a hash.
@@ -219,12 +219,12 @@ def rank_selectors(text):
 
 def select(rows, selectors):
   """Indices of `rows` (config or result rows) that eval.only=selectors keeps, by
-  mmg_jax.pipeline.select_rows, the one definition of the selectors."""
+  mmg_jax.experiment.select_rows, the one definition of the selectors."""
   keys = ('setting', 'train', 'test', 'pipeline')
   view = ml_collections.ConfigDict({'eval': {
       'rows': tuple(ml_collections.ConfigDict({k: row[k] for k in keys}) for row in rows),
       'only': selectors}})
-  return pipeline.select_rows(view)
+  return experiment.select_rows(view)
 
 
 def check_ranked_rows_evaluated(config, selectors):
@@ -244,7 +244,7 @@ def check_ranked_rows_evaluated(config, selectors):
 
 def plan(config_arg, fixed, grid, selectors, root):
   """The trials of a sweep, each {'name', 'overrides', 'argv', 'results': the results.json its
-  run writes (pipeline.results_dir)}, after every check that can run before training: grid
+  run writes (run_store.results_dir)}, after every check that can run before training: grid
   fields exist, no override leaves validation data, the ranked rows are evaluated. `fixed` are
   this command's --config.* arguments, passed to every trial."""
   base, fixed_paths = parse_config(config_arg, fixed)
@@ -264,7 +264,7 @@ def plan(config_arg, fixed, grid, selectors, root):
         'argv': [sys.executable, '-m', 'mmg_jax.main', f'--config={config_arg}',
                  f'--workdir={workdir}', *fixed, *override_flags(overrides),
                  f'--config.eval.target={SPLIT}'],
-        'results': os.path.join(pipeline.results_dir(config, workdir), 'results.json')})
+        'results': os.path.join(run_store.results_dir(config, workdir), 'results.json')})
   return trials
 
 

@@ -2,6 +2,7 @@
 tiny config as a user would (a Jupyter kernel), and the episode predictions it draws."""
 import json
 import os
+import re
 import time
 
 import ml_collections
@@ -109,6 +110,12 @@ def test_notebook_runs_the_tiny_pipeline_and_draws_the_results_and_an_episode(
   assert _images(_cell(nb, 'clip'))
   assert _read(workdir / 'episode.png')[:8] == PNG_SIGNATURE
   assert _images(_cell(nb, 'episode_figure'))
+  # The API's scenario: five novel classes taught from audio + IMU, recognized from video.
+  personalize = _cell(nb, 'personalize')
+  assert re.search(r'5 classes taught from audio \+ IMU \(5 clips each\); 25 clips recognized '
+                   r'from video: \d+\.\d%', ''.join(out.get('text', '') for out in
+                                                   personalize.outputs))
+  assert _images(personalize)
 
   with open(tmp_path / 'probe.json') as f:
     probe = json.load(f)

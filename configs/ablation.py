@@ -69,22 +69,26 @@ _CELL_PIPELINES = {
     ('attention', True, False): (None, None, 'full_fewshot'),
 }
 
+# Row names of paper.ABLATION_VARIANTS, in its order: 'missing_VAI_to_AI_mlp_top1'.
+_VARIANT_NAMES = ('full', 'noalign', 'mlp', 'noproto')
+
 
 def get_config(arg=None):
   config = common.base(arg)
   size = config.size
   config.pipelines = _pipelines(size)
-  rows = []
+  rows = {}
   for setting, paper_row in zip(paper.ABLATION_SETTINGS, paper.ABLATION, strict=True):
-    for variant, (paper_top1, paper_fewshot) in zip(paper.ABLATION_VARIANTS, paper_row,
-                                                    strict=True):
+    for variant, variant_name, (paper_top1, paper_fewshot) in zip(
+        paper.ABLATION_VARIANTS, _VARIANT_NAMES, paper_row, strict=True):
       manyshot, zeroshot, fewshot = _CELL_PIPELINES[
           variant['fusion'], variant['alignment'], variant['proto_loss']]
       top1 = zeroshot if setting['setting'] == 'zero-shot' else manyshot
       if top1:
-        rows.append(common.eval_row({**setting, 'paper': paper_top1}, 'top1', top1, **variant))
-      rows.append(common.eval_row({**setting, 'paper': paper_fewshot}, '5w5s_acc', fewshot,
-                                  **variant))
+        rows[common.row_name(setting, variant_name, 'top1')] = common.eval_row(
+            {**setting, 'paper': paper_top1}, 'top1', top1, **variant)
+      rows[common.row_name(setting, variant_name, '5w5s')] = common.eval_row(
+          {**setting, 'paper': paper_fewshot}, '5w5s_acc', fewshot, **variant)
   config.eval = common.eval_config(size, 'ablation', rows)
   if size == 'small':
     common.scale_schedule(config, SMALL_BUDGET, validations=SMALL_VALIDATIONS,

@@ -9,6 +9,7 @@ The `arg` of every config file picks a size:
 """
 import ml_collections
 
+from data_pipeline import modalities
 from mmg_jax import errors
 
 SIZES = ('tiny', 'small', 'paper')
@@ -418,7 +419,9 @@ def pipeline(*stages, model_updates=None):
 
 
 def eval_config(size, kind, rows):
-  """Evaluation of a results table (mmg_jax/evaluate.py); `rows` from `table_rows`.
+  """Evaluation of a results table (mmg_jax/evaluate.py); `rows` {name: row} in table order,
+  from `table_rows`: config.eval.rows.<name> (e.g. `rows.missing_VAI_to_AI.pipeline`), printed
+  in `row_order`.
 
   Few-shot: N-way K-shot Q-query episodes on the novel split, the same `num_episodes` episodes
   (drawn with `seed`) for every row; 'tiny' has 10 novel clips per class, so 5 queries. Many-shot:
@@ -445,10 +448,11 @@ def eval_config(size, kind, rows):
                       'q_query': {'tiny': 1, 'small': 3, 'paper': 3}[size],
                       'num_episodes': {'tiny': 20, 'small': 300, 'paper': 600}[size],
                       'seed': 1}},
-      'rows': tuple(rows),
+      'rows': ml_collections.ConfigDict(rows),
+      'row_order': tuple(rows),  # a ConfigDict's keys are sorted; the table keeps this order
       # Only the rows these comma-separated selectors match, and only the pipelines they need:
-      # settings ('zero-shot'), pipeline names, TRAIN:TEST short names ('AI:V'). None: all
-      # (mmg_jax/experiment.py select_rows).
+      # row names, settings ('zero-shot'), pipeline names, TRAIN:TEST short names ('AI:V').
+      # None: all (mmg_jax/experiment.py select_rows).
       'only': ml_collections.config_dict.placeholder(str),
       # A pipeline whose unimodal pre-training is also reported as the paper's unimodal
       # baselines, or None: each encoder's top-1 on the many-shot split, or in a few-shot
@@ -460,6 +464,13 @@ def eval_config(size, kind, rows):
 def eval_row(row, metric, pipeline, **extra):
   """One evaluation row: a paper table row (mmg_jax/paper.py), its metric and its pipeline."""
   return ml_collections.ConfigDict({**row, 'metric': metric, 'pipeline': pipeline, **extra})
+
+
+def row_name(row, *suffix):
+  """A row's key in eval.rows: its setting and modalities ('zeroshot_AI_to_V'; few-shot:
+  support_to_query), then `suffix` joined by '_'."""
+  train, test = (modalities.short_name(row[k]).replace(' ', '') for k in ('train', 'test'))
+  return '_'.join((row['setting'].replace('-', ''), train, 'to', test, *suffix))
 
 
 # The smoke schedule (PAPER_SMOKE): enough to run every stage's train step twice (the second
@@ -522,5 +533,6 @@ def smoke_schedule(config):
 
 
 def table_rows(table, metric, pipeline_of):
-  """The evaluation rows of a paper table; pipeline_of(row) names the pipeline of each row."""
-  return [eval_row(row, metric, pipeline_of(row)) for row in table]
+  """{name: evaluation row} of a paper table, in its order; pipeline_of(row) names the
+  pipeline of each row."""
+  return {row_name(row): eval_row(row, metric, pipeline_of(row)) for row in table}

@@ -53,20 +53,21 @@ def validate(config):
     _validate_order(name, pipeline)
     for stage in experiment.ordered_stages(pipeline):
       _validate_stage(name, stage, evaluation_splits)
+  _validate_row_order(config.eval)
   used = set()
-  for row in config.eval.rows:
+  for name, row in config.eval.rows.items():
     if row.pipeline not in config.pipelines:
-      raise errors.UserError(f'row {experiment.describe_row(row)} evaluates pipeline '
+      raise errors.UserError(f'row {experiment.describe_row(name, row)} evaluates pipeline '
                              f'{row.pipeline!r}, which the config does not define (pipelines: '
                              f'{sorted(config.pipelines)}).')
     used.add(row.pipeline)
     train_subset, test_subset = modalities.check(row.train), modalities.check(row.test)
     if row.setting == 'zero-shot' and set(train_subset) & set(test_subset):
-      raise errors.UserError(f'zero-shot row {experiment.describe_row(row)} shares modalities '
-                             'between train and test; zero-shot train and test modalities must '
-                             'be disjoint.')
+      raise errors.UserError(f'zero-shot row {experiment.describe_row(name, row)} shares '
+                             'modalities between train and test; zero-shot train and test '
+                             'modalities must be disjoint.')
     if row.metric == 'top1':
-      _validate_labeled_stages(row, config.pipelines[row.pipeline], train_subset)
+      _validate_labeled_stages(name, row, config.pipelines[row.pipeline], train_subset)
   baselines = config.eval.unimodal_baselines
   if baselines is not None:
     stages = (experiment.ordered_stages(config.pipelines[baselines])
@@ -207,7 +208,7 @@ def check_feasible(config, names, mesh):
     _check_episodes(split_labels(validation.split), validation.fewshot,
                     f'the few-shot validation of stages (config.eval.validation.fewshot, split '
                     f'{validation.split!r})')
-  if any(config.eval.rows[i].metric == '5w5s_acc' for i in experiment.select_rows(config)):
+  if any(config.eval.rows[n].metric == '5w5s_acc' for n in experiment.select_rows(config)):
     _check_episodes(split_labels(evaluation.fewshot_split), evaluation.fewshot,
                     f'the few-shot evaluation (config.eval.fewshot, split '
                     f'{evaluation.fewshot_split!r})')
@@ -276,7 +277,15 @@ def _validate_pretrained(config):
         raise errors.UserError(f'model.{m}.init_from: {e}') from None
 
 
-def _validate_labeled_stages(row, pipeline, train_subset):
+def _validate_row_order(evaluation):
+  """eval.row_order lists every row of eval.rows once."""
+  order, names = list(evaluation.row_order), sorted(evaluation.rows)
+  if sorted(order) != names:
+    raise errors.UserError(f'eval.row_order {order} must list every row of eval.rows once: '
+                           f'{names}.')
+
+
+def _validate_labeled_stages(name, row, pipeline, train_subset):
   """A stage that reads labeled MMG clips may only see the row's train modalities."""
   for stage in experiment.ordered_stages(pipeline):
     if stage.split == experiment.UNLABELED_SPLIT or stage.split in experiment.EXTERNAL_SPLITS:
@@ -286,7 +295,7 @@ def _validate_labeled_stages(row, pipeline, train_subset):
       raise errors.UserError(
           f'stage {stage.name!r} of pipeline {row.pipeline!r} reads labeled {stage.split!r} '
           f'clips with modalities {list(experiment.stage_modalities(stage))}, but row '
-          f'{experiment.describe_row(row)} trains on '
+          f'{experiment.describe_row(name, row)} trains on '
           f'{list(train_subset)} only: {leaked} would leak into supervised training. Restrict '
           f'the stage to {list(train_subset)}; test modalities may only enter through the '
           f'{experiment.UNLABELED_SPLIT!r} alignment stage.')
@@ -299,7 +308,7 @@ def check_inputs(config, workdir, *, train_missing=True):
   `check_feasible` checks the rest once the data and the devices are at hand."""
   validate(config)
   if not train_missing:
-    names = sorted({config.eval.rows[i].pipeline for i in experiment.select_rows(config)})
+    names = sorted({config.eval.rows[n].pipeline for n in experiment.select_rows(config)})
     directories = run_store.stage_directories(config)
     if unfinished := run_store.unfinished_stages(config, names, workdir, directories):
       raise errors.UserError(run_store.unfinished_message(unfinished))

@@ -49,9 +49,9 @@ def stage_kind(stage):
   return stage_kinds.STAGE_KINDS[stage.kind]
 
 
-def describe_row(row):
-  return (f'{row.setting} {modalities.short_name(row.train)} -> '
-          f'{modalities.short_name(row.test)} ({row.metric})')
+def describe_row(name, row):
+  return (f'{name} ({row.setting} {modalities.short_name(row.train)} -> '
+          f'{modalities.short_name(row.test)}, {row.metric})')
 
 
 def make_loss_fn(model, stage, *, encoded=False):
@@ -162,22 +162,33 @@ def for_target(config):
 
 
 def select_rows(config):
-  """Indices of the rows of config.eval.rows that `config.eval.only` keeps (all when None).
+  """Names of the rows of config.eval.rows, in eval.row_order, that `config.eval.only` keeps
+  (`matching_rows`)."""
+  names = config.eval.row_order
+  kept = matching_rows([(name, config.eval.rows[name]) for name in names],
+                       config.eval.get('only'))
+  return [names[i] for i in kept]
 
-  `only` is a comma-separated list of selectors; a row is kept when any selector matches it:
-  a setting ('regular', 'missing', 'zero-shot'), a pipeline name ('zeroshot_train_A'), or
-  TRAIN:TEST in short modality names ('AI:V'; few-shot: SUPPORT:QUERY).
+
+def matching_rows(named_rows, only):
+  """Indices of [(name, row)] that the selectors `only` keep (all when None).
+
+  `only` (eval.only) is a comma-separated list of selectors; a row is kept when any selector
+  matches it: its name ('missing_VAI_to_AI'), a setting ('regular', 'missing', 'zero-shot'), a
+  pipeline name ('zeroshot_train_A'), or TRAIN:TEST in short modality names ('AI:V'; few-shot:
+  SUPPORT:QUERY).
   """
-  rows = config.eval.rows
-  if config.eval.get('only') is None:
-    return list(range(len(rows)))
-  selectors = [s.strip() for s in config.eval.only.split(',') if s.strip()]
-  keys = [{row.setting, row.pipeline, f'{modalities.short_name(row.train).replace(" ", "")}:'
-           f'{modalities.short_name(row.test).replace(" ", "")}'} for row in rows]
+  if only is None:
+    return list(range(len(named_rows)))
+  selectors = [s.strip() for s in only.split(',') if s.strip()]
+  keys = [{name, row['setting'], row['pipeline'],
+           f'{modalities.short_name(row["train"]).replace(" ", "")}:'
+           f'{modalities.short_name(row["test"]).replace(" ", "")}'} - {None}
+          for name, row in named_rows]
   unknown = [s for s in selectors if not any(s in k for k in keys)]
   if unknown or not selectors:
     known = sorted(set().union(*keys))
-    raise errors.UserError(f'eval.only={config.eval.only!r}: {unknown or "no selector"} matches no '
+    raise errors.UserError(f'eval.only={only!r}: {unknown or "no selector"} matches no '
                            f'row; use a comma-separated list of: {", ".join(known)}.')
   return [i for i, k in enumerate(keys) if k & set(selectors)]
 

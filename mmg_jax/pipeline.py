@@ -17,7 +17,6 @@ import os
 import textwrap
 
 import jax
-import ml_collections
 from etils import epath
 
 from data_pipeline import modalities
@@ -196,9 +195,9 @@ def run(config, workdir, *, train_missing=True):
   """
   checks.check_inputs(config, workdir, train_missing=train_missing)
   config = experiment.for_target(config)
-  selected = experiment.select_rows(config)
-  config_rows = [config.eval.rows[i] for i in selected]
-  names = sorted({row.pipeline for row in config_rows})
+  config_rows = [_result_row(name, config.eval.rows[name])
+                 for name in experiment.select_rows(config)]
+  names = sorted({row['pipeline'] for row in config_rows})
   directories = run_store.stage_directories(config)
   mesh = sharding.make_mesh()
   checks.check_feasible(config, names, mesh)
@@ -216,7 +215,7 @@ def run(config, workdir, *, train_missing=True):
       unimodal = _unimodal_baselines(
           config, forward, _unimodal_params(config, name, model, workdir, mesh, directories),
           mesh, episode_cache, progress)
-    indices = [i for i, row in enumerate(config_rows) if row.pipeline == name]
+    indices = [i for i, row in enumerate(config_rows) if row['pipeline'] == name]
     progress(f'evaluating {len(indices)} rows.')
     predictions = {}
 
@@ -228,11 +227,11 @@ def run(config, workdir, *, train_missing=True):
       return predictions[split]
 
     checkpoint_used = run_store.evaluated_checkpoint(config, name, workdir, directories)
-    rows = [_result_row(config_rows[i]) | {'checkpoint': checkpoint_used} for i in indices]
+    rows = [config_rows[i] | {'checkpoint': checkpoint_used} for i in indices]
     results.update(zip(indices, evaluate.evaluate_rows(rows, predict, config.eval, episode_cache,
                                                        progress), strict=True))
     _write_results(config, config_rows, results, run_store.results_dir(config, workdir), unimodal,
-                   predictions if name == config_rows[0].pipeline else None)
+                   predictions if name == config_rows[0]['pipeline'] else None)
     events = run_store.tensorboard_dir(workdir, name)
     with report.optional_output(f'the evaluation events in {events}'):
       _log_evaluation(config, name, workdir, [results[i] for i in indices] + (
@@ -260,7 +259,7 @@ def _write_results(config, config_rows, results, workdir, unimodal, predictions=
   optional: the embeddings of `predictions` (the first row's pipeline's: `_save_embeddings`)
   and the plots. The results come first, so that no failed optional output loses them."""
   episodes = {'n_way': config.eval.fewshot.n_way, 'k_shot': config.eval.fewshot.k_shot}
-  rows = [(results.get(i) or _result_row(row) | {'mean': None, 'ci95': None, 'n': None})
+  rows = [(results.get(i) or row | {'mean': None, 'ci95': None, 'n': None})
           | (episodes if row['metric'] == '5w5s_acc' else {})  # what the table header reads
           for i, row in enumerate(config_rows)]
   unimodal = unimodal and [row | (episodes if row['metric'] == '5w5s_acc' else {})
@@ -269,7 +268,7 @@ def _write_results(config, config_rows, results, workdir, unimodal, predictions=
   report.write(config.eval.kind, rows, workdir, process_index=jax.process_index(),
                unimodal=unimodal, plots=False)
   if predictions is not None:
-    _save_embeddings(config, config_rows[0].pipeline, workdir, predictions)
+    _save_embeddings(config, config_rows[0]['pipeline'], workdir, predictions)
   if jax.process_index() == 0:
     report.draw(workdir)
 
@@ -309,17 +308,18 @@ def _unimodal_params(config, name, model, workdir, mesh, directories):
 
 def _log_evaluation(config, name, workdir, rows):
   """Result rows of pipeline `name` (with its unimodal baselines) in its TensorBoard run, at its
-  last step: eval/<split>/<metric>/<setting>_<train>_to_<test>, or .../unimodal_<modality>."""
+  last step: eval/<split>/<metric>/<row name>, or .../unimodal_<modality>."""
   scalars = {}
   for row in rows:
-    what = (f'unimodal_{row["modality"]}' if 'modality' in row else row['setting'] + '_' +
-            '_to_'.join(modalities.short_name(row[k]).replace(' ', '') for k in ('train', 'test')))
+    what = f'unimodal_{row["modality"]}' if 'modality' in row else row['name']
     scalars[f'eval/{row["split"]}/{row["metric"]}/{what}'] = row['mean']
   step = sum(stage.num_steps for stage in experiment.ordered_stages(config.pipelines[name]))
   train.write_events(run_store.tensorboard_dir(workdir, name), step, scalars=scalars)
 
 
-def _result_row(row):
-  """A config row as a plain dict with modality tuples, the start of a result row."""
-  row = row.to_dict() if isinstance(row, ml_collections.ConfigDict) else dict(row)
-  return row | {'train': modalities.check(row['train']), 'test': modalities.check(row['test'])}
+def _result_row(name, row):
+  """Config row `name` as a plain dict with its name and modality tuples, the start of a
+  result row."""
+  row = row.to_dict()
+  return {'name': name} | row | {'train': modalities.check(row['train']),
+                                 'test': modalities.check(row['test'])}

@@ -129,8 +129,8 @@ def test_a_loss_that_diverges_stops_the_run_and_keeps_the_earlier_pipelines_resu
   bad.optimizer.update({'learning_rate': 1e30, 'warmup_steps': 0})
   config.pipelines = {'a': common.pipeline(good), 'b': common.pipeline(bad)}
   config.eval.unimodal_baselines = None
-  for i, row in enumerate(config.eval.rows):
-    row.pipeline = 'a' if i < 7 else 'b'
+  for i, name in enumerate(config.eval.row_order):
+    config.eval.rows[name].pipeline = 'a' if i < 7 else 'b'
   with pytest.raises(train.NonFinite, match=r"stage 'unimodal'.* step 2"):
     pipeline.run(config, str(tmp_path))
   doc = json.loads((tmp_path / 'results.json').read_text())

@@ -27,8 +27,9 @@ def test_config_structure(name, arg):
   assert config.size == (arg or 'small')
   assert config.eval.kind == {'fewshot': 'few-shot', 'manyshot': 'many-shot',
                               'ablation': 'ablation'}[name]
-  assert len(config.eval.rows) == {'fewshot': 13, 'manyshot': 10, 'ablation': 21}[name]
-  for row in config.eval.rows:
+  assert len(config.eval.row_order) == {'fewshot': 13, 'manyshot': 10, 'ablation': 21}[name]
+  assert sorted(config.eval.row_order) == sorted(config.eval.rows)
+  for row in config.eval.rows.values():
     assert row.pipeline in config.pipelines
     assert row.metric in ('top1', '5w5s_acc')
     assert row.setting in ('regular', 'missing', 'zero-shot')
@@ -80,7 +81,7 @@ def test_manyshot_zero_shot_pipelines_train_labels_on_train_modalities_only():
   config = manyshot.get_config()
   assert sorted(config.pipelines) == ['train_VAI', 'zeroshot_train_A', 'zeroshot_train_AI',
                                       'zeroshot_train_I', 'zeroshot_train_V']
-  for row in config.eval.rows:
+  for row in config.eval.rows.values():
     stages = experiment.ordered_stages(config.pipelines[row.pipeline])
     if row.setting == 'zero-shot':
       assert [(s.kind, s.split) for s in stages] == [('unimodal_ce', 'pretrain'),
@@ -126,11 +127,12 @@ def test_ablation_variants_change_what_they_name():
       'unimodal_ce', 'align', 'supervised']
   assert [s.kind for s in experiment.ordered_stages(pipelines.zeroshot_AI_noalign)] == [
       'unimodal_ce', 'supervised', 'supervised']
-  no_proto = [r for r in config.eval.rows if not r.proto_loss]
+  no_proto = [r for r in config.eval.rows.values() if not r.proto_loss]
   assert {r.metric for r in no_proto} == {'5w5s_acc'}
   assert all('meta' not in [s.kind for s in pipelines[r.pipeline].stages.values()]
              for r in no_proto)
-  with_proto = [r for r in config.eval.rows if r.proto_loss and r.metric == '5w5s_acc']
+  with_proto = [r for r in config.eval.rows.values()
+                if r.proto_loss and r.metric == '5w5s_acc']
   assert all(experiment.ordered_stages(pipelines[r.pipeline])[-1].kind == 'meta'
              for r in with_proto)
 
@@ -178,7 +180,8 @@ def main(_):
   config = _CONFIG.value
   meta = config.pipelines.train_VAI.stages.meta
   print(config.size, meta.num_steps, meta.optimizer.warmup_steps,
-        config.eval.fewshot.num_episodes, config.model.fusion.kind, config.dataset.data_dir)
+        config.eval.fewshot.num_episodes, config.model.fusion.kind, config.dataset.data_dir,
+        config.eval.rows.missing_VAI_to_AI.paper)
 app.run(main)
 """
 
@@ -189,10 +192,10 @@ def test_command_line_overrides_reach_stages_and_eval():
       [sys.executable, '-c', _PRINT_CONFIG, '--config=configs/fewshot.py:tiny',
        '--config.pipelines.train_VAI.stages.meta.num_steps=70',
        '--config.eval.fewshot.num_episodes=33', '--config.model.fusion.kind=mlp',
-       '--config.dataset.data_dir=/data/tfds'],
+       '--config.dataset.data_dir=/data/tfds', '--config.eval.rows.missing_VAI_to_AI.paper=50.5'],
       cwd=ROOT, capture_output=True, text=True, check=True)
   # Warmup follows the stage's steps (10%).
-  assert result.stdout.split() == ['tiny', '70', '7', '33', 'mlp', '/data/tfds']
+  assert result.stdout.split() == ['tiny', '70', '7', '33', 'mlp', '/data/tfds', '50.5']
 
 
 def test_unknown_size_is_refused():

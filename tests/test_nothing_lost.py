@@ -12,8 +12,9 @@ from mmg_jax import pipeline, plots, report
 
 def _evaluated(config, num_rows=2):
   """(rows, every row's result, the first pipeline's predictions) of the tiny few-shot config."""
-  rows = config.eval.rows[:num_rows]
-  results = {i: pipeline._result_row(row) | {'mean': 40.0 + i, 'ci95': [35.0, 45.0], 'n': 20}
+  rows = [pipeline._result_row(name, config.eval.rows[name])
+          for name in config.eval.row_order[:num_rows]]
+  results = {i: row | {'mean': 40.0 + i, 'ci95': [35.0, 45.0], 'n': 20}
              for i, row in enumerate(rows)}
   rng = np.random.default_rng(0)
   predictions = {config.eval.fewshot_split: (
@@ -54,7 +55,7 @@ def test_the_embeddings_are_written_after_the_results_and_drawn(tmp_path, capsys
   outputs, labels = predictions[config.eval.fewshot_split]
   np.testing.assert_allclose(arrays['embeddings'], outputs[('video',)]['fused'], rtol=1e-6)
   assert arrays['labels'].tolist() == labels.tolist() and str(arrays['pipeline']) == (
-      rows[0].pipeline)
+      rows[0]['pipeline'])
   assert (tmp_path / plots.PLOTS_DIR / 'embeddings.png').is_file()
   assert '(plots/embeddings.png)' in (tmp_path / 'results.md').read_text()
   assert 'warning' not in capsys.readouterr().out

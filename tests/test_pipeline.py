@@ -61,7 +61,7 @@ def test_unimodal_baselines_must_come_from_mmg_labels():
 def test_zero_shot_pipeline_with_a_multimodal_labeled_stage_is_refused():
   """The regular pipeline's labeled stages see video: a zero-shot row cannot evaluate it."""
   config = manyshot.get_config('tiny')
-  row = next(r for r in config.eval.rows if r.setting == 'zero-shot')
+  row = config.eval.rows.zeroshot_A_to_V
   row.pipeline = 'train_VAI'
   with pytest.raises(ValueError, match="stage 'unimodal' of pipeline 'train_VAI'"):
     checks.validate(config)
@@ -94,7 +94,7 @@ def test_rows_and_pipelines_must_match():
   with pytest.raises(ValueError, match=r"pipelines \['extra'\] are not evaluated"):
     checks.validate(config)
   config = fewshot.get_config('tiny')
-  config.eval.rows[0].pipeline = 'missing_pipeline'
+  config.eval.rows.regular_VAI_to_VAI.pipeline = 'missing_pipeline'
   with pytest.raises(ValueError, match="'missing_pipeline', which the config does not define"):
     checks.validate(config)
 
@@ -403,9 +403,11 @@ def _check_tensorboard_run(workdir, config, name, doc):
     assert [v for _, v in values] == pytest.approx([v for _, v in expected[key]], rel=1e-6)
   assert logged['loss'][-1][0] == offset
   rows = [row for row in doc['rows'] if row['pipeline'] == name]
-  tags = {f'eval/{row["split"]}/{row["metric"]}/{row["setting"]}_'
-          f'{modalities.short_name(row["train"]).replace(" ", "")}_to_'
-          f'{modalities.short_name(row["test"]).replace(" ", "")}': row['mean'] for row in rows}
+  for row in rows:  # named by setting and modalities (configs/common.py row_name)
+    assert row['name'] == (f'{row["setting"].replace("-", "")}_'
+                           f'{modalities.short_name(row["train"]).replace(" ", "")}_to_'
+                           f'{modalities.short_name(row["test"]).replace(" ", "")}')
+  tags = {f'eval/{row["split"]}/{row["metric"]}/{row["name"]}': row['mean'] for row in rows}
   if name == config.eval.unimodal_baselines:
     tags |= {f'eval/{row["split"]}/{row["metric"]}/unimodal_{row["modality"]}': row['mean']
              for row in doc['unimodal']}
@@ -487,16 +489,19 @@ def test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment(tmp_pat
   assert config_steps['zeroshot_train_A'] == [4, 6]
 
 
-def test_only_selects_rows_by_setting_pipeline_or_modalities():
+def test_only_selects_rows_by_name_setting_pipeline_or_modalities():
   config = manyshot.get_config('tiny')
   rows = config.eval.rows
 
   def selected(only):
     config.eval.only = only
-    return [(rows[i].setting, modalities.short_name(rows[i].train),
-             modalities.short_name(rows[i].test)) for i in experiment.select_rows(config)]
+    return [(rows[n].setting, modalities.short_name(rows[n].train),
+             modalities.short_name(rows[n].test)) for n in experiment.select_rows(config)]
 
   assert len(selected(None)) == len(rows) == 10
+  assert experiment.select_rows(config) == list(config.eval.row_order)
+  assert selected('missing_VAI_to_AI,zeroshot_V_to_I') == [('missing', 'V A I', 'A I'),
+                                                           ('zero-shot', 'V', 'I')]
   assert selected('AI:V') == [('zero-shot', 'A I', 'V')]
   assert selected('zeroshot_train_V') == [('zero-shot', 'V', s) for s in ('A', 'I', 'A I')]
   assert selected('regular, V:I') == [('regular', 'V A I', 'V A I'), ('zero-shot', 'V', 'I')]
@@ -565,7 +570,8 @@ def test_results_name_the_few_shot_episodes_of_the_config(tmp_path):
   header reads: a 5-way 1-shot run is not labeled as the paper's 5-way 5-shot."""
   config = fewshot.get_config('tiny')
   config.eval.fewshot.k_shot = 1
-  pipeline._write_results(config, config.eval.rows[:2], {}, str(tmp_path), unimodal=None)
+  rows = [pipeline._result_row(name, config.eval.rows[name]) for name in config.eval.row_order[:2]]
+  pipeline._write_results(config, rows, {}, str(tmp_path), unimodal=None)
   with open(tmp_path / 'results.json') as f:
     rows = json.load(f)['rows']
   assert [(row['n_way'], row['k_shot'], row['mean']) for row in rows] == [(5, 1, None)] * 2

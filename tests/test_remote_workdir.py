@@ -115,14 +115,13 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
   scalars, texts = tensorboard_runs.read(fake_gcs / 'bucket' / 'run' / 'tensorboard' / 'a')
   assert [step for step, _ in scalars['loss']] == [1, 2] and [s for s, _ in texts['config']] == [0]
 
-  rows = config.eval.rows[:2]
-  for row in rows:
-    row.pipeline = 'a'
+  rows = [pipeline._result_row(name, config.eval.rows[name]) | {'pipeline': 'a'}
+          for name in config.eval.row_order[:2]]
   rng = np.random.default_rng(0)
   plots.save_embeddings(f'{WORKDIR}/{plots.EMBEDDINGS_FILE}',
                         {('video',): {'fused': rng.normal(size=(6, 4))}}, np.arange(6) % 3,
                         pipeline='a', split='novel')
-  result = pipeline._result_row(rows[0]) | {'mean': 50.0, 'ci95': [45.0, 55.0], 'n': 10}
+  result = rows[0] | {'mean': 50.0, 'ci95': [45.0, 55.0], 'n': 10}
   pipeline._write_results(config, rows, {0: result}, WORKDIR, unimodal=None)
   doc = json.loads((epath.Path(WORKDIR) / 'results.json').read_text())
   assert [row['mean'] for row in doc['rows']] == [50.0, None] and not doc['complete']

@@ -100,8 +100,9 @@ def test_trial_names_are_short_filesystem_safe_and_unique():
     ('eval.tagret', 'eval has .*target'),
     ('pipelines.train_VAI.stages.meta.num_steps',
      'pipelines.train_VAI.stages has multimodal, unimodal'),
-    ('eval.rows.1.metric', r'brackets, eval.rows\[1\]'),
-    ('eval.rows[10].metric', r'eval.rows has 10 entries, no \[10\]'),
+    ('eval.rows.missing_VAI_to_X.metric', 'eval.rows has .*missing_VAI_to_AI, '),
+    ('pipelines.train_VAI.order.1', r'brackets, pipelines.train_VAI.order\[1\]'),
+    ('pipelines.train_VAI.order[10]', r'pipelines.train_VAI.order has 2 entries, no \[10\]'),
     ('model.embed_dim.width', r'model.embed_dim is a value \(32\), not a group')])
 def test_unknown_grid_field_is_refused_naming_the_fields_where_it_leaves_the_config(
     field, message):

@@ -146,8 +146,8 @@ def trial_names(trials):
 
 
 def check_field(config, field):
-  """Raises ValueError unless `field` ('model.fusion.kind', 'eval.rows[0].metric') is a
-  field of `config`; the message lists the fields where the path leaves the config."""
+  """Raises ValueError unless `field` ('model.fusion.kind', 'pipelines.train_VAI.order[0]') is
+  a field of `config`; the message lists the fields where the path leaves the config."""
   node, path = config, ''
   for segment in field.split('.'):
     match = _SEGMENT.match(segment)
@@ -218,24 +218,21 @@ def rank_selectors(text):
 
 
 def select(rows, selectors):
-  """Indices of `rows` (config or result rows) that eval.only=selectors keeps, by
-  mmg_jax.experiment.select_rows, the one definition of the selectors."""
-  keys = ('setting', 'train', 'test', 'pipeline')
-  view = ml_collections.ConfigDict({'eval': {
-      'rows': tuple(ml_collections.ConfigDict({k: row[k] for k in keys}) for row in rows),
-      'only': selectors}})
-  return experiment.select_rows(view)
+  """Indices of result rows (results.json) that eval.only=selectors keeps, by
+  mmg_jax.experiment.matching_rows, the one definition of the selectors."""
+  return experiment.matching_rows([(row.get('name'), row) for row in rows], selectors)
 
 
 def check_ranked_rows_evaluated(config, selectors):
   """The rows `selectors` rank by must be among those the trial evaluates (eval.only)."""
+  named = [(name, config.eval.rows[name]) for name in config.eval.row_order]
   try:
-    ranked = select(config.eval.rows, selectors)
+    ranked = experiment.matching_rows(named, selectors)
   except ValueError as e:
     raise ValueError(f'--rank_by: {e}') from e
   if config.eval.get('only') is None:
     return
-  skipped = sorted(set(ranked) - set(select(config.eval.rows, config.eval.only)))
+  skipped = sorted(set(ranked) - set(experiment.matching_rows(named, config.eval.only)))
   if skipped:
     raise ValueError(f'--rank_by={selectors!r} ranks rows that --config.eval.only='
                      f'{config.eval.only!r} does not evaluate ({len(skipped)} of them); add '

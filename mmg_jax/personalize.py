@@ -39,27 +39,35 @@ def recordings(directory):
   Layout: D/<class>/<clip>.mp4 (video, with its audio track), D/<class>/<clip>.wav (audio,
   which replaces the track), D/<class>/<clip>.csv (IMU, api.RawClip's columns); the files that
   share a stem are one whole clip, any of them may be missing. Clips directly in D have no
-  class. Other files are an error, so that no recording is silently left out.
+  class. Hidden files and folders ('.DS_Store') are skipped. Other files, folders in a class
+  folder and two files of one modality for a clip are errors, so that no recording is silently
+  left out.
   """
   root = epath.Path(directory)
   if not root.is_dir():
     raise errors.UserError(f'{directory} is not a directory of recordings.')
   groups, unknown = {}, []
   for path in sorted(root.glob('*/*')) + sorted(root.glob('*')):
-    if path.is_dir():
+    if any(part.startswith('.') for part in path.relative_to(root).parts):
       continue
     label = path.parent.name if path.parent != root else None
+    if path.is_dir() and label is None:
+      continue
     suffix = path.suffix.lower()
-    key = ('video' if suffix in VIDEO_SUFFIXES else 'audio' if suffix in AUDIO_SUFFIXES
-           else 'imu' if suffix == IMU_SUFFIX else None)
+    key = (None if path.is_dir() else 'video' if suffix in VIDEO_SUFFIXES
+           else 'audio' if suffix in AUDIO_SUFFIXES else 'imu' if suffix == IMU_SUFFIX else None)
     if key is None:
       unknown.append(str(path))
       continue
-    groups.setdefault((label, path.stem), {})[key] = str(path)
+    files = groups.setdefault((label, path.stem), {})
+    if key in files:
+      raise errors.UserError(f'{files[key]} and {path} are both the {key} of clip {path.stem!r}; '
+                             'keep one, or give the other a name of its own.')
+    files[key] = str(path)
   if unknown or not groups:
     raise errors.UserError(
-        f'{directory}: ' + (f'files {unknown[:5]} are neither video ({VIDEO_SUFFIXES}), audio '
-                            f'({AUDIO_SUFFIXES}) nor IMU ({IMU_SUFFIX}); move them out'
+        f'{directory}: ' + (f'{unknown[:5]} are neither video ({VIDEO_SUFFIXES}), audio '
+                            f'({AUDIO_SUFFIXES}) nor IMU ({IMU_SUFFIX}) files; move them out'
                             if unknown else 'holds no recording') +
         '. Lay clips out as <class>/<clip>.mp4, <clip>.wav, <clip>.csv.')
   return [(label, stem, api.RawClip(**files)) for (label, stem), files in groups.items()]
@@ -67,18 +75,35 @@ def recordings(directory):
 
 def own_recordings(model, enroll, query, enroll_dir, query_dir):
   """[(clip name, its class or None, predicted class, score)] of the clips of `query_dir`
-  after enrolling every clip of `enroll_dir` (`recordings`) in the model's bank."""
-  enrolled = recordings(enroll_dir)
+  after enrolling every clip of `enroll_dir` (`recordings`) in the model's bank. Both folders
+  are read and checked before the model runs."""
+  enrolled, queries = recordings(enroll_dir), recordings(query_dir)
   unlabeled = [name for label, name, _ in enrolled if label is None]
   if unlabeled:
     raise errors.UserError(f'{enroll_dir}: clips {unlabeled[:5]} lie in no class folder; '
                            'enrollment needs each clip in a folder named for its class.')
-  model.enroll(model.load_clips([clip for _, _, clip in enrolled]),
-               [label for label, _, _ in enrolled], enroll)
-  queries = recordings(query_dir)
-  predicted, scores = model.recognize(model.load_clips([clip for _, _, clip in queries]), query)
+  support = _clip_batch(model, enrolled, enroll, enroll_dir)
+  batch = _clip_batch(model, queries, query, query_dir)
+  model.enroll(support, [label for label, _, _ in enrolled], enroll)
+  predicted, scores = model.recognize(batch, query)
   return [(name, label, str(p), float(s.max()))
           for (label, name, _), p, s in zip(queries, predicted, scores, strict=True)]
+
+
+def _clip_batch(model, clips, subset, directory):
+  """model.load_clips of `recordings`' clips; a clip without any modality of `subset` is an
+  error naming its files' class and stem (load_clips's batch would name only its index)."""
+  subset = api.check_modalities(subset)
+  batch = model.load_clips([clip for _, _, clip in clips])
+  held = batch['present'] & modalities.mask(subset)
+  empty = ['/'.join(filter(None, (label, name)))
+           for (label, name, _), any_held in zip(clips, held.any(axis=1), strict=True)
+           if not any_held]
+  if empty:
+    raise errors.UserError(f'{directory}: clips {empty[:5]} hold none of {list(subset)} (no such '
+                           'file, or no data in it); add those files, or choose modalities the '
+                           'clips hold.')
+  return batch
 
 
 def fewshot_row(model, enroll, query, *, shots=None):

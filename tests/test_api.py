@@ -2,15 +2,17 @@
 
 On the session's tiny few-shot run (conftest.py's `fewshot_tiny_run`, trained as `python -m
 mmg_jax.main` trains it); raw-file loading is checked against a tiny mmg_ego4d build of media
-generated at test time.
+generated at test time, and the command's folder mode on an untrained model of that build.
 """
 import dataclasses
+import functools
 import json
 import pathlib
 import subprocess
 import sys
 
 import av
+import grain
 import jax
 import numpy as np
 import pytest
@@ -20,8 +22,10 @@ from data_pipeline import features, loaders, preprocess
 from data_pipeline.synthetic import clips as synthetic_clips
 from mmg_jax import (
   api,
+  checkpoint,
   errors,
   evaluate,
+  experiment,
   inference_info,
   personalize,
   pipeline,
@@ -29,7 +33,9 @@ from mmg_jax import (
   results,
   run_store,
   sharding,
+  train,
 )
+from mmg_jax.models import mmg
 from tests import cli, media
 
 CONFIG, FLAGS = 'configs/fewshot.py:tiny', ('--config.eval.fewshot.num_episodes=10',)
@@ -396,3 +402,118 @@ def test_raw_file_mistakes_are_clear_errors(ego4d_build, tmp_path):
   changed['constants']['AUDIO_SAMPLE_RATE'] = 8000
   with pytest.raises(errors.UserError, match='AUDIO_SAMPLE_RATE'):
     api.load_clips([api.RawClip(video=root / 'videos' / 'va.mp4')], changed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Your own recordings
+
+
+@pytest.fixture(scope='module')
+def ego4d_run(ego4d_build, tmp_path_factory):
+  """The workdir of a run on the `small` mmg_ego4d build as from_workdir reads it: the few-shot
+  config at `small` size on that dataset, its config.json and inference.json as a run writes
+  them, and random params of the model's shapes as its last stage's final checkpoint. Untrained:
+  the folder mode's plumbing needs the real shapes and decoding, not accuracy, and drawing the
+  params saves the 7 s compile of the model's init (2026-12-07)."""
+  root, builder = ego4d_build
+  config = fewshot.get_config('small')
+  config.dataset.update(name=f'mmg_ego4d/{builder.builder_config.name}',
+                        data_dir=str(builder.data_dir_root), manual_dir=str(root))
+  ((name, pipeline_config),) = config.pipelines.items()
+  stages = experiment.ordered_stages(pipeline_config)
+  stages[-1].validation.select_best = False  # its final step is the evaluated one
+  workdir = tmp_path_factory.mktemp('ego4d_run')
+  run_store.write_config(config, workdir)
+  inference_info.write(config, workdir)
+  model = mmg.MMGModel(config=experiment.model_config(config, pipeline_config))
+  shapes = jax.eval_shape(functools.partial(experiment.init_params, model,
+                                            experiment.example_batch(config.dataset), config.seed))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(x.dtype), shapes)
+  state = train.init_state(params, train.make_optimizer(stages[-1].optimizer,
+                                                        stages[-1].num_steps))
+  stage_dir = run_store.stage_directories(config)[name, len(stages) - 1]
+  with checkpoint.Checkpointer(workdir / stage_dir / 'checkpoints', keep=None) as saver:
+    saver.save(stages[-1].num_steps, state.replace(step=jax.numpy.int32(stages[-1].num_steps)),
+               iter(grain.MapDataset.range(1).to_iter_dataset()))
+  return workdir
+
+
+def _own_recordings(ego4d_build, directory):
+  """(enroll folder, query folder) of generated media, in the documented layout: enrolled
+  wave/a (video, its 16 kHz track, Ego4D IMU), wave/b (a wav), clap/c (video, 44.1 kHz stereo
+  track, minimal IMU); queries wave/q1 and clap/q2 (mute) in class folders, q3 in none; hidden
+  files, which are skipped, beside them."""
+  root, _ = ego4d_build
+  enroll, query = directory / 'enroll', directory / 'query'
+  for folder in (enroll / 'wave', enroll / 'clap', query / 'wave', query / 'clap'):
+    folder.mkdir(parents=True)
+  for source, target in [('videos/va.mp4', enroll / 'wave' / 'a.mp4'),
+                         ('imu/va.csv', enroll / 'wave' / 'a.csv'),
+                         ('videos/vb.mp4', enroll / 'clap' / 'c.mp4'),
+                         ('imu/vb.csv', enroll / 'clap' / 'c.csv'),
+                         ('videos/vc.mp4', query / 'clap' / 'q2.mp4')]:
+    target.write_bytes((root / source).read_bytes())
+  _write_wav(enroll / 'wave' / 'b.wav',
+             media.tone(np.arange(3 * 16000) / 16000 + 1.4).astype(np.float32))
+  media.write_video(query / 'wave' / 'q1.mp4', seconds=3, audio_rate=16000, content_offset_s=0.7)
+  media.write_video(query / 'q3.mp4', seconds=3, content_offset_s=2.1)
+  for hidden in (enroll / '.DS_Store', query / 'wave' / '._q1.mp4'):
+    hidden.write_bytes(b'\0')
+  return enroll, query
+
+
+def test_own_recordings_are_enrolled_and_recognized_as_the_api_does(ego4d_run, ego4d_build,
+                                                                      tmp_path):
+  """The folder mode, in process and as the command, gives every query what load_clips, enroll
+  and recognize give on the same files, with the class of its folder."""
+  enroll, query = _own_recordings(ego4d_build, tmp_path)
+  model = api.Model.from_workdir(ego4d_run)
+  model.enroll(model.load_clips([
+      api.RawClip(video=enroll / 'clap' / 'c.mp4', imu=enroll / 'clap' / 'c.csv'),
+      api.RawClip(video=enroll / 'wave' / 'a.mp4', imu=enroll / 'wave' / 'a.csv'),
+      api.RawClip(audio=enroll / 'wave' / 'b.wav')]), ['clap', 'wave', 'wave'], ('audio', 'imu'))
+  assert model.prototypes.labels == ['clap', 'wave']
+  np.testing.assert_array_equal(model.prototypes.counts, [1, 2])
+  predicted, scores = model.recognize(model.load_clips([
+      api.RawClip(video=query / 'clap' / 'q2.mp4'), api.RawClip(video=query / 'wave' / 'q1.mp4'),
+      api.RawClip(video=query / 'q3.mp4')]), 'video')
+  want = [(name, label, str(p), float(s.max())) for name, label, p, s
+          in zip(('q2', 'q1', 'q3'), ('clap', 'wave', None), predicted, scores, strict=True)]
+
+  _fresh_bank(model)
+  assert personalize.own_recordings(model, ['audio', 'imu'], ['video'], enroll, query) == want
+  command = [sys.executable, '-m', 'mmg_jax.personalize', f'--workdir={ego4d_run}',
+             '--enroll_modalities=audio,imu', '--query_modalities=video',
+             f'--enroll_dir={enroll}', f'--query_dir={query}']
+  done = subprocess.run(command, cwd=cli.ROOT, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines()[-len(want):] == [
+      f'{name}: {p} (score {s:.2f})' + (f', class {label}' if label else '')
+      for name, label, p, s in want]
+
+
+def test_own_recordings_mistakes_are_clear_errors(ego4d_run, ego4d_build, tmp_path):
+  """Before the model runs: an empty folder, unlabeled enroll clips, a clip without the
+  modalities it is enrolled or recognized from, two files of one modality for a clip, a folder
+  in a class folder."""
+  enroll, query = _own_recordings(ego4d_build, tmp_path)
+  model = api.Model.from_workdir(ego4d_run)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(errors.UserError, match='empty: holds no recording'):
+    personalize.own_recordings(model, ['audio'], ['video'], enroll, tmp_path / 'empty')
+  with pytest.raises(errors.UserError, match=r"clips \['q3'\] lie in no class folder"):
+    personalize.own_recordings(model, ['audio'], ['video'], query, query)
+  with pytest.raises(errors.UserError, match=r"query: clips \['clap/q2', 'q3'\] hold none of "
+                                             r"\['audio'\]"):
+    personalize.own_recordings(model, ['audio'], ['audio'], enroll, query)
+  with pytest.raises(errors.UserError, match=r"enroll: clips \['wave/b'\] hold none of "
+                                             r"\['video', 'imu'\]"):
+    personalize.own_recordings(model, ['video', 'imu'], ['video'], enroll, query)
+  (enroll / 'wave' / 'b.flac').write_bytes(b'')
+  with pytest.raises(errors.UserError, match=r"b.flac and .*b.wav are both the audio of clip 'b'"):
+    personalize.recordings(enroll)
+  (enroll / 'wave' / 'b.flac').unlink()
+  (enroll / 'wave' / 'more').mkdir()
+  with pytest.raises(errors.UserError, match=r'wave/more.*neither video'):
+    personalize.recordings(enroll)

@@ -77,7 +77,7 @@ def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=Tr
       raise errors.UserError(run_store.unfinished_message([(stage, stage_dir, step)]))
     run_store.refuse_orphans(workdir, directories, name, i)
     if params is None:
-      params = (_restore(config, model, *finished, workdir, mesh) if finished else
+      params = (restore(config, model, *finished, workdir, mesh) if finished else
                 experiment.init_params(model, experiment.example_batch(config.dataset), config.seed)
                 | experiment.pretrained_encoders(name, model_cfg))
     params = jax.device_get(params)  # while the stage trains, its state is the only device copy
@@ -86,7 +86,7 @@ def train_pipeline(config, name, workdir, mesh, directories, *, train_missing=Tr
                         identity=identity, init=params, mesh=mesh, context=context)
     finished = None
   if params is None:  # every stage had finished
-    params = _restore(config, model, *finished, workdir, mesh)
+    params = restore(config, model, *finished, workdir, mesh)
   return model, params
 
 
@@ -166,22 +166,24 @@ def _feature_cache(config, model, stage, params, workdir, mesh, label):
       progress=lambda text: experiment.say(label, text))
 
 
-def _restore(config, model, stage, directory, workdir, mesh):
+def restore(config, model, stage, directory, workdir, mesh, example_batch=None):
   """The final params of `stage`, trained in `workdir/directory`, from its checkpoint, for
   `model`. A stage shared with a pipeline of another fusion (`run_store.fusion_free`) is
   restored as its owner's model and gives `model` everything but the fusion, which keeps
-  `model`'s own init."""
+  `model`'s own init. `example_batch` gives the params' shapes: the dataset's when None
+  (mmg_jax.api passes the run's saved input shapes)."""
+  if example_batch is None:
+    example_batch = experiment.example_batch(config.dataset)
   owner, name = os.path.split(directory)
   owner_model = mmg.MMGModel(config=experiment.model_config(config, config.pipelines[owner]))
-  init = functools.partial(experiment.init_params, owner_model,
-                           experiment.example_batch(config.dataset), config.seed)
+  init = functools.partial(experiment.init_params, owner_model, example_batch, config.seed)
   params = train.final_params(name, workdir=os.path.join(workdir, owner),
                               params_shape=jax.eval_shape(init), optimizer=stage.optimizer,
                               num_steps=stage.num_steps, mesh=mesh,
                               select_best=run_store.selects_best(stage))
   if owner_model.config == model.config:
     return params
-  fresh = experiment.init_params(model, experiment.example_batch(config.dataset), config.seed)
+  fresh = experiment.init_params(model, example_batch, config.seed)
   # On the host: the two halves live on different devices (the mesh and the default device).
   return jax.device_get(fresh | {k: v for k, v in params.items() if k != 'fusion'})
 
@@ -257,7 +259,9 @@ def _save_embeddings(config, name, workdir, predictions):
 def _write_results(config, config_rows, results, workdir, unimodal, predictions=None):
   """results.json/md of the rows evaluated so far (the others are pending), then what is
   optional: the embeddings of `predictions` (the first row's pipeline's: `_save_embeddings`)
-  and the plots. The results come first, so that no failed optional output loses them."""
+  and, once no row is pending, the plots (drawn once a run, not after every pipeline: a redraw
+  costs seconds a pipeline, more as curves accumulate). The results come first, so that no
+  failed optional output loses them."""
   episodes = {'n_way': config.eval.fewshot.n_way, 'k_shot': config.eval.fewshot.k_shot}
   rows = [(results.get(i) or row | {'mean': None, 'ci95': None, 'n': None})
           | (episodes if row['metric'] == '5w5s_acc' else {})  # what the table header reads
@@ -269,7 +273,7 @@ def _write_results(config, config_rows, results, workdir, unimodal, predictions=
                unimodal=unimodal, plots=False)
   if predictions is not None:
     _save_embeddings(config, config_rows[0]['pipeline'], workdir, predictions)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and len(results) == len(config_rows):
     report.draw(workdir)
 
 
@@ -303,7 +307,7 @@ def _unimodal_params(config, name, model, workdir, mesh, directories):
   heads), restored from that stage's checkpoint."""
   stages = experiment.ordered_stages(config.pipelines[name])
   index = next(i for i, stage in enumerate(stages) if experiment.is_mmg_unimodal(stage))
-  return _restore(config, model, stages[index], directories[name, index], workdir, mesh)
+  return restore(config, model, stages[index], directories[name, index], workdir, mesh)
 
 
 def _log_evaluation(config, name, workdir, rows):

@@ -310,17 +310,18 @@ def draw(workdir):
 
 
 def write(kind, rows, workdir, *, process_index, unimodal=None, plots=True):
-  """Writes workdir/results.json and workdir/results.md (process 0 only), then, with `plots`,
-  the plots in workdir/plots/ and their links in results.md (`draw`). Rows with `mean` None are
-  pending (a later pipeline evaluates them): the table is printed once no row is pending. A
-  results file that cannot be written is a UserError naming it."""
+  """Writes workdir/results.json and workdir/results.md (process 0 only), then, with `plots`
+  and once no row is pending, the plots in workdir/plots/ and their links in results.md
+  (`draw`). Rows with `mean` None are pending (a later pipeline evaluates them): the table is
+  printed once no row is pending. A results file that cannot be written is a UserError naming
+  it."""
   return write_doc(to_json(kind, rows, unimodal), workdir, process_index=process_index,
                    plots=plots)
 
 
 def write_doc(doc, workdir, *, process_index, plots=True):
   """`write` of a results.json document: a single run's (`to_json`) or an aggregate's
-  (`aggregate`), whose table is printed once every seed is in."""
+  (`aggregate`), whose table and plots come once every seed is in."""
   text = doc_markdown(doc)
   if process_index != 0:
     return text
@@ -329,16 +330,21 @@ def write_doc(doc, workdir, *, process_index, plots=True):
     print(text, flush=True)
   elif 'seeds' in doc:
     print(f'[results] {len(doc["seeds"])} of {doc["num_seeds"]} seeds aggregated, written to '
-          f'{results_md}.', flush=True)
+          f'{results_md}; {_plots_later(workdir)}', flush=True)
   else:
     evaluated = sum(row['mean'] is not None for row in doc['rows'])
     print(f'[results] {evaluated} of {len(doc["rows"])} rows evaluated, written to '
-          f'{results_md}.', flush=True)
+          f'{results_md}; {_plots_later(workdir)}', flush=True)
   _write_result(os.path.join(workdir, 'results.json'), json.dumps(doc, indent=2) + '\n')
   _write_markdown(workdir, text)
-  if plots:
+  if plots and doc['complete']:
     draw(workdir)
   return text
+
+
+def _plots_later(workdir):
+  return (f'the plots come once it is complete (python -m mmg_jax.report --workdir={workdir} '
+          'draws them now).')
 
 
 def main(argv):

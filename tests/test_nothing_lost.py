@@ -59,3 +59,17 @@ def test_the_embeddings_are_written_after_the_results_and_drawn(tmp_path, capsys
   assert (tmp_path / plots.PLOTS_DIR / 'embeddings.png').is_file()
   assert '(plots/embeddings.png)' in (tmp_path / 'results.md').read_text()
   assert 'warning' not in capsys.readouterr().out
+
+
+def test_the_plots_are_drawn_once_no_row_is_pending(tmp_path, capsys):
+  """After a pipeline whose rows leave others pending only the results are written, with the
+  command that draws the plots of a partial run; the last pipeline's write draws them."""
+  config = fewshot.get_config('tiny')
+  rows, results, predictions = _evaluated(config)
+  pipeline._write_results(config, rows, {0: results[0]}, str(tmp_path), None, predictions)
+  assert not json.loads((tmp_path / 'results.json').read_text())['complete']
+  assert not (tmp_path / plots.PLOTS_DIR).exists()
+  assert f'python -m mmg_jax.report --workdir={tmp_path} draws them' in capsys.readouterr().out
+  pipeline._write_results(config, rows, results, str(tmp_path), None)
+  assert (tmp_path / plots.PLOTS_DIR / 'matrix.png').is_file()
+  assert '(plots/matrix.png)' in (tmp_path / 'results.md').read_text()

@@ -121,10 +121,11 @@ def test_a_pipeline_stage_and_its_results_land_in_the_bucket(fake_gcs):
   plots.save_embeddings(f'{WORKDIR}/{plots.EMBEDDINGS_FILE}',
                         {('video',): {'fused': rng.normal(size=(6, 4))}}, np.arange(6) % 3,
                         pipeline='a', split='novel')
-  result = rows[0] | {'mean': 50.0, 'ci95': [45.0, 55.0], 'n': 10}
-  pipeline._write_results(config, rows, {0: result}, WORKDIR, unimodal=None)
+  results = {i: row | {'mean': 50.0 + i, 'ci95': [45.0, 55.0], 'n': 10}
+             for i, row in enumerate(rows)}
+  pipeline._write_results(config, rows, results, WORKDIR, unimodal=None)
   doc = json.loads((epath.Path(WORKDIR) / 'results.json').read_text())
-  assert [row['mean'] for row in doc['rows']] == [50.0, None] and not doc['complete']
+  assert [row['mean'] for row in doc['rows']] == [50.0, 51.0] and doc['complete']
   assert '(plots/matrix.png)' in (epath.Path(WORKDIR) / 'results.md').read_text()
   assert sorted(os.listdir(fake_gcs / 'bucket' / 'run' / 'plots')) == [
       f'{name}.{suffix}' for name in ('cost', 'curves_a', 'embeddings', 'matrix')

@@ -148,7 +148,7 @@ def test_unknown_kind_is_refused():
 
 def test_pending_rows_are_written_as_pending_and_the_table_waits(tmp_path, capsys):
   """After an early pipeline, the rows of later ones are in the files as pending (mean None),
-  the plots skip them, and the table is printed only once every row is in."""
+  the table and the plots come only once every row is in; `redraw` draws a partial run."""
   rows = _rows(paper.MANYSHOT, 'top1', 0)
   partial = [row if i < 4 else {**row, 'mean': None, 'ci95': None, 'n': None}
              for i, row in enumerate(rows)]
@@ -161,10 +161,15 @@ def test_pending_rows_are_written_as_pending_and_the_table_waits(tmp_path, capsy
   assert '| zero-shot | V | A I | pending | 41.02 | - |' in markdown
   out = capsys.readouterr().out
   assert f'4 of 10 rows evaluated, written to {tmp_path}/results.md' in out
-  assert '| regular |' not in out and (tmp_path / 'plots' / 'matrix.png').is_file()
+  assert '| regular |' not in out and not (tmp_path / 'plots').exists()
+  report.redraw(str(tmp_path))
+  assert (tmp_path / 'plots' / 'matrix.png').is_file()
+  capsys.readouterr()
+  (tmp_path / 'plots' / 'matrix.png').unlink()
   report.write('many-shot', rows, str(tmp_path), process_index=0)
   assert json.loads((tmp_path / 'results.json').read_text())['complete']
   assert '| zero-shot | V | A I | 19.00 [17.50, 20.25] | 41.02 | 600 |' in capsys.readouterr().out
+  assert (tmp_path / 'plots' / 'matrix.png').is_file()
   assert not list(tmp_path.glob('*.tmp'))
 
 
@@ -275,5 +280,6 @@ def test_aggregate_markdown_shows_mean_plus_minus_std_over_the_seeds(tmp_path, c
   assert '| regular | V A I | V A I | 12.00 ± 2.00 |' in capsys.readouterr().out  # complete
   report.write_doc(report.aggregate({0: docs[0]}, num_seeds=3), str(tmp_path), process_index=0,
                    plots=False)
-  assert capsys.readouterr().out == (f'[results] 1 of 3 seeds aggregated, written to '
-                                     f'{tmp_path}/results.md.\n')
+  assert capsys.readouterr().out == (
+      f'[results] 1 of 3 seeds aggregated, written to {tmp_path}/results.md; the plots come '
+      f'once it is complete (python -m mmg_jax.report --workdir={tmp_path} draws them now).\n')

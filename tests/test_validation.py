@@ -103,7 +103,7 @@ def test_top1_evaluator_on_a_split_against_numpy(tiny_model, subset):
 
 def test_fewshot_evaluator_on_a_split_against_numpy(tiny_model):
   model, params = tiny_model
-  fewshot = common.eval_config('tiny', 'few-shot', []).validation.fewshot
+  fewshot = common.eval_config('tiny', 'few-shot', {}).validation.fewshot
   subset = ('video', 'imu')
   evaluator = evaluate.EVALUATORS['fewshot'](evaluate.make_forward(model), TINY, 'val',
                                              subset=subset, batch_size=16,

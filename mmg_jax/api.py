@@ -17,7 +17,6 @@ which the model may use: the others count as absent, exactly as in training and 
 (evaluate.restrict, make_forward): their encoders do not run and the fusion ignores them.
 """
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -39,8 +38,8 @@ from mmg_jax import (
   prototypes,
   run_store,
   sharding,
-  train,
 )
+from mmg_jax import pipeline as pipeline_lib
 from mmg_jax.models import mmg
 from mmg_jax.results import CONFIG_FILE
 
@@ -93,7 +92,10 @@ class Model:
     model = mmg.MMGModel(config=experiment.model_config(config, config.pipelines[name]))
     checkpoint = run_store.evaluated_checkpoint(config, name, os.fspath(workdir),
                                                 run_store.stage_directories(config))
-    params = _restore(config, model, name, checkpoint, os.fspath(workdir), info)
+    params = pipeline_lib.restore(
+        config, model, experiment.ordered_stages(config.pipelines[name])[-1],
+        checkpoint['stage'], os.fspath(workdir), sharding.make_mesh(jax.devices()[:1]),
+        _example_batch(info))
     return cls(model, params, info, config=config, pipeline=name, checkpoint=checkpoint)
 
   @property
@@ -307,23 +309,6 @@ def _example_batch(info):
            for m in modalities_lib.MODALITIES}
   return batch | {'present': np.ones((1, 3), bool), 'label': np.zeros(1, np.int32),
                   'mask': np.ones(1, bool)}
-
-
-def _restore(config, model, name, checkpoint, workdir, info):
-  """The params that pipeline `name`'s rows evaluate, on the default device: pipeline._restore
-  of its last stage, with the params' shapes from `info` instead of the dataset."""
-  stage = experiment.ordered_stages(config.pipelines[name])[-1]
-  owner, stage_name = os.path.split(checkpoint['stage'])
-  owner_model = mmg.MMGModel(config=experiment.model_config(config, config.pipelines[owner]))
-  init = functools.partial(experiment.init_params, owner_model, _example_batch(info), config.seed)
-  params = train.final_params(
-      stage_name, workdir=os.path.join(workdir, owner), params_shape=jax.eval_shape(init),
-      optimizer=stage.optimizer, num_steps=stage.num_steps,
-      mesh=sharding.make_mesh(jax.devices()[:1]), select_best='metric' in checkpoint)
-  if owner_model.config == model.config:
-    return params
-  fresh = experiment.init_params(model, _example_batch(info), config.seed)
-  return fresh | {k: v for k, v in params.items() if k != 'fusion'}
 
 
 def _fingerprint(model_config, checkpoint, params):

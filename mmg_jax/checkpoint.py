@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import traceback
 import warnings
 
 import grain.checkpoint
@@ -51,8 +52,10 @@ flags.FLAGS['experimental_orbax_use_distributed_barrier'].parse(True)
 
 
 class _OrbaxLogs(logging.Filter):
-  """Drops the records orbax logs (through absl's logger) unless absl's verbosity is 1 or more,
-  keeping the last error among them (its exception's type and first line) for SaveFailed."""
+  """Drops the records orbax logs (through absl's logger), and asyncio's "exception was never
+  retrieved" records of exceptions raised in orbax's code (its background writes), unless
+  absl's verbosity is 1 or more; keeps the last error among them (its exception's type and
+  first line) for SaveFailed."""
 
   _ORBAX_DIR = os.path.dirname(os.path.dirname(ocp.__file__)) + os.sep
 
@@ -60,8 +63,15 @@ class _OrbaxLogs(logging.Filter):
     super().__init__()
     self.last_error = None
 
+  def _from_orbax(self, record):
+    if record.pathname.startswith(self._ORBAX_DIR):
+      return True
+    trace = record.exc_info[2] if record.exc_info else None
+    return any(frame.filename.startswith(self._ORBAX_DIR)
+               for frame in traceback.extract_tb(trace)) if trace else False
+
   def filter(self, record):
-    if not record.pathname.startswith(self._ORBAX_DIR):
+    if not self._from_orbax(record):
       return True
     if record.levelno >= logging.ERROR:
       exception = record.exc_info[1] if record.exc_info else None
@@ -72,6 +82,7 @@ class _OrbaxLogs(logging.Filter):
 
 _ORBAX_LOGS = _OrbaxLogs()
 absl_logging.get_absl_logger().addFilter(_ORBAX_LOGS)
+logging.getLogger('asyncio').addFilter(_ORBAX_LOGS)
 
 
 class SaveFailed(Exception):

@@ -52,7 +52,7 @@ _SHARED_RUN = (
 _SLOWEST_FIRST = (
     *_SHARED_RUN,
     'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 207
-    'test_model_stats.py',  # 218 s, the memory plan's 16 compilations
+    'test_model_stats.py',  # 83 s (2026-12-07, a slow afternoon), the memory plan's 8 compiles
     'test_mvit_checkpoints.py', 'test_ast_checkpoints.py',  # 100-200 s each
     'test_bench.py', 'test_planner.py',  # 100-130 s each (2026-12-06, a loaded machine)
     'test_sweep.py', 'test_notebook.py', 'test_bad_inputs.py', 'test_seeds.py',  # 70-95 s each

@@ -164,10 +164,13 @@ def for_target(config):
 def select_rows(config):
   """Names of the rows of config.eval.rows, in eval.row_order, that `config.eval.only` keeps
   (`matching_rows`)."""
-  names = config.eval.row_order
-  kept = matching_rows([(name, config.eval.rows[name]) for name in names],
-                       config.eval.get('only'))
-  return [names[i] for i in kept]
+  rows = named_rows(config)
+  return [rows[i][0] for i in matching_rows(rows, config.eval.get('only'))]
+
+
+def named_rows(config):
+  """[(name, row)] of config.eval.rows in table order (eval.row_order)."""
+  return [(name, config.eval.rows[name]) for name in config.eval.row_order]
 
 
 def matching_rows(named_rows, only):

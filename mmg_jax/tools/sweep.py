@@ -225,7 +225,7 @@ def select(rows, selectors):
 
 def check_ranked_rows_evaluated(config, selectors):
   """The rows `selectors` rank by must be among those the trial evaluates (eval.only)."""
-  named = [(name, config.eval.rows[name]) for name in config.eval.row_order]
+  named = experiment.named_rows(config)
   try:
     ranked = experiment.matching_rows(named, selectors)
   except ValueError as e:

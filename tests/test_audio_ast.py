@@ -9,6 +9,7 @@ import pytest
 from configs import common
 from mmg_jax.models import audio_ast
 from mmg_jax.tools import ast_checkpoints, weight_layout
+from tests import small_models
 from tests.test_layers import normal, np_block, np_layer_norm, np_tree, random_params
 
 
@@ -111,7 +112,7 @@ def test_ast_rejects_a_different_mel_count():
 
 
 def test_ast_drop_path_in_training_and_remat_gives_the_same_function():
-  config = common.audio_config('tiny')
+  config = small_models.two_blocks(common.audio_config('tiny'))
   config.drop_path = 0.5
   model = audio_ast.AudioAST(config)
   x = normal((4, 48, 16))

@@ -10,7 +10,6 @@ import pytest
 import mmg_jax.workdir
 from configs import common, fewshot, manyshot
 from mmg_jax import experiment, pipeline, run_store, train
-from tests import small_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +124,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
 def test_a_loss_that_diverges_stops_the_run_and_keeps_the_earlier_pipelines_results(tmp_path):
   """Pipeline 'a' is evaluated and written; 'b' (a learning rate that sends the params to
   infinity) stops at its first non-finite step, and no result comes from its params."""
-  config = small_models.one_block(fewshot.get_config('tiny'))
+  config = fewshot.get_config('tiny')
   good, bad = common.unimodal_stage('tiny'), common.unimodal_stage('tiny')
   bad.optimizer.update({'learning_rate': 1e30, 'warmup_steps': 0})
   config.pipelines = {'a': common.pipeline(good), 'b': common.pipeline(bad)}

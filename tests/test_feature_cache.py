@@ -11,7 +11,6 @@ from configs import manyshot
 from data_pipeline import loaders
 from mmg_jax import experiment, feature_cache, pipeline, run_store, sharding
 from mmg_jax.models import mmg
-from tests import small_models
 
 
 def _stages():
@@ -98,7 +97,7 @@ def test_a_cache_is_read_back_and_keyed_by_the_encoder_params(setup, tmp_path):
 def test_a_pipeline_trained_from_the_cache_matches_the_uncached_one(tmp_path):
   """The zero-shot A pipeline with and without the cache, from the same pre-trained encoders:
   the same final params to float tolerance."""
-  config = small_models.one_block(manyshot.get_config('tiny'))
+  config = manyshot.get_config('tiny')
   name = 'zeroshot_train_A'
   directories = run_store.stage_directories(config)
   mesh = sharding.make_mesh()

@@ -8,6 +8,7 @@ import pytest
 
 from configs import common
 from mmg_jax.models import imu_transformer
+from tests import small_models
 from tests.test_layers import normal, np_block, np_layer_norm, np_tree, random_params
 
 
@@ -75,7 +76,7 @@ def test_imu_rejects_a_different_length():
 
 
 def test_imu_drop_path_only_in_training():
-  config = common.imu_config('tiny')
+  config = small_models.two_blocks(common.imu_config('tiny'))
   config.drop_path = 0.5
   model = imu_transformer.IMUTransformer(config)
   x = normal((4, 100, 6))

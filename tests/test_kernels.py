@@ -17,7 +17,7 @@ from configs import common
 from data_pipeline import modalities
 from mmg_jax import costs
 from mmg_jax.models import audio_ast, fusion, imu_transformer, layers, mmg, video_mvit
-from tests import test_mmg
+from tests import small_models, test_mmg
 from tests.test_fusion import FAST_COMPILE, random_features
 
 FORMS = ('cpu', 'native')
@@ -191,7 +191,8 @@ def test_mvit_attention_forms_agree_with_pooled_queries():
 # Encoders, fusion and the full model at tiny size: train mode, same dropout rng.
 
 def test_tiny_video_forms_agree():
-  config = common.video_config('tiny')
+  """Two blocks: the stage change pools the query and doubles the width."""
+  config = small_models.two_blocks(common.video_config('tiny'))
   x = normal((2, *config.input_shape))
   assert_forms_agree(lambda k: video_mvit.VideoMViT(config, kernels=k), (x,), train=True,
                      rngs={'dropout': jax.random.key(1)})
@@ -218,7 +219,8 @@ def test_tiny_fusion_forms_agree(kind):
 
 
 def test_tiny_model_forms_agree():
-  """The whole MMGModel, modality dropout and drop path on, unimodal embeddings too."""
+  """The whole MMGModel, modality dropout on, unimodal embeddings too (drop path: the
+  encoders' and the fusion's tests above)."""
   batch = test_mmg.make_batch(test_mmg.random_inputs(0), test_mmg.subset_presence())
 
   def model(kernels):

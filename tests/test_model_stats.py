@@ -16,7 +16,6 @@ from data_pipeline import modalities
 from mmg_jax import costs, paper, train
 from mmg_jax.models import layers, mmg
 from mmg_jax.tools import model_stats, planner
-from tests import small_models
 
 # The memory tests' per-device batches: the smallest and largest of the CLI's (1, 2, 4, 8), so 8
 # compilations instead of 16; every property they check (growth, remat) is between two batches.
@@ -157,16 +156,10 @@ def test_text_report_states_the_convention_and_has_a_row_per_model(tiny_stats):
       f'fusion {modalities.short_name(s)}' for s in modalities.ALL_SUBSETS]
 
 
-def _one_block_config():
-  """The tiny few-shot config with one block an encoder: the memory tests need the plan's
-  structure (every variant, remat around each block), and each block costs compile time."""
-  return small_models.one_block(fewshot.get_config('tiny'))
-
-
 @pytest.fixture(scope='module')
 def tiny_memory():
-  """(config, report document with 'memory') of `_one_block_config` at MEMORY_BATCHES."""
-  config = _one_block_config()
+  """(config, report document with 'memory') of the tiny few-shot config at MEMORY_BATCHES."""
+  config = fewshot.get_config('tiny')
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(model_stats, 'PER_DEVICE_BATCHES', MEMORY_BATCHES)
     return config, model_stats.report(config, xla=False, memory=True)

@@ -16,7 +16,7 @@ from configs import common, fewshot, manyshot
 from data_pipeline import modalities
 from mmg_jax import checks, costs, experiment, paper, pipeline, report, run_store, sharding, train
 from mmg_jax.models import mmg, pretrained
-from tests import cli, small_models, tensorboard_runs
+from tests import cli, tensorboard_runs
 
 
 def _leak_message(stage, pipeline_name, leaked):
@@ -192,7 +192,7 @@ def test_meta_training_accumulates_whole_episodes():
   """With accumulate_steps=2 a meta step's gradient is the mean of its two micro-batches'
   gradients, each micro-batch drawing modality presence for its own episodes (it crashed:
   presence drawn for the global batch met a micro-batch)."""
-  config = small_models.one_block(fewshot.get_config('tiny'))
+  config = fewshot.get_config('tiny')
   stage = config.pipelines.train_VAI.stages.meta
   stage.episodes_per_batch = 4  # 80 clips: micro-batches of 40 split over the 8 devices
   stage.optimizer.accumulate_steps = 2
@@ -256,7 +256,7 @@ def test_an_encoder_stage_is_shared_across_fusions_and_the_fusion_keeps_its_own_
   """The ablation's MLP pipelines reuse the attention pipelines' unimodal stage, which trains the
   encoders and their heads alone: the MLP pipeline gets those params bit for bit, and its fusion
   and fused head are its own fresh init. A stage that trains the fusion is not shared."""
-  config = small_models.one_block(fewshot.get_config('tiny'))
+  config = fewshot.get_config('tiny')
   unimodal, supervised = common.unimodal_stage('tiny'), common.supervised_stage('tiny')
   config.pipelines = {
       'attention': common.pipeline(unimodal, supervised),
@@ -538,7 +538,7 @@ def test_a_stage_that_fails_before_training_leaves_no_claim(tmp_path):
 
 
 def test_a_deleted_middle_stage_is_refused_not_silently_reused(tmp_path):
-  config = small_models.one_block(fewshot.get_config('tiny'))
+  config = fewshot.get_config('tiny')
   config.pipelines = {'a': common.pipeline(common.unimodal_stage('tiny'),
                                            common.supervised_stage('tiny'))}
   directories, mesh = run_store.stage_directories(config), sharding.make_mesh()
@@ -591,7 +591,7 @@ def test_a_stage_resumes_after_its_run_fields_change(tmp_path, monkeypatch, caps
   """An interrupted stage resumes from its checkpoint after the fields that change how it runs,
   not what it computes, were changed (run_store._RUN_FIELDS): another data_dir holding the same
   dataset, grain workers, gradient accumulation, log and checkpoint intervals."""
-  config = small_models.one_block(fewshot.get_config('tiny'))
+  config = fewshot.get_config('tiny')
   stage = common.unimodal_stage('tiny')
   stage.update({'num_steps': 4, 'log_every': 2, 'checkpoint_every': 2, 'batch_size': 16})
   config.pipelines = {'a': common.pipeline(stage)}

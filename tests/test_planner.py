@@ -8,7 +8,7 @@ import pytest
 
 from configs import common, fewshot
 from mmg_jax.tools import planner
-from tests import cli, small_models
+from tests import cli
 
 GIB = planner.GIB
 
@@ -75,8 +75,8 @@ def test_the_overrides_name_each_stage_that_changes():
 
 def test_on_the_compiled_tiny_step_the_plan_fits_and_one_step_less_would_not():
   """XLA's bytes of the real sharded step: a limit between 2 and 1 accumulation steps' bytes
-  gives 2, whose compiled bytes fit, and 1 does not (one block an encoder: compiles faster)."""
-  config = small_models.one_block(_config())
+  gives 2, whose compiled bytes fit, and 1 does not."""
+  config = _config()
   name, model_config, stage = planner.stages(config)[0]
   one, two = (planner.compiled_bytes(model_config, stage, num_devices=8, accumulate_steps=k)
               for k in (1, 2))

@@ -14,6 +14,7 @@ import pytest
 from configs import common
 from mmg_jax import costs
 from mmg_jax.models import video_mvit
+from tests import small_models
 
 PAPER_CLIP = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
 
@@ -246,9 +247,9 @@ def test_output_shapes_and_dtypes(size, clip, dtype, train):
 
 @pytest.fixture(scope='module')
 def tiny():
-  """Tiny model with drop path 0.5 in its last block, random params, a batch of 8 clips, and
-  run(train, seed) -> (pooled, tokens), jitted once per mode."""
-  config = common.video_config('tiny')
+  """Two-block tiny model with drop path 0.5 in its last block, random params, a batch of 8
+  clips, and run(train, seed) -> (pooled, tokens), jitted once per mode."""
+  config = small_models.two_blocks(common.video_config('tiny'))
   config.drop_path = 0.5
   model, params, x = _random_model(config, 8, (4, 16, 16), seed=4)
   apply = jax.jit(model.apply, static_argnames='train')
@@ -294,7 +295,7 @@ def test_train_without_drop_path_equals_eval():
 
 
 def test_remat_checkpoints_every_block_and_keeps_outputs():
-  config = common.video_config('tiny')
+  config = small_models.two_blocks(common.video_config('tiny'))
   plain, params, x = _random_model(config, 2, (4, 16, 16), seed=5)
   remat_config = config.copy_and_resolve_references()
   remat_config.remat = True

@@ -75,16 +75,19 @@ def test_the_overrides_name_each_stage_that_changes():
 
 def test_on_the_compiled_tiny_step_the_plan_fits_and_one_step_less_would_not():
   """XLA's bytes of the real sharded step: a limit between 2 and 1 accumulation steps' bytes
-  gives 2, whose compiled bytes fit, and 1 does not."""
-  config = _config()
+  gives 2, whose compiled bytes fit, and 1 does not. The plan reads the two programs measured
+  here and measures one more (4 steps, for its prediction): a planner compiles each once."""
+  config = _config(batch_size=32)
   name, model_config, stage = planner.stages(config)[0]
-  one, two = (planner.compiled_bytes(model_config, stage, num_devices=8, accumulate_steps=k)
-              for k in (1, 2))
+  measured = []
+  plans = planner.Planner(config, progress=measured.append)
+  one, two = (plans.bytes(name, model_config, stage, 8, k) for k in (1, 2))
   assert two < one
   gib = (one + two) / 2 / 0.9 / GIB
-  (only,) = planner.Planner(config).plan(8, gib)
-  assert (only.accumulate_steps, only.per_device_batch, only.remat) == (2, 4, False)
+  (only,) = plans.plan(8, gib)
+  assert (only.accumulate_steps, only.per_device_batch, only.remat) == (2, 2, False)
   assert only.fits and only.bytes == two
+  assert len(measured) == 3
 
 
 def test_the_cli_exits_non_zero_naming_a_stage_that_cannot_fit():

@@ -15,8 +15,9 @@ for a compile. It is set by environment variables, which the `python -m ...` sub
 the tests and the workers of `pytest -n` (pyproject.toml) inherit: a program that several tests
 (or processes) compile is compiled once. The pytest process that starts the session makes the
 directory and deletes it at exit; an xdist worker uses its controller's. Programs that
-compile in 0.5 s or more are written (jax's default is 1 s; the flags above brought many of
-the end-to-end runs' programs under it).
+compile in 0.5 s or more are written (jax's default is 1 s): of a tiny run's ~40, the train
+steps, the init and the forward, about 14 of its 15 s of compiling. Writing every program saved
+1-3 s of a later 30-s run of the same config, within the suite's noise (2026-12-07).
 """
 import atexit
 import os
@@ -39,25 +40,25 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
 
 # The slowest work first, in this order, so that `pytest -n 2` does not end on one of them with
-# the other worker idle (seconds: `pytest --durations`, 2026-12-02). Each entry is a node id
+# the other worker idle (seconds of each unit: `pytest --durations=0`, 2026-12-07, the tiny model
+# at one block an encoder, a slow afternoon). Each entry is a node id
 # prefix under tests/; the other tests keep pytest's order. xdist hands out work units in this
 # order (`_WorkUnits`): a test file is one unit, so its module fixtures (a compiled memory plan, a
 # trained tiny model, built datasets) are built once, except for the _SPLIT_FILES, whose tests
 # share no module fixture and are units of their own; the _SHARED_RUN tests, which use
 # `fewshot_tiny_run`, are one unit, so one worker trains it once.
 _SHARED_RUN = (
-    'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 255 s
+    'test_multiprocess.py::test_the_launchers_two_processes_give_the_one_process_table',  # 185 s
     'test_pipeline.py::test_tiny_fewshot_runs_end_to_end_and_resumes',
     'test_api.py', 'test_export.py')
 _SLOWEST_FIRST = (
     *_SHARED_RUN,
-    'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 207
-    'test_model_stats.py',  # 83 s (2026-12-07, a slow afternoon), the memory plan's 8 compiles
-    'test_mvit_checkpoints.py', 'test_ast_checkpoints.py',  # 100-200 s each
-    'test_bench.py', 'test_planner.py',  # 100-130 s each (2026-12-06, a loaded machine)
-    'test_sweep.py', 'test_notebook.py', 'test_bad_inputs.py', 'test_seeds.py',  # 70-95 s each
-    'test_kernels.py', 'test_remote_workdir.py',  # 45-50 s each
-    'test_feature_cache.py', 'test_plots.py', 'test_resume.py', 'test_checkpoint.py')
+    'test_pipeline.py::test_tiny_manyshot_runs_end_to_end_sharing_pretraining_and_alignment',  # 92
+    'test_mvit_checkpoints.py', 'test_sweep.py', 'test_model_stats.py',  # 75-90 s each
+    'test_ast_checkpoints.py', 'test_kernels.py', 'test_seeds.py',  # 50-70 s each
+    'test_bad_inputs.py', 'test_notebook.py', 'test_bench.py', 'test_resume.py',  # 35-45 s each
+    'test_planner.py', 'test_plots.py', 'test_train.py', 'test_feature_cache.py',  # 25-30 s each
+    'test_checkpoint.py', 'test_remote_workdir.py')
 _SPLIT_FILES = ('test_pipeline.py', 'test_multiprocess.py', 'test_bad_inputs.py',
                 'test_planner.py')
 FEWSHOT_TINY = ('configs/fewshot.py:tiny', ('--config.eval.fewshot.num_episodes=10',))

@@ -3,7 +3,8 @@
 The `arg` of every config file picks a size:
   'tiny'   about a minute on CPU (mostly compiling), for tests (dataset mmg_synthetic/tiny):
            one block an encoder, since compiling is most of a test's time (a train step
-           compiles in 60% of a two-block model's time); depth is exercised at 'small', at
+           compiles in 60% of a two-block model's time), so no drop path (its rates rise from
+           0 at the first block) and no video stage change; both are exercised at 'small', at
            'paper' and in the encoders' own tests;
   'small'  the default: the CPU demo on the embedded dataset (mmg_synthetic/small);
   'paper'  the paper's model sizes, checked by shapes, parameters and FLOPs (dataset mmg_ego4d);

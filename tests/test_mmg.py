@@ -61,12 +61,16 @@ def with_absent_from(batch, other):
   return out
 
 
-@functools.cache
-def model_params():
-  model = mmg.MMGModel(config=model_config())
-  batch = make_batch(random_inputs(0), subset_presence())
+def random_params(model, batch):
+  """Random params (numpy) of `model`'s shapes on `batch`."""
   return numpy_params(jax.eval_shape(
       functools.partial(model.init, train=False), jax.random.key(0), batch)['params'])
+
+
+@functools.cache
+def model_params():
+  return random_params(mmg.MMGModel(config=model_config()),
+                       make_batch(random_inputs(0), subset_presence()))
 
 
 @functools.cache
@@ -290,8 +294,7 @@ def test_frozen_encoders_run_as_at_evaluation_while_the_fusion_trains():
     return model.apply({'params': params}, batch, train=train, frozen_encoders=frozen,
                        rngs={'dropout': jax.random.key(3), 'modality': jax.random.key(4)})['fused']
 
-  params = numpy_params(jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0), batch)['params'])
+  params = random_params(model, batch)
   evaluation = fused(params, False, ())
   np.testing.assert_array_equal(fused(params, True, modalities.MODALITIES), evaluation)
   assert not np.allclose(fused(params, True, ()), evaluation, atol=1e-4)

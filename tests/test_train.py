@@ -307,6 +307,18 @@ def test_the_stages_of_a_pipeline_continue_one_tensorboard_step_axis(tmp_path):
                    out, re.M)
 
 
+def test_importing_train_imports_no_torch_and_leaves_torch_importable():
+  """tensorboardX's writer imports torch wherever it is installed (2.3 s a process); the event
+  files above are written without it, and a user's own `import torch` still works."""
+  pytest.importorskip('torch', reason='only an installed torch could be imported')
+  code = ('import sys; from mmg_jax import train; print("torch" in sys.modules); '
+          'import torch; print(torch.zeros(2).sum().item())')
+  run = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split() == ['False', '0.0']
+
+
 def test_the_run_eta_takes_the_later_stages_at_the_current_rate():
   assert train.eta_text(10, None, 2.0) == 'ETA 0:00:05'
   assert train.eta_text(10, 7190, 2.0) == 'ETA stage 0:00:05, run ~1:00:00'

@@ -18,19 +18,12 @@ import signal
 import sys
 import time
 
-# tensorboardX imports torch when it is installed: seconds of start-up this worker never needs.
-sys.modules.setdefault('torch', None)
+import jax
+import numpy as np
+from flax import traverse_util
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
-
-from mmg_jax import (  # noqa: E402
-  run_store,  # noqa: E402
-  sharding,
-  train,
-)
-from tests import toy_task  # noqa: E402
+from mmg_jax import run_store, sharding, train
+from tests import toy_task
 
 PREEMPTED_EXIT_CODE = 3
 STOPPED_EXIT_CODE = 4

@@ -176,18 +176,16 @@ def check_feasible(config, names, mesh):
       labels[split] = loaders.split_labels(source(split))
     return labels[split]
 
-  batch, params_of = experiment.example_batch(config.dataset), {}
+  batch = experiment.example_batch(config.dataset)
   for name in names:
     for stage_name, m in untrained_encoders(config, name):
       experiment.say(name, f'warning: stage {stage_name!r} runs the {m} encoder frozen, and '
                      f'neither an earlier stage nor model.{m}.init_from trained it: its features '
                      'come from a random init.')
     pipeline = config.pipelines[name]
-    model_cfg = experiment.model_config(config, pipeline)
-    if model_cfg.to_json() not in params_of:  # one trace per model, not per pipeline
-      params_of[model_cfg.to_json()] = jax.eval_shape(functools.partial(
-          experiment.init_params, mmg.MMGModel(config=model_cfg), batch, config.seed))
-    params = params_of[model_cfg.to_json()]
+    params = jax.eval_shape(functools.partial(  # traced once per model: experiment.init_params
+        experiment.init_params, mmg.MMGModel(config=experiment.model_config(config, pipeline)),
+        batch, config.seed))
     for stage in experiment.ordered_stages(pipeline):
       where = f'stage {stage.name!r} of pipeline {name!r}'
       try:

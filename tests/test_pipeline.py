@@ -6,11 +6,13 @@ import re
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
+from flax import linen as nn
 
 from configs import common, fewshot, manyshot
 from data_pipeline import modalities
@@ -120,6 +122,31 @@ def _random_params(model, batch, rng):
   """Random params of the model's shapes: any will do, and no init needs compiling."""
   shapes = jax.eval_shape(functools.partial(experiment.init_params, model, batch, 0))
   return jax.tree.map(lambda x: 0.1 * rng.normal(size=x.shape).astype(x.dtype), shapes)
+
+
+def test_init_params_traces_each_model_config_once_and_draws_from_the_seed():
+  """The checks' shapes, a fresh init and a restore's shapes share one trace of a model's init
+  (a new jit each call traced it anew), while the seed still chooses the values."""
+  traces = []
+
+  class Counted(nn.Module):
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, batch, train):
+      traces.append(self.config.width)
+      return nn.Dense(self.config.width)(batch['x'])
+
+  batch = {'x': np.ones((1, 3), np.float32)}
+  width_4 = ml_collections.ConfigDict({'width': 4})
+  shapes = jax.eval_shape(functools.partial(experiment.init_params, Counted(width_4), batch, 0))
+  params = experiment.init_params(Counted(width_4.copy_and_resolve_references()), batch, 0)
+  other_seed = experiment.init_params(Counted(width_4), batch, 1)
+  assert traces == [4]
+  assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
+  assert not np.allclose(params['Dense_0']['kernel'], other_seed['Dense_0']['kernel'])
+  wider = experiment.init_params(Counted(ml_collections.ConfigDict({'width': 5})), batch, 0)
+  assert traces == [4, 5] and wider['Dense_0']['kernel'].shape == (3, 5)
 
 
 @pytest.mark.parametrize('kind', ['supervised', 'unimodal_ce'])

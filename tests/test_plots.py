@@ -11,6 +11,7 @@ import pytest
 from matplotlib import image
 from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.text import Text
 
 from configs import fewshot
@@ -179,6 +180,22 @@ def test_every_plot_is_a_png_of_sensible_size_with_a_pdf_beside(workdir):
     with open(path.removesuffix('.png') + '.pdf', 'rb') as f:
       pdf = f.read()
     assert pdf.startswith(b'%PDF') and len(pdf) > 5000, path
+
+
+def test_a_figure_is_laid_out_once_for_its_png_and_pdf(workdir, monkeypatch):
+  layouts, per_save = [], []
+  execute, save = ConstrainedLayoutEngine.execute, plots._save
+  monkeypatch.setattr(ConstrainedLayoutEngine, 'execute',
+                      lambda self, fig: layouts.append(fig) or execute(self, fig))
+
+  def counted_save(fig, path):
+    before = len(layouts)
+    save(fig, path)
+    per_save.append(len(layouts) - before)
+
+  monkeypatch.setattr(plots, '_save', counted_save)
+  assert len(plots.draw_run(str(workdir))[0]) == len(per_save) == 4
+  assert per_save == [1] * 4
 
 
 def test_the_dataset_of_a_run_is_that_of_results_json_then_config_json(workdir):

@@ -128,7 +128,7 @@ def encoder_stats(model_config, modality, *, xla=True):
   encoder = mmg.ENCODERS[modality](model_config[modality], dtype=jnp.dtype(model_config.dtype),
                                    kernels=model_config.kernels)
   x = jax.ShapeDtypeStruct((1, *input_shape(model_config, modality)), jnp.float32)
-  params = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), x)
+  params = {'params': mmg.param_shapes(encoder, x)}
   apply = lambda params, x: encoder.apply(params, x, train=False)  # noqa: E731
   return _stats(count_params(params), count_macs(apply, params, x),
                 xla_flops(apply, params, x) if xla else None)
@@ -156,7 +156,7 @@ def fusion_stats(model_config, *, xla=True):
   """{'V A I': stats, ...}: the full model deployed on each modality subset."""
   model = mmg.MMGModel(config=model_config)
   batch = abstract_batch(model_config)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+  params = {'params': mmg.param_shapes(model, batch)}
   stats = {}
   for subset in modalities.ALL_SUBSETS:
     def apply(params, batch, subset=subset):

@@ -22,7 +22,7 @@ from mmg_jax import (
   evaluate,
   stage_kinds,
 )
-from mmg_jax.models import pretrained
+from mmg_jax.models import mmg, pretrained
 
 # config.eval.target: the paper's test splits, or validation data (`for_target`).
 TARGETS = ('test', 'val')
@@ -127,23 +127,7 @@ def example_batch(dataset):
 
 def init_params(model, batch, seed):
   """Fresh params for `model`, initialized on `batch`; seed: the run's `config.seed`."""
-  seed = stream_seed(seed, 0, 'init')
-  keys = jax.random.split(jax.random.key(seed), 3)
-  rngs = dict(zip(('params', 'dropout', 'modality'), keys, strict=True))
-  return _jitted_init(model)(rngs, batch)['params']
-
-
-_JITTED_INITS = {}
-
-
-def _jitted_init(model):
-  """`model.init` jitted once per model config in a process, so that its trace is shared: a run
-  asks for a model's params (or their shapes: checks.check_inputs, pipeline.restore) up to four
-  times, and a fresh jit traces the model's init anew each time (1.3 s of a tiny run)."""
-  key = (type(model), model.config.to_json(sort_keys=True))
-  if key not in _JITTED_INITS:
-    _JITTED_INITS[key] = jax.jit(lambda rngs, batch: model.init(rngs, batch, train=False))
-  return _JITTED_INITS[key]
+  return mmg.initial_params(model, batch, stream_seed(seed, 0, 'init'))
 
 
 def pretrained_encoders(name, model_cfg):

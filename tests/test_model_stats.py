@@ -126,7 +126,7 @@ def test_fusion_rows_cover_every_subset_and_count_only_what_runs(tiny_stats):
   model_config = _model_config('tiny')
   model = mmg.MMGModel(config=model_config)
   batch = costs.abstract_batch(model_config)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+  params = mmg.param_shapes(model, batch)
   assert fusion['V A I']['params_m'] * 1e6 == costs.count_params(params)
   by_subset = dict(zip(modalities.ALL_SUBSETS, fusion.values(), strict=True))
   for small, large in itertools.permutations(modalities.ALL_SUBSETS, 2):
@@ -213,7 +213,7 @@ def test_memory_is_the_compiled_step_and_holds_state_and_gradients(tiny_memory):
 
   batch = costs.abstract_batch(variant, 1)
   model = mmg.MMGModel(config=variant)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)['params']
+  params = mmg.param_shapes(model, batch)
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
   state = jax.eval_shape(lambda p: train.init_state(p, optimizer), params)
   key_bytes = 2 * 4  # jax.random.PRNGKey: uint32[2]

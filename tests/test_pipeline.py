@@ -125,28 +125,35 @@ def _random_params(model, batch, rng):
 
 
 def test_init_params_traces_each_model_config_once_and_draws_from_the_seed():
-  """The checks' shapes, a fresh init and a restore's shapes share one trace of a model's init
-  (a new jit each call traced it anew), while the seed still chooses the values."""
+  """The checks' shapes, a fresh init, a restore's shapes and the tools' param shapes share one
+  trace of a module's init per config and input shapes (a new jit each call traced it anew),
+  while the seed still chooses the values."""
   traces = []
 
   class Counted(nn.Module):
     config: ml_collections.ConfigDict
+    dtype: type = np.float32
 
     @nn.compact
     def __call__(self, batch, train):
-      traces.append(self.config.width)
-      return nn.Dense(self.config.width)(batch['x'])
+      traces.append((self.config.width, self.dtype))
+      return nn.Dense(self.config.width, dtype=self.dtype)(batch['x'])
 
   batch = {'x': np.ones((1, 3), np.float32)}
   width_4 = ml_collections.ConfigDict({'width': 4})
   shapes = jax.eval_shape(functools.partial(experiment.init_params, Counted(width_4), batch, 0))
   params = experiment.init_params(Counted(width_4.copy_and_resolve_references()), batch, 0)
   other_seed = experiment.init_params(Counted(width_4), batch, 1)
-  assert traces == [4]
+  abstract = mmg.param_shapes(Counted(width_4), {'x': jax.ShapeDtypeStruct((1, 3), np.float32)})
+  assert traces == [(4, np.float32)]
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
+  assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(np.shape, params)
   assert not np.allclose(params['Dense_0']['kernel'], other_seed['Dense_0']['kernel'])
   wider = experiment.init_params(Counted(ml_collections.ConfigDict({'width': 5})), batch, 0)
-  assert traces == [4, 5] and wider['Dense_0']['kernel'].shape == (3, 5)
+  assert traces[1:] == [(5, np.float32)] and wider['Dense_0']['kernel'].shape == (3, 5)
+  mmg.param_shapes(Counted(width_4, dtype=jax.numpy.bfloat16), batch)
+  mmg.param_shapes(Counted(width_4), {'x': np.ones((2, 3), np.float32)})
+  assert traces[2:] == [(4, jax.numpy.bfloat16), (4, np.float32)]  # another field, input shape
 
 
 @pytest.mark.parametrize('kind', ['supervised', 'unimodal_ce'])

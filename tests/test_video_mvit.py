@@ -13,7 +13,7 @@ import pytest
 
 from configs import common
 from mmg_jax import costs
-from mmg_jax.models import video_mvit
+from mmg_jax.models import mmg, video_mvit
 from tests import small_models
 
 PAPER_CLIP = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
@@ -318,8 +318,7 @@ def test_remat_checkpoints_every_block_and_keeps_outputs():
 @pytest.fixture(scope='module')
 def paper_model_and_params():
   model = video_mvit.VideoMViT(common.video_config('paper'))
-  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                          PAPER_CLIP)['params']
+  params = mmg.param_shapes(model, PAPER_CLIP)
   return model, params
 
 

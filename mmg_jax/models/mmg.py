@@ -19,8 +19,10 @@ labeled; few-shot zero-shot then measured at chance.) 'unimodal_logits' (the enc
 heads, for unimodal pre-training) are computed from every modality that ran; losses pick valid
 clips with `batch['present']`.
 """
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -36,6 +38,43 @@ ENCODERS = {
     'audio': audio_ast.AudioAST,
     'imu': imu_transformer.IMUTransformer,
 }
+
+
+def initial_params(module, inputs, seed):
+  """Params of `module` (MMGModel on a batch, an encoder on a clip array) initialized on
+  `inputs` from the integer `seed` (experiment.init_params derives a run's)."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  rngs = dict(zip(('params', 'dropout', 'modality'), keys, strict=True))
+  return _jitted_init(module)(rngs, inputs)['params']
+
+
+def param_shapes(module, inputs):
+  """The shapes and dtypes of `initial_params(module, inputs, ...)`, on arrays or
+  jax.ShapeDtypeStruct `inputs`; nothing is computed."""
+  return jax.eval_shape(lambda x: initial_params(module, x, 0), inputs)
+
+
+_JITTED_INITS = {}
+
+
+def _jitted_init(module):
+  """`module.init` jitted once per module type and fields in a process, so that every caller
+  shares its trace (per input shapes): a run asks for a model's params or their shapes
+  (checks.check_inputs, pipeline.restore, pretrained.expected_params, the tools' costs and
+  memory plans) several times, and a fresh init traces the whole model each time (1.3 s of a
+  tiny run, seconds a paper-size encoder)."""
+  fields = [f.name for f in dataclasses.fields(module) if f.name not in ('parent', 'name')]
+  key = (type(module), tuple((name, _hashable(getattr(module, name))) for name in fields))
+  if key not in _JITTED_INITS:
+    _JITTED_INITS[key] = jax.jit(lambda rngs, inputs: module.init(rngs, inputs, train=False))
+  return _JITTED_INITS[key]
+
+
+def _hashable(value):
+  """A module field as a cache key: a config by its JSON, anything else as it is."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_json(sort_keys=True)
+  return value
 
 
 def normalize_video(video, dtype=jnp.float32):

@@ -305,8 +305,7 @@ def train_step_gflop_per_clip(config, batch_size):
   _, model_config, stage = model_stats.memory_stage(config)
   model = mmg.MMGModel(config=model_config)
   batch = costs.abstract_batch(model_config, batch_size)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
-                          batch)['params']
+  params = mmg.param_shapes(model, costs.abstract_batch(model_config))
   rng = jax.eval_shape(jax.random.PRNGKey, 0)
   macs = costs.count_macs(experiment.make_loss_fn(model, stage), params, batch, rng)
   return 3 * 2 * macs / batch_size / 1e9
@@ -441,7 +440,7 @@ def train_gflop_per_clip(model_config, subset):
   """3 x 2 x the multiply-adds (model_stats) of the model's forward on one clip of `subset`."""
   model = mmg.MMGModel(config=model_config)
   batch = costs.abstract_batch(model_config)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+  params = {'params': mmg.param_shapes(model, batch)}
   apply = lambda params, batch: model.apply(params, batch, train=False, modalities=subset)  # noqa: E731
   return 3 * 2 * costs.count_macs(apply, params, batch) / 1e9
 

@@ -116,8 +116,7 @@ def train_step_memory(model_config, stage, per_device_batch):
   """
   model = mmg.MMGModel(config=model_config)
   batch = costs.abstract_batch(model_config, per_device_batch)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
-                          batch)['params']
+  params = mmg.param_shapes(model, costs.abstract_batch(model_config))
   step, optimizer = one_device_step(
       model, stage, planner.CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None)
   state = jax.eval_shape(functools.partial(train.init_state, optimizer=optimizer), params)

@@ -91,8 +91,7 @@ def compiled_bytes(model_config, stage, *, num_devices, accumulate_steps):
   model = mmg.MMGModel(config=model_config)
   global_batch = stage_kinds.get(stage.kind, stage.name).batches.size(stage)
   batch = costs.abstract_batch(model_config, global_batch)
-  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False),
-                          costs.abstract_batch(model_config))['params']
+  params = mmg.param_shapes(model, costs.abstract_batch(model_config))
   optimizer = train.make_optimizer(stage.optimizer, stage.num_steps)
   step = train.jit_train_step(
       loss_fn=experiment.make_loss_fn(model, stage), optimizer=optimizer,
